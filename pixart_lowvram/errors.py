@@ -1,0 +1,87 @@
+"""Errors of our own, with messages written for the person running the tool.
+
+The CLI turns each into a message and an exit code; no traceback reaches the user for these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PixartError(Exception):
+    """Base of every error this library raises on purpose."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a queue: where (job and field) and what."""
+
+    message: str
+    job_index: int | None = None  # 1-based position in the queue, None for the whole document
+    job_name: str | None = None
+    field: str | None = None
+    hint: str | None = None
+
+    def where(self) -> str:
+        parts = []
+        if self.job_index is not None:
+            job = f"job {self.job_index}"
+            if self.job_name:
+                job += f" ({self.job_name!r})"
+            parts.append(job)
+        if self.field:
+            parts.append(f"field {self.field!r}")
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        where = self.where()
+        text = f"{where}: {self.message}" if where else self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class QueueError(PixartError):
+    """The queue (a file or command-line options) is not valid. Raised before any model loads."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"{source}: " if source else ""
+        count = len(self.problems)
+        lines = [f"{head}{count} problem{'s' if count != 1 else ''} in the queue:"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class UsageError(PixartError):
+    """A command-line option or API argument that cannot work (bad device, dtype, folder...)."""
+
+    exit_code = 2
+
+
+class ModelError(PixartError):
+    """The model cannot be found or loaded: names the file or folder at fault."""
+
+    exit_code = 2
+
+
+class RunFolderError(PixartError):
+    """The run folder cannot be used (unwritable, locked by another run, ...)."""
+
+    exit_code = 2
+
+
+class OutOfMemory(PixartError):
+    """The GPU ran out of memory; finished work is kept and the message says what to try."""
+
+    exit_code = 3
+
+
+class Interrupted(PixartError):
+    """The user asked to stop (Ctrl-C); finished work is kept."""
+
+    exit_code = 130
