@@ -1,0 +1,241 @@
+"""The command line: argument parsing and calls into the Python API, nothing more."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import PixartError
+from .memory import format_bytes
+from .reporting import Bar, Reporter
+
+EXAMPLES = """\
+examples:
+  pixart-lowvram demo                                   offline: tiny random model, the article's queue
+  pixart-lowvram run examples/seed-queue.toml           the whole queue with PixArt-XL-2-1024-MS
+  pixart-lowvram run queue.toml --model ./my-pixart     a model folder in the diffusers layout
+  pixart-lowvram generate "a lighthouse at dusk" --seed 7 --count 4
+  pixart-lowvram make-random-model --preset xl ./pixart-xl-random
+
+Running the same command again resumes: finished embeddings, latents and images are kept and skipped.
+Exit codes: 0 done, 2 bad input (queue, options, model folder), 3 out of GPU memory, 130 interrupted.
+"""
+
+QUEUE_HELP = """\
+A queue file is TOML, JSON or JSONL. Each job has a `prompt` and optionally negative_prompt, width, height,
+seed, cfg (guidance scale), steps, count (images with seeds seed, seed+1, ...) and name (the image's file
+name). A `defaults` table applies to every job. Example (TOML):
+
+  [defaults]
+  steps = 20
+
+  [[jobs]]
+  prompt = "pirate ship trapped in a cosmic maelstrom nebula"
+  seed = 1152753
+  cfg = 5
+"""
+
+
+class TqdmReporter(Reporter):
+    """Progress bars and messages on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def bar(self, desc: str, total: int | None, unit: str = "it") -> Bar:
+        if self.quiet:
+            return Bar()
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        bar = tqdm(desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
+        wrapped = Bar()
+        wrapped.update = bar.update
+        wrapped.close = bar.close
+        return wrapped
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            tqdm.write(message, file=sys.stderr)
+
+
+def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
+    from .models import DEFAULT_MODEL  # noqa: PLC0415
+
+    g = p.add_argument_group("run options")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_DIR",
+                   help=f"hub id or local folder in the diffusers layout (default: {DEFAULT_MODEL})")
+    g.add_argument("--out", metavar="DIR", help=out_help)
+    g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="precision of the weights (default: float16 on a GPU, as the reference; float32 on CPU)")
+    g.add_argument("--encode-batch", type=int, default=32, metavar="N", help="prompts through T5 at once (32)")
+    g.add_argument("--denoise-batch", type=int, default=1, metavar="N",
+                   help="images denoised at once when size, steps and cfg match (1)")
+    g.add_argument("--force", action="store_true", help="redo everything instead of resuming")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the summary")
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("job options")
+    g.add_argument("--negative-prompt", help='what to steer away from (default: "")')
+    g.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's, 1024 for XL)")
+    g.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's)")
+    g.add_argument("--seed", type=int, help="random seed (default: drawn at random and recorded)")
+    g.add_argument("--cfg", type=float, help="guidance scale (default: 4.5)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: 20)")
+    g.add_argument("--count", type=int, help="how many images, with seeds seed, seed+1, ... (default: 1)")
+    g.add_argument("--name", help="file name of the image (default: from the prompt)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pixart-lowvram", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Run PixArt-alpha text-to-image on small GPUs at full 16-bit quality. The queue runs in "
+                    "stages, one model component in memory at a time: encode every prompt (T5), denoise every "
+                    "image (DiT), decode every image (VAE).")
+    from . import __version__  # noqa: PLC0415
+
+    parser.add_argument("--version", action="version", version=f"pixart-lowvram {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run a queue file (TOML, JSON or JSONL)", description=QUEUE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("queue", metavar="QUEUE", help="the queue file")
+    _add_run_options(p, "run folder (default: runs/<queue file name>)")
+
+    p = sub.add_parser("generate", help="make images from one prompt",
+                       description="Make images from one prompt; a one-job queue with the same rules.")
+    p.add_argument("prompt", metavar="PROMPT")
+    _add_job_options(p)
+    _add_run_options(p, "run folder (default: runs/<prompt>)")
+
+    p = sub.add_parser("demo", help="offline demo: the article's queue on a tiny random-weight model",
+                       description="Builds (or reuses) a tiny random-weight PixArt model in the cache folder and "
+                                   "runs the seed article's queue at the model's small size. Needs no network "
+                                   "and no GPU; the images are noise (the weights are random).")
+    p.add_argument("--out", metavar="DIR", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    p.add_argument("--force", action="store_true", help="redo everything instead of resuming")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the summary")
+
+    p = sub.add_parser("make-random-model", help="write a random-weight PixArt model folder (tests, benchmarks)",
+                       description="Writes a PixArt-alpha model in the diffusers layout with random weights: "
+                                   "'tiny' for tests and the demo (seconds on a CPU), 'xl' with the exact "
+                                   "PixArt-XL-2-1024-MS shapes for memory and speed benchmarks (~11 GB, build it "
+                                   "on a GPU). Images from it are noise.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--preset", choices=["tiny", "xl"], default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="where to build the weights (default: cuda if there is one)")
+    return parser
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pixart-lowvram"
+
+
+def _settings(args: argparse.Namespace, **overrides):
+    from .generate import Settings  # noqa: PLC0415
+
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def print_summary(result, seconds: float) -> None:
+    """The end-of-run table: per stage, what it made, how long it took and its memory peaks."""
+    rows = [("stage", "made", "time", "torch peak", "GPU (NVML)", "host RSS")]
+    for s in result.stages:
+        rows.append((s.name, "skipped" if s.skipped else str(s.items), "-" if s.skipped else f"{s.seconds:.1f} s",
+                     format_bytes(s.torch_peak), format_bytes(s.nvml_peak), format_bytes(s.rss_peak)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    done = sum(1 for p in result.images.values() if p.is_file())
+    print(f"\n{done}/{len(result.images)} images in {result.folder / 'images'} "
+          f"({seconds:.1f} s, {result.device}, {result.dtype}; figures in {result.folder / 'run.json'})")
+
+
+def _run(jobs, out: Path, settings, quiet: bool) -> int:
+    from .generate import run_queue  # noqa: PLC0415
+
+    start = time.perf_counter()
+    result = run_queue(jobs, out, settings, TqdmReporter(quiet))
+    print_summary(result, time.perf_counter() - start)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .jobs import load_queue  # noqa: PLC0415
+
+    jobs = load_queue(args.queue)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.queue).stem
+    return _run(jobs, out, _settings(args), args.quiet)
+
+
+def cmd_generate(args) -> int:
+    from .jobs import jobs_from_options  # noqa: PLC0415
+    from .run import slugify  # noqa: PLC0415
+
+    jobs = jobs_from_options(args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+                             height=args.height, seed=args.seed, cfg=args.cfg, steps=args.steps, count=args.count,
+                             name=args.name)
+    out = Path(args.out) if args.out else Path("runs") / slugify(args.prompt)
+    return _run(jobs, out, _settings(args), args.quiet)
+
+
+def cmd_demo(args) -> int:
+    from .demo import demo_jobs, demo_model  # noqa: PLC0415
+
+    reporter = TqdmReporter(args.quiet)
+    model = demo_model(default_cache_dir(), reporter)
+    reporter.info(f"model: {model} (tiny, random weights: the images are noise)")
+    return _run(demo_jobs(), Path(args.out), _settings(args, model=str(model)), args.quiet)
+
+
+def cmd_make_random_model(args) -> int:
+    from .random_model import make_random_model  # noqa: PLC0415
+
+    start = time.perf_counter()
+    path = make_random_model(args.dir, args.preset, seed=args.seed, device=args.device)
+    print(f"{args.preset} random-weight model in {path} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "generate": cmd_generate, "demo": cmd_demo, "make-random-model": cmd_make_random_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except PixartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Our own bars show progress; the libraries' loading bars would only interleave with them."""
+    from diffusers.utils import logging as diffusers_logging  # noqa: PLC0415
+    from transformers.utils import logging as transformers_logging  # noqa: PLC0415
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Stage 3, decode: VAE -> images, as the reference pipeline decodes, and PNGs that carry their parameters."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .models import ModelInfo, load_vae, make_pipeline, sampler_label
+from .reporting import Reporter
+from .run import Item, RunFolder
+
+
+def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, str]:
+    """The PNG text chunks: `parameters` in the form AUTOMATIC1111, ComfyUI, InvokeAI and civitai read, and
+    `pixart_lowvram` with the whole item as JSON (and the key that marks the image as finished)."""
+    lines = [item.prompt]
+    if item.negative_prompt:
+        lines.append(f"Negative prompt: {item.negative_prompt}")
+    fields = {
+        "Steps": item.steps,
+        "Sampler": sampler_label(info),
+        "CFG scale": f"{item.cfg:g}",
+        "Seed": item.seed,
+        "Size": f"{item.width}x{item.height}",
+        "Model hash": info.identity["transformer"][:10],
+        "Model": info.name,
+    }
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    job = {"key": key, "model": info.source, "dtype": dtype, **item.to_json()}
+    return {"parameters": "\n".join(lines), "pixart_lowvram": json.dumps(job, sort_keys=True)}
+
+
+def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
+                 dtype: torch.dtype, latent_shape, reporter: Reporter) -> int:
+    with reporter.bar("load VAE", total=1, unit="part") as bar:
+        vae = load_vae(info, dtype, device)
+        bar.update()
+    pipe = make_pipeline(info, vae=vae)
+    dtype_name = str(dtype).removeprefix("torch.")
+    with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():
+        for item in items:
+            stored = folder.read_tensors(folder.latent_path(item.latent_key), item.latent_key,
+                                         {"latents": latent_shape(item)})
+            if stored is None:
+                raise RuntimeError(f"the latents of {item.id} vanished between stages")
+            latents = stored["latents"][None].to(device, vae.dtype)
+            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
+            image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
+            picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
+            folder.write_png(folder.image_path(item), picture, png_text(item, info, key=item.image_key,
+                                                                         dtype=dtype_name))
+            bar.update()
+    return len(items)

@@ -1,0 +1,30 @@
+"""The offline demo: the seed article's queue on a tiny random-weight model built in the cache folder."""
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+
+from .jobs import Job, parse_queue
+from .reporting import Reporter
+
+SEED_QUEUE = "seed-queue.toml"
+
+
+def seed_queue_text() -> str:
+    """The article's queue, shipped inside the package (examples/seed-queue.toml in the repository)."""
+    return resources.files("pixart_lowvram").joinpath("examples", SEED_QUEUE).read_text(encoding="utf-8")
+
+
+def demo_jobs() -> list[Job]:
+    """The article's queue at the model's own (small) size: the pirate ship asks for 1024x1024."""
+    jobs = parse_queue(seed_queue_text(), "toml", source=SEED_QUEUE)
+    return [dataclasses.replace(job, width=None, height=None) for job in jobs]
+
+
+def demo_model(cache_dir: Path, reporter: Reporter) -> Path:
+    from .random_model import make_random_model  # noqa: PLC0415
+
+    with reporter.bar("tiny model", total=None, unit="part") as bar:
+        return make_random_model(cache_dir / "tiny-random", "tiny", seed=0,
+                                 progress=lambda done, total, what: bar.update())

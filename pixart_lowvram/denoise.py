@@ -1,0 +1,65 @@
+"""Stage 2, denoise: DiT + scheduler -> latents, through the reference pipeline with `output_type="latent"`.
+
+Items that share size, steps and guidance share a batch; each keeps its own CPU generator, so its noise (and
+so its image) does not depend on the batch it lands in or on the device."""
+from __future__ import annotations
+
+from itertools import groupby
+
+import torch
+
+from .models import ModelInfo, load_scheduler, load_transformer, make_pipeline
+from .reporting import Reporter
+from .run import Item, RunFolder
+
+
+def group_key(item: Item) -> tuple:
+    return (item.width, item.height, item.steps, item.cfg)
+
+
+def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
+    ordered = sorted(items, key=group_key)
+    out = []
+    for _, group in groupby(ordered, key=group_key):
+        group = list(group)
+        out += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    return out
+
+
+def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
+                  dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter) -> int:
+    with reporter.bar("load transformer", total=2, unit="part") as bar:
+        scheduler = load_scheduler(info)
+        bar.update()
+        transformer = load_transformer(info, dtype, device)
+        bar.update()
+    pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
+    done = 0
+    for batch in batches(items, batch_size):
+        def embeds(key_of):
+            tensors = [folder.read_tensors(folder.embed_path(key_of(it)), key_of(it), embed_shape) for it in batch]
+            if any(t is None for t in tensors):
+                raise RuntimeError("an embedding vanished between stages")  # encode wrote and checked them
+            return (torch.stack([t["embeds"] for t in tensors]).to(device, dtype),
+                    torch.stack([t["mask"] for t in tensors]).to(device))
+
+        prompt_embeds, prompt_mask = embeds(lambda it: it.prompt_key)
+        negative_embeds, negative_mask = embeds(lambda it: it.negative_key)
+        first = batch[0]
+        names = ", ".join(it.id for it in batch)
+        with reporter.bar(f"denoise {names}", total=first.steps, unit="step") as bar, torch.inference_mode():
+            latents = pipe(
+                prompt=None, negative_prompt=None,
+                prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_mask,
+                negative_prompt_embeds=negative_embeds, negative_prompt_attention_mask=negative_mask,
+                width=first.width, height=first.height, guidance_scale=first.cfg,
+                num_inference_steps=first.steps,
+                generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
+                max_sequence_length=info.max_sequence_length,
+                output_type="latent", callback=lambda *_: bar.update(), callback_steps=1,
+            ).images
+        for item, latent in zip(batch, latents):
+            folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent}, item.latent_key,
+                                 item=item.id)
+        done += len(batch)
+    return done

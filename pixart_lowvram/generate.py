@@ -1,0 +1,261 @@
+"""The generation queue, top to bottom: check inputs, open the run folder, encode, denoise, decode.
+
+Each stage loads its component, works through every pending item, persists what it made and releases the
+component before the next stage loads anything. What is already in the run folder (and made by the same model,
+dtype and parameters) is skipped, so running the same queue again resumes it."""
+from __future__ import annotations
+
+import datetime
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .decode import decode_items
+from .denoise import denoise_items
+from .encode import encode_texts
+from .errors import Interrupted, OutOfMemory, UsageError
+from .jobs import Job
+from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
+from .models import DEFAULT_MODEL, ModelInfo, caption_cleaning, resolve_model
+from .reporting import Reporter
+from .run import Item, RunFolder, digest, expand
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+@dataclass
+class Settings:
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto: cuda if there is one, else cpu
+    dtype: str = "auto"  # auto: float16 on a GPU (as the reference), float32 on the CPU
+    encode_batch: int = 32  # prompts through T5 at once
+    denoise_batch: int = 1  # images denoised at once (same size, steps and guidance)
+    force: bool = False  # redo everything, ignoring finished artifacts
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    items: list[Item]
+    images: dict[str, Path]  # item id -> PNG
+    stages: list[StageStats] = field(default_factory=list)
+    made: dict[str, int] = field(default_factory=dict)  # stage -> artifacts made in this run
+    device: str = ""
+    dtype: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r}: not a device (try cpu, cuda or cuda:1)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name!r}: this torch sees no CUDA GPU (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name!r}: there are {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name!r}: choose float16, bfloat16 or float32")
+    return DTYPES[name]
+
+
+def binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
+    """The size the reference pipeline actually denoises at: the nearest entry of its aspect-ratio bins."""
+    from diffusers.image_processor import PixArtImageProcessor  # noqa: PLC0415
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as ref  # noqa: PLC0415
+
+    bins = {128: ref.ASPECT_RATIO_1024_BIN, 64: ref.ASPECT_RATIO_512_BIN, 32: ref.ASPECT_RATIO_256_BIN}
+    bin_table = bins.get(info.sample_size)
+    if bin_table is None:
+        raise UsageError(f"{info.path}: transformer sample_size {info.sample_size} has no resolution bins "
+                         "(the reference pipeline knows 32, 64 and 128)")
+    h, w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bin_table)
+    return w, h
+
+
+def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype) -> dict[str, str]:
+    """Key each artifact to what makes it. Returns text key -> text for the embeddings."""
+    dtype_name = str(dtype)
+    encoder = (info.identity["tokenizer"], info.identity["text_encoder"], dtype_name, info.max_sequence_length,
+               caption_cleaning())
+    texts: dict[str, str] = {}
+    for item in items:
+        item.prompt_key = digest("embed", encoder, item.prompt)
+        item.negative_key = digest("embed", encoder, item.negative_prompt)
+        texts[item.prompt_key] = item.prompt
+        texts[item.negative_key] = item.negative_prompt
+        item.latent_key = digest("latent", info.identity["transformer"], info.identity["scheduler"], dtype_name,
+                                 item.prompt_key, item.negative_key, item.width, item.height, item.steps,
+                                 item.cfg, item.seed)
+        item.image_key = digest("image", item.latent_key, info.identity["vae"], dtype_name, item.width,
+                                item.height)
+    return texts
+
+
+class _Queue:
+    """One run of the queue: the state shared by the three stages."""
+
+    def __init__(self, jobs: list[Job], out: Path, settings: Settings, reporter: Reporter):
+        self.settings = settings
+        self.reporter = reporter
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        for label, value in (("encode batch", settings.encode_batch), ("denoise batch", settings.denoise_batch)):
+            if not isinstance(value, int) or value < 1:
+                raise UsageError(f"{label} must be a positive integer, not {value!r}")
+        self.info = resolve_model(settings.model)
+        self.folder = RunFolder(out)
+        self.jobs = jobs
+        self.stages: list[StageStats] = []
+        self.made: dict[str, int] = {}
+        self.probe = None
+        if self.device.type == "cuda":
+            torch.zeros(1, device=self.device)  # create the CUDA context now, so NVML sees this process
+            self.probe = GpuMemoryProbe(self.device)
+
+    # -- shapes of finished artifacts ------------------------------------------------------------------------
+    def embed_shape(self) -> dict:
+        length = self.info.max_sequence_length
+        return {"embeds": (length, self.info.text_dim), "mask": (length,)}
+
+    def latent_shape(self, item: Item) -> tuple[int, int, int]:
+        w, h = binned_size(self.info, item.width, item.height)
+        scale = self.info.vae_scale_factor
+        return (self.info.latent_channels, h // scale, w // scale)
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        previous = self.folder.read_manifest() or {}
+        drawn = previous.get("drawn_seeds", {}) if not self.settings.force else {}
+        self.items, remembered = expand(self.jobs, self.info.default_size, drawn)
+        self.drawn_seeds = {**drawn, **remembered}
+        self.texts = assign_keys(self.items, self.info, self.dtype)
+        self.write_manifest()
+
+    def pending_images(self) -> list[Item]:
+        if self.settings.force:
+            return list(self.items)
+        return [it for it in self.items if not self.folder.png_is_done(self.folder.image_path(it), it.image_key)]
+
+    def pending_latents(self, items: list[Item]) -> list[Item]:
+        if self.settings.force:
+            return items
+        return [it for it in items if self.folder.read_tensors(
+            self.folder.latent_path(it.latent_key), it.latent_key, {"latents": self.latent_shape(it)}) is None]
+
+    def pending_texts(self, items: list[Item]) -> dict[str, str]:
+        needed = {}
+        for it in items:
+            needed[it.prompt_key] = it.prompt
+            needed[it.negative_key] = it.negative_prompt
+        if self.settings.force:
+            return needed
+        shape = self.embed_shape()
+        return {k: t for k, t in needed.items()
+                if self.folder.read_tensors(self.folder.embed_path(k), k, shape) is None}
+
+    def stage(self, name: str, count: int, work) -> None:
+        """Run one stage under a meter, then release its component; a stage with nothing to do loads nothing."""
+        meter = StageMeter(name, self.device, self.probe)
+        if count == 0:
+            meter.stats.skipped = True
+            self.stages.append(meter.stats)
+            self.reporter.info(f"{name}: nothing to do")
+            return
+        try:
+            with meter:
+                made = work()
+                release(self.device)
+        except torch.OutOfMemoryError as exc:
+            release(self.device)
+            self.stages.append(meter.stats)
+            self.write_manifest()
+            raise OutOfMemory(self.oom_message(name, meter.stats)) from exc
+        except KeyboardInterrupt as exc:
+            self.stages.append(meter.stats)
+            self.write_manifest()
+            raise Interrupted(f"stopped during {name}; finished work is kept in {self.folder.path}.\n"
+                              "  Run the same command again to resume.") from exc
+        meter.stats.items = made
+        self.made[name] = made
+        self.stages.append(meter.stats)
+        self.write_manifest()
+
+    def oom_message(self, stage: str, stats: StageStats) -> str:
+        total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        return (f"the GPU ran out of memory in stage {stage} (torch peak {format_bytes(stats.torch_peak)}, "
+                f"whole process {format_bytes(stats.nvml_peak)}, card {format_bytes(total)}).\n"
+                f"  Finished work is kept in {self.folder.path}; run the same command again to resume.\n"
+                "  To use less memory: --denoise-batch 1, smaller --width/--height, or close other GPU programs.")
+
+    def run(self) -> RunResult:
+        with self.folder:
+            self.prepare()
+            todo_images = self.pending_images()
+            todo_latents = self.pending_latents(todo_images)
+            todo_texts = self.pending_texts(todo_latents)
+            self.reporter.info(
+                f"{len(self.items)} image(s) in the queue, {len(todo_images)} to make: {len(todo_texts)} text(s) "
+                f"to encode, {len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
+                f"[{self.info.name}, {self.device}, {str(self.dtype).removeprefix('torch.')}]")
+            common = dict(folder=self.folder, device=self.device, dtype=self.dtype, reporter=self.reporter)
+            self.stage("encode", len(todo_texts), lambda: encode_texts(
+                self.info, todo_texts, batch_size=self.settings.encode_batch, **common))
+            self.stage("denoise", len(todo_latents), lambda: denoise_items(
+                self.info, todo_latents, batch_size=self.settings.denoise_batch, embed_shape=self.embed_shape(),
+                **common))
+            self.stage("decode", len(todo_images), lambda: decode_items(
+                self.info, todo_images, latent_shape=self.latent_shape, **common))
+            images = {it.id: self.folder.image_path(it) for it in self.items}
+        return RunResult(folder=self.folder.path, items=self.items, images=images, stages=self.stages,
+                         made=self.made, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."))
+
+    def write_manifest(self) -> None:
+        import diffusers  # noqa: PLC0415
+        import transformers  # noqa: PLC0415
+
+        items = []
+        for it in getattr(self, "items", []):
+            image = self.folder.image_path(it)
+            items.append({**it.to_json(),
+                          "image": str(image.relative_to(self.folder.path)),
+                          "latents": str(self.folder.latent_path(it.latent_key).relative_to(self.folder.path)),
+                          "done": self.folder.png_is_done(image, it.image_key)})
+        self.folder.write_manifest({
+            "version": 1,
+            "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"source": self.info.source, "path": str(self.info.path),
+                      "pipeline": self.info.pipeline_class, "identity": self.info.identity},
+            "settings": {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                         "encode_batch": self.settings.encode_batch, "denoise_batch": self.settings.denoise_batch,
+                         "max_sequence_length": self.info.max_sequence_length},
+            "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "memory_source": self.probe.source if self.probe else None,
+            "versions": {"pixart_lowvram": __version__, "torch": torch.__version__,
+                         "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+            "drawn_seeds": getattr(self, "drawn_seeds", {}),
+            "items": items,
+            "stages": [s.to_json() for s in self.stages],
+        })
+
+
+def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
+              reporter: Reporter | None = None) -> RunResult:
+    """Make every image of `jobs` in the run folder `out`, resuming what an earlier run left there."""
+    return _Queue(jobs, Path(out), settings or Settings(), reporter or Reporter()).run()

@@ -1,0 +1,179 @@
+"""Measuring a stage (wall time, peak GPU memory as torch and as NVML see it, peak host RSS) and releasing it.
+
+torch's `max_memory_allocated` counts only tensors; what decides whether a run fits on a user's card is the
+whole process as the driver sees it (CUDA context, allocator cache, cuBLAS workspaces). NVML reports that, so
+a small thread samples it, together with the host's resident memory, while a stage runs.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+GiB = 1024**3
+_SAMPLE_SECONDS = 0.005
+
+
+@dataclass
+class StageStats:
+    """What one stage cost. Memory in bytes; None where it could not be measured (no GPU, no NVML)."""
+
+    name: str
+    seconds: float = 0.0
+    items: int = 0
+    torch_peak: int | None = None  # torch.cuda.max_memory_allocated during the stage
+    torch_reserved_peak: int | None = None  # torch.cuda.max_memory_reserved: the caching allocator's pool
+    nvml_peak: int | None = None  # the whole process on the GPU, CUDA context included
+    rss_peak: int | None = None  # host resident memory of the process
+    skipped: bool = False  # nothing was pending, the component never loaded
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _read_rss() -> int | None:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Nvml:
+    """The process's own GPU memory through NVML (optional dependency `nvidia-ml-py`)."""
+
+    def __init__(self, device: torch.device):
+        import pynvml  # noqa: PLC0415 - optional
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # NVML numbers GPUs physically; CUDA_VISIBLE_DEVICES may renumber them, the UUID does not lie.
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        try:
+            self._handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        except Exception:  # noqa: BLE001 - older torch without uuid, or a MIG slice: fall back to the index
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self._pid = os.getpid()
+
+    def process_bytes(self) -> int | None:
+        """GPU memory held by this process; None if NVML cannot attribute it (e.g. inside some containers)."""
+        try:
+            procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except self._nvml.NVMLError:
+            return None
+        for p in procs:
+            if p.pid == self._pid and p.usedGpuMemory is not None:
+                return int(p.usedGpuMemory)
+        return None
+
+    def device_used_bytes(self) -> int:
+        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+
+
+def open_nvml(device: torch.device) -> _Nvml | None:
+    if device.type != "cuda":
+        return None
+    try:
+        return _Nvml(device)
+    except Exception:  # noqa: BLE001 - no NVML library, no driver access: measure without it
+        return None
+
+
+class GpuMemoryProbe:
+    """Reads the process's GPU footprint as the driver sees it.
+
+    NVML's per-process figure is used when the driver attributes memory to our pid; some containers hide pids,
+    and then the device's used memory minus what was used before we started is the closest honest figure.
+    """
+
+    def __init__(self, device: torch.device):
+        self._nvml = open_nvml(device)
+        self.source = None
+        self._baseline = 0
+        if self._nvml is not None:
+            if self._nvml.process_bytes() is not None:
+                self.source = "nvml-process"
+            else:
+                self.source = "nvml-device"
+                self._baseline = self._nvml.device_used_bytes()
+
+    def read(self) -> int | None:
+        if self._nvml is None:
+            return None
+        if self.source == "nvml-device":
+            return max(0, self._nvml.device_used_bytes() - self._baseline)
+        value = self._nvml.process_bytes()
+        if value is None and self.source == "nvml-process":
+            return 0  # no context yet: the process does not hold the GPU
+        return value
+
+
+class StageMeter:
+    """Context manager measuring one stage. Use `.stats` after the block."""
+
+    def __init__(self, name: str, device: torch.device, probe: GpuMemoryProbe | None = None):
+        self.stats = StageStats(name=name)
+        self._device = device
+        self._probe = probe
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._nvml_peak: int | None = None
+        self._rss_peak: int | None = None
+
+    def _sample(self) -> None:
+        gpu = self._probe.read() if self._probe is not None else None
+        if gpu is not None:
+            self._nvml_peak = gpu if self._nvml_peak is None else max(self._nvml_peak, gpu)
+        rss = _read_rss()
+        if rss is not None:
+            self._rss_peak = rss if self._rss_peak is None else max(self._rss_peak, rss)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(_SAMPLE_SECONDS):
+            self._sample()
+
+    def __enter__(self) -> StageMeter:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+            torch.cuda.reset_peak_memory_stats(self._device)
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name=f"meter-{self.stats.name}", daemon=True)
+        self._thread.start()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self._device)
+            except RuntimeError:
+                pass  # the device may be in an error state after an OOM; the peaks below are still readable
+        self.stats.seconds = time.perf_counter() - self._start
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        if self._device.type == "cuda":
+            self.stats.torch_peak = int(torch.cuda.max_memory_allocated(self._device))
+            self.stats.torch_reserved_peak = int(torch.cuda.max_memory_reserved(self._device))
+        self.stats.nvml_peak = self._nvml_peak
+        self.stats.rss_peak = self._rss_peak
+
+
+def release(device: torch.device) -> None:
+    """Return freed memory: Python garbage first (models hold reference cycles), then the CUDA cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def format_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / GiB:.2f} GiB"

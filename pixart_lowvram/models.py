@@ -1,0 +1,256 @@
+"""All model loading in one room: find the model folder, read what it is without loading weights, load one
+component at a time with the libraries' own `from_pretrained`, and say which file is at fault when that fails.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
+SUPPORTED_PIPELINES = ("PixArtAlphaPipeline",)
+COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+# Only what the staged queue reads: safetensors weights, configs and tokenizer files, never pickled weights.
+HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
+                "scheduler/scheduler_config.json", "tokenizer/*"]
+_IDENTITY_SAMPLE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model is, read from its configs and safetensors headers; no weights loaded."""
+
+    source: str  # what the user named: a hub id or a folder
+    path: Path  # the local folder
+    pipeline_class: str
+    configs: dict[str, dict]  # component -> its config.json (scheduler: scheduler_config.json)
+    identity: dict[str, str] = field(default_factory=dict)  # component -> hash of what makes its output
+
+    @property
+    def name(self) -> str:
+        return self.source.rstrip("/").split("/")[-1] or self.source
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.configs["transformer"]["sample_size"])
+
+    @property
+    def default_size(self) -> int:
+        """The reference pipeline's default width and height: transformer sample size times VAE scale."""
+        return self.sample_size * self.vae_scale_factor
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Tokens per prompt, as the reference pipeline pads and truncates them."""
+        return 120
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.configs["transformer"]["in_channels"])
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.configs["text_encoder"]["d_model"])
+
+    def weight_files(self, component: str) -> list[Path]:
+        return sorted((self.path / component).glob("*.safetensors"))
+
+    def weight_bytes(self, component: str) -> int:
+        return sum(f.stat().st_size for f in self.weight_files(component))
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None
+
+
+def _fetch(source: str) -> Path:
+    """A hub id -> its local snapshot (the Hugging Face cache), downloading only what the queue reads."""
+    try:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415 - only for hub ids
+        return Path(snapshot_download(source, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all end the same way for the user
+        raise ModelError(
+            f"could not get model {source!r} from the Hugging Face hub ({type(exc).__name__}: {exc}).\n"
+            "  If it is already downloaded, set HF_HUB_OFFLINE=1; or pass a local folder with --model DIR;\n"
+            "  or try the offline demo: pixart-lowvram demo") from exc
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: missing") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: cannot be read as JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: names, dtypes, shapes and offsets, no tensor data."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ModelError(f"{path}: truncated (no safetensors header)")
+            (length,) = struct.unpack("<Q", raw)
+            if length > 100 * 1024 * 1024:
+                raise ModelError(f"{path}: not a safetensors file (header of {length} bytes)")
+            header = json.loads(f.read(length))
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot be read ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not a safetensors file ({exc})") from exc
+    return header
+
+
+def _component_identity(folder: Path) -> str:
+    """A hash of what decides a component's output: its config and tokenizer files, and for each weights file
+    its header (names, shapes, dtypes), size and samples of its data. Cheap (no full read) and changes when the
+    weights do, including two random-weight models of equal shapes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        digest.update(rel.encode() + b"\0")
+        size = path.stat().st_size
+        if path.suffix == ".safetensors":
+            digest.update(json.dumps(safetensors_header(path), sort_keys=True).encode())
+            with open(path, "rb") as f:
+                digest.update(str(size).encode())
+                digest.update(f.read(_IDENTITY_SAMPLE))
+                f.seek(max(0, size - _IDENTITY_SAMPLE))
+                digest.update(f.read(_IDENTITY_SAMPLE))
+        elif size <= 16 * 1024 * 1024:
+            digest.update(path.read_bytes())
+        else:
+            digest.update(str(size).encode())
+    return digest.hexdigest()[:32]
+
+
+def resolve_model(source: str) -> ModelInfo:
+    """Find the model (a local folder, or a hub id fetched to the cache) and read what it is, without weights."""
+    source = str(source)
+    expanded = os.path.expanduser(source)
+    if os.path.isdir(expanded):
+        path = Path(expanded).resolve()
+    elif _looks_like_hub_id(source):
+        path = _fetch(source)
+    else:
+        raise ModelError(f"{source}: no such model folder")
+
+    index = _read_json(path / "model_index.json")
+    pipeline_class = index.get("_class_name")
+    if pipeline_class not in SUPPORTED_PIPELINES:
+        raise ModelError(f"{path / 'model_index.json'}: a {pipeline_class or 'unknown'} model, not a PixArt-alpha "
+                         f"one (supported: {', '.join(SUPPORTED_PIPELINES)})")
+    configs = {}
+    for component in COMPONENTS:
+        folder = path / component
+        if not folder.is_dir():
+            raise ModelError(f"{folder}: component folder missing")
+        if component == "tokenizer":
+            continue
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        configs[component] = _read_json(folder / name)
+        if component not in ("scheduler",) and not list(folder.glob("*.safetensors")):
+            found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+            raise ModelError(f"{folder}: no .safetensors weights (found: {found})")
+    identity = {c: _component_identity(path / c) for c in COMPONENTS}
+    return ModelInfo(source=source, path=path, pipeline_class=pipeline_class, configs=configs, identity=identity)
+
+
+def _class_of(info: ModelInfo, component: str):
+    import diffusers  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    index = _read_json(info.path / "model_index.json")
+    library, class_name = index[component]
+    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    cls = getattr(module, class_name, None) if module is not None else None
+    if cls is None:
+        raise ModelError(f"{info.path / 'model_index.json'}: unknown class {library}.{class_name} for {component}")
+    return cls
+
+
+def _load(info: ModelInfo, component: str, **kwargs):
+    cls = _class_of(info, component)
+    try:
+        return cls.from_pretrained(str(info.path), subfolder=component, **kwargs)
+    except ModelError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        raise ModelError(f"{info.path / component}: cannot load {component} ({type(exc).__name__}: {exc})") from exc
+
+
+def load_tokenizer(info: ModelInfo):
+    return _load(info, "tokenizer")
+
+
+def load_text_encoder(info: ModelInfo, dtype: torch.dtype, device: torch.device):
+    # transformers keeps T5's `wo` layers in fp32 (_keep_in_fp32_modules) as the reference pipeline does.
+    return _load(info, "text_encoder", dtype=dtype, use_safetensors=True).to(device).eval()
+
+
+def load_transformer(info: ModelInfo, dtype: torch.dtype, device: torch.device):
+    return _load(info, "transformer", torch_dtype=dtype, use_safetensors=True).to(device).eval()
+
+
+def load_vae(info: ModelInfo, dtype: torch.dtype, device: torch.device):
+    return _load(info, "vae", torch_dtype=dtype, use_safetensors=True).to(device).eval()
+
+
+def load_scheduler(info: ModelInfo):
+    return _load(info, "scheduler")
+
+
+def make_pipeline(info: ModelInfo, **components):
+    """The reference pipeline class around whichever components are loaded; the others are None.
+
+    diffusers' PixArtAlphaPipeline works with `text_encoder=None, vae=None` (prompt embeddings in, latents
+    out), so every stage runs the reference's own maths."""
+    cls = _class_of_pipeline(info)
+    parts = {name: components.get(name) for name in COMPONENTS}
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _class_of_pipeline(info: ModelInfo):
+    import diffusers  # noqa: PLC0415
+
+    return getattr(diffusers, info.pipeline_class)
+
+
+def sampler_label(info: ModelInfo) -> str:
+    """The scheduler as image tools name samplers (DPMSolverMultistep with dpmsolver++, order 2: 'DPM++ 2M')."""
+    config = info.configs["scheduler"]
+    if config.get("_class_name") == "DPMSolverMultistepScheduler":
+        order = config.get("solver_order", 2)
+        label = "DPM++ " + ("2M" if order == 2 else f"{order}M") if "++" in config.get(
+            "algorithm_type", "dpmsolver++") else f"DPM {order}M"
+        return label + (" Karras" if config.get("use_karras_sigmas") else "")
+    return str(config.get("_class_name", "unknown")).removesuffix("Scheduler")
+
+
+def caption_cleaning() -> bool:
+    """Whether the reference pipeline cleans captions here: it does when beautifulsoup4 and ftfy are installed
+    (and silently falls back otherwise). Part of an embedding's key, since it changes the text encoded."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available  # noqa: PLC0415
+
+    return is_bs4_available() and is_ftfy_available()

@@ -1,0 +1,257 @@
+"""The run folder: manifest, atomic artifacts keyed to what made them, and what is left to do (resume).
+
+    <run>/run.json                     manifest: model, settings, expanded items, per-stage figures
+    <run>/embeds/<text key>.safetensors one text's embedding and mask
+    <run>/latents/<latent key>.safetensors
+    <run>/images/<item id>.png          generation parameters in PNG text chunks
+
+Embeddings are stored per distinct text, so equal prompts (and the common empty negative prompt) are encoded
+and stored once. Every artifact records the key of what made it (model component, dtype, parameters); one whose
+key does not match, or that cannot be read, is redone, never trusted.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from .errors import RunFolderError
+from .jobs import Job, MAX_SEED
+
+MANIFEST = "run.json"
+MANIFEST_VERSION = 1
+KEY_METADATA = "pixart_lowvram_key"
+
+
+def digest(*parts: object) -> str:
+    """A short stable hash of JSON-able parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def slugify(text: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "image"
+
+
+@dataclass
+class Item:
+    """One image to make: a job's copy with its seed fixed and its size resolved."""
+
+    id: str  # unique in the run, safe as a file stem
+    job_index: int
+    copy: int  # 0-based, < job.count
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    seed: int
+    cfg: float
+    steps: int
+    name: str | None
+    seed_was_drawn: bool
+    prompt_key: str = ""
+    negative_key: str = ""
+    latent_key: str = ""
+    image_key: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _job_spec(job: Job) -> dict:
+    """What a job asks for, independent of where it sits in the queue."""
+    spec = asdict(job)
+    spec.pop("index")
+    return spec
+
+
+def expand(jobs: list[Job], default_size: int, drawn_seeds: dict[str, list[int]],
+           rng: random.Random | None = None) -> tuple[list[Item], dict[str, list[int]]]:
+    """Jobs -> items. A job's seed gives seed, seed+1, ... to its copies; a missing seed is drawn at random, and
+    remembered under the job's spec in `drawn_seeds` (kept in the manifest), so running the same queue again
+    finds the same seeds. Identical jobs (the article's three 'supercar' jobs) are told apart by occurrence."""
+    rng = rng or random.SystemRandom()
+    seen: dict[str, int] = {}
+    items: list[Item] = []
+    remembered: dict[str, list[int]] = {}
+    for job in jobs:
+        spec_key = digest(_job_spec(job))
+        occurrence = seen.get(spec_key, 0)
+        seen[spec_key] = occurrence + 1
+        slot = f"{spec_key}-{occurrence}"
+        if job.seed is not None:
+            seeds = [job.seed + k for k in range(job.count)]
+        else:
+            seeds = list(drawn_seeds.get(slot, []))[: job.count]
+            seeds += [rng.randrange(0, 2**32) for _ in range(job.count - len(seeds))]
+            remembered[slot] = seeds
+        for k, seed in enumerate(seeds):
+            assert 0 <= seed <= MAX_SEED
+            if job.name:
+                item_id = job.name if job.count == 1 else f"{job.name}-{k + 1}"
+            else:
+                item_id = f"{job.index:03d}-{slugify(job.prompt)}" + (f"-{k + 1}" if job.count > 1 else "")
+            items.append(Item(
+                id=item_id, job_index=job.index, copy=k, prompt=job.prompt, negative_prompt=job.negative_prompt,
+                width=job.width or default_size, height=job.height or default_size, seed=seed,
+                cfg=float(job.cfg), steps=job.steps, name=job.name, seed_was_drawn=job.seed is None))
+    _make_ids_unique(items)
+    return items, remembered
+
+
+def _make_ids_unique(items: list[Item]) -> None:
+    # Job names are unique (validated), but a generated id can meet a name: number the later ones.
+    taken: set[str] = set()
+    for item in items:
+        base, n = item.id, 2
+        while item.id.lower() in taken:  # case-insensitive file systems
+            item.id = f"{base}~{n}"
+            n += 1
+        taken.add(item.id.lower())
+
+
+class RunFolder:
+    """One run's folder. Holds an exclusive lock while open, so two runs never write the same folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.embeds = self.path / "embeds"
+        self.latents = self.path / "latents"
+        self.images = self.path / "images"
+        self._lock_file = None
+
+    # -- opening ---------------------------------------------------------------------------------------------
+    def open(self) -> RunFolder:
+        try:
+            for folder in (self.path, self.embeds, self.latents, self.images):
+                folder.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.path / ".lock", "w")  # noqa: SIM115 - held for the run's life
+        except OSError as exc:
+            raise RunFolderError(f"{self.path}: cannot create the run folder ({exc.strerror or exc})") from exc
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._lock_file.close()
+            self._lock_file = None
+            raise RunFolderError(f"{self.path}: another pixart-lowvram run is using this folder") from exc
+        self._check_writable()
+        return self
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> RunFolder:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_writable(self) -> None:
+        for folder in (self.path, self.embeds, self.latents, self.images):
+            try:
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+                    pass
+            except OSError as exc:
+                raise RunFolderError(f"{folder}: not writable ({exc.strerror or exc})") from exc
+
+    # -- paths -----------------------------------------------------------------------------------------------
+    def embed_path(self, key: str) -> Path:
+        return self.embeds / f"{key}.safetensors"
+
+    def latent_path(self, key: str) -> Path:
+        return self.latents / f"{key}.safetensors"
+
+    def image_path(self, item: Item) -> Path:
+        return self.images / f"{item.id}.png"
+
+    # -- atomic writes ---------------------------------------------------------------------------------------
+    def _atomic(self, path: Path, write) -> None:
+        """Write through a temporary file in the same folder, flush it to disk, then rename over `path`:
+        a reader (or a rerun after a crash) sees the old file or the whole new one, never half of one."""
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def write_tensors(self, path: Path, tensors: dict[str, torch.Tensor], key: str, **metadata: str) -> None:
+        data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        meta = {KEY_METADATA: key, **metadata}
+        self._atomic(path, lambda f: f.write(save(data, metadata=meta)))
+
+    def read_tensors(self, path: Path, key: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
+        """The tensors if the file is whole, made by `key`, and of the expected shapes; otherwise None."""
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get(KEY_METADATA) != key:
+                    return None
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError, ValueError):
+            return None
+        for name, shape in shapes.items():
+            if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
+                return None
+            if not torch.isfinite(tensors[name].float()).all():
+                return None
+        return tensors
+
+    def write_png(self, path: Path, image: Image.Image, text: dict[str, str]) -> None:
+        info = PngImagePlugin.PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
+        self._atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
+
+    def png_is_done(self, path: Path, key: str) -> bool:
+        if not path.is_file():
+            return False
+        try:
+            with Image.open(path) as im:
+                im.load()  # reads every chunk: a truncated file fails here
+                meta = json.loads(im.text.get("pixart_lowvram", "{}"))
+        except (OSError, ValueError, SyntaxError):
+            return False
+        return meta.get("key") == key
+
+    # -- manifest --------------------------------------------------------------------------------------------
+    def read_manifest(self) -> dict | None:
+        path = self.path / MANIFEST
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # a damaged manifest is rebuilt; the artifacts carry their own keys
+        return data if isinstance(data, dict) and data.get("version") == MANIFEST_VERSION else None
+
+    def write_manifest(self, manifest: dict) -> None:
+        text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+        self._atomic(self.path / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+

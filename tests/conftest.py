@@ -1,0 +1,30 @@
+"""Shared fixtures: one tiny random-weight PixArt model per test session, built in-process (no network)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pixart_lowvram.random_model import make_random_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(make_random_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tiny_model):
+    """The plain diffusers pipeline on the same weights: what every image must equal."""
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_image(pipe, *, prompt, negative_prompt="", width, height, cfg=4.5, steps=20, seed):
+    import numpy as np
+
+    image = pipe(prompt, negative_prompt=negative_prompt, width=width, height=height, guidance_scale=cfg,
+                 num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    return np.asarray(image)
