@@ -39,22 +39,33 @@ name). A `defaults` table applies to every job. Example (TOML):
 """
 
 
+class _TqdmBar(Bar):
+    def __init__(self, bar):
+        self._bar, self._desc = bar, bar.desc
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def describe(self, text: str) -> None:
+        self._bar.set_postfix_str(text, refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 class TqdmReporter(Reporter):
     """Progress bars and messages on stderr."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
 
-    def bar(self, desc: str, total: int | None, unit: str = "it") -> Bar:
+    def bar(self, desc: str, total: int | None, unit: str = "it", transient: bool = False) -> Bar:
         if self.quiet:
             return Bar()
         from tqdm.auto import tqdm  # noqa: PLC0415
 
-        bar = tqdm(desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
-        wrapped = Bar()
-        wrapped.update = bar.update
-        wrapped.close = bar.close
-        return wrapped
+        return _TqdmBar(tqdm(desc=desc, total=total, unit=unit, leave=not transient, dynamic_ncols=True,
+                             file=sys.stderr))
 
     def info(self, message: str) -> None:
         if not self.quiet:

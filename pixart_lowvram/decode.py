@@ -32,7 +32,7 @@ def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, 
 
 def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
                  dtype: torch.dtype, latent_shape, reporter: Reporter) -> int:
-    with reporter.bar("load VAE", total=1, unit="part") as bar:
+    with reporter.bar("load VAE", total=1, unit="part", transient=True) as bar:
         vae = load_vae(info, dtype, device)
         bar.update()
     pipe = make_pipeline(info, vae=vae)
@@ -48,6 +48,7 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
             # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
             image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
             picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
+            bar.describe(item.id)
             folder.write_png(folder.image_path(item), picture, png_text(item, info, key=item.image_key,
                                                                          dtype=dtype_name))
             bar.update()

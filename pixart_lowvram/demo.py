@@ -25,6 +25,6 @@ def demo_jobs() -> list[Job]:
 def demo_model(cache_dir: Path, reporter: Reporter) -> Path:
     from .random_model import make_random_model  # noqa: PLC0415
 
-    with reporter.bar("tiny model", total=None, unit="part") as bar:
+    with reporter.bar("tiny model", total=None, unit="part", transient=True) as bar:
         return make_random_model(cache_dir / "tiny-random", "tiny", seed=0,
                                  progress=lambda done, total, what: bar.update())

@@ -28,13 +28,14 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
                   dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter) -> int:
-    with reporter.bar("load transformer", total=2, unit="part") as bar:
+    with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
         scheduler = load_scheduler(info)
         bar.update()
         transformer = load_transformer(info, dtype, device)
         bar.update()
     pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
     done = 0
+    steps = reporter.bar("denoise", total=sum(it.steps for it in items), unit="step")  # image-steps
     for batch in batches(items, batch_size):
         def embeds(key_of):
             tensors = [folder.read_tensors(folder.embed_path(key_of(it)), key_of(it), embed_shape) for it in batch]
@@ -46,8 +47,8 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
         prompt_embeds, prompt_mask = embeds(lambda it: it.prompt_key)
         negative_embeds, negative_mask = embeds(lambda it: it.negative_key)
         first = batch[0]
-        names = ", ".join(it.id for it in batch)
-        with reporter.bar(f"denoise {names}", total=first.steps, unit="step") as bar, torch.inference_mode():
+        steps.describe(", ".join(it.id for it in batch))
+        with torch.inference_mode():
             latents = pipe(
                 prompt=None, negative_prompt=None,
                 prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_mask,
@@ -56,10 +57,11 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
                 num_inference_steps=first.steps,
                 generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
                 max_sequence_length=info.max_sequence_length,
-                output_type="latent", callback=lambda *_: bar.update(), callback_steps=1,
+                output_type="latent", callback=lambda *_: steps.update(len(batch)), callback_steps=1,
             ).images
         for item, latent in zip(batch, latents):
             folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent}, item.latent_key,
                                  item=item.id)
         done += len(batch)
+    steps.close()
     return done

@@ -17,7 +17,7 @@ def encode_texts(info: ModelInfo, texts: dict[str, str], *, folder: RunFolder, d
 
     The text encoder lives only inside this function: when it returns, nothing of it is referenced."""
     keys = list(texts)
-    with reporter.bar("load text encoder", total=2, unit="part") as bar:
+    with reporter.bar("load text encoder", total=2, unit="part", transient=True) as bar:
         tokenizer = load_tokenizer(info)
         bar.update()
         text_encoder = load_text_encoder(info, dtype, device)

@@ -9,6 +9,9 @@ class Bar:
     def update(self, n: int = 1) -> None:
         pass
 
+    def describe(self, text: str) -> None:
+        """Say what is being worked on now (e.g. which image)."""
+
     def close(self) -> None:
         pass
 
@@ -20,7 +23,8 @@ class Bar:
 
 
 class Reporter:
-    def bar(self, desc: str, total: int | None, unit: str = "it") -> Bar:
+    def bar(self, desc: str, total: int | None, unit: str = "it", transient: bool = False) -> Bar:
+        """A bar for `total` units of work; a transient one (loading) disappears when done."""
         return Bar()
 
     def info(self, message: str) -> None:

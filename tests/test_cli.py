@@ -1,0 +1,72 @@
+"""The command line, as a user types it: exit codes, messages without tracebacks, the summary table."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pixart_lowvram import generate
+from pixart_lowvram.cli import main
+
+
+def test_run_a_queue_file_prints_a_summary_and_says_where_the_images_are(tiny_model, tmp_path, capsys):
+    queue = tmp_path / "q.toml"
+    queue.write_text('[defaults]\nsteps = 2\n[[jobs]]\nprompt = "a lighthouse"\nseed = 1\nname = "light"\n')
+    code = main(["run", str(queue), "--model", tiny_model, "--out", str(tmp_path / "run"), "--device", "cpu", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for stage in ("encode", "denoise", "decode"):
+        assert stage in out
+    assert "1/1 images in" in out and str(tmp_path / "run" / "images") in out
+    assert (tmp_path / "run" / "images" / "light.png").is_file()
+
+
+def test_generate_makes_count_images_with_consecutive_seeds(tiny_model, tmp_path):
+    code = main(["generate", "a red kite", "--seed", "10", "--count", "2", "--steps", "2", "--model", tiny_model,
+                 "--out", str(tmp_path / "run"), "--device", "cpu", "-q"])
+    assert code == 0
+    items = json.loads((tmp_path / "run" / "run.json").read_text())["items"]
+    assert [i["seed"] for i in items] == [10, 11]
+
+
+def test_a_bad_queue_is_reported_whole_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(generate, "resolve_model", lambda *a: pytest.fail("the model was touched"))
+    queue = tmp_path / "q.json"
+    queue.write_text(json.dumps({"jobs": [{"prompt": ""}, {"prompt": "ok", "stepz": 3}, {"prompt": "x", "width": 100}]}))
+    code = main(["run", str(queue), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "job 1" in err and "'prompt'" in err
+    assert "job 2" in err and "did you mean 'steps'" in err
+    assert "job 3" in err and "'width'" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    code = main(["generate", "x", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "no such model folder" in capsys.readouterr().err
+
+
+def test_help_teaches_with_examples():
+    result = subprocess.run([sys.executable, "-m", "pixart_lowvram.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "examples:" in result.stdout and "pixart-lowvram demo" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "pixart_lowvram.cli", "run", "--help"], capture_output=True,
+                            text=True)
+    assert "[[jobs]]" in result.stdout and "--vram" not in result.stdout
+
+
+def test_demo_runs_offline_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "-q"]) == 0
+    assert "5/5 images in" in capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "demo" / "images").iterdir())
+    assert names == ["oppenheimer.png", "pirate-ship.png", "supercar-1.png", "supercar-2.png", "supercar-3.png"]
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 3
