@@ -84,7 +84,9 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if there is one)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="precision of the weights (default: float16 on a GPU, as the reference; float32 on CPU)")
-    g.add_argument("--encode-batch", type=int, default=32, metavar="N", help="prompts through T5 at once (32)")
+    g.add_argument("--encode-batch", type=int, default=1, metavar="N",
+                   help="texts through T5 at once (1: the reference's exact kernels; more is faster on long "
+                        "queues, within fp16 rounding)")
     g.add_argument("--denoise-batch", type=int, default=1, metavar="N",
                    help="images denoised at once when size, steps and cfg match (1)")
     g.add_argument("--force", action="store_true", help="redo everything instead of resuming")

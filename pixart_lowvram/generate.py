@@ -33,7 +33,9 @@ class Settings:
     model: str = DEFAULT_MODEL
     device: str = "auto"  # auto: cuda if there is one, else cpu
     dtype: str = "auto"  # auto: float16 on a GPU (as the reference), float32 on the CPU
-    encode_batch: int = 32  # prompts through T5 at once
+    # Texts through T5 at once. 1 runs the reference pipeline's exact kernels (bit-identical embeddings);
+    # larger batches are faster on big queues but change fp16 rounding (measured in BENCHMARKS.md).
+    encode_batch: int = 1
     denoise_batch: int = 1  # images denoised at once (same size, steps and guidance)
     force: bool = False  # redo everything, ignoring finished artifacts
 

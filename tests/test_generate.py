@@ -49,12 +49,12 @@ def test_images_equal_the_reference_pipeline(tiny_model, reference_pipeline, tmp
         assert max_diff(ours, expected) <= 1, item.id
 
 
-def test_same_image_at_any_denoise_batch_size(tiny_model, tmp_path):
+def test_same_image_at_any_batch_size(tiny_model, tmp_path):
     jobs = parse_queue('[defaults]\nsteps = 3\nwidth = 256\nheight = 256\n'
                        '[[jobs]]\nprompt = "a cat"\nseed = 1\ncount = 3\n'
                        '[[jobs]]\nprompt = "a dog"\nseed = 5\n', "toml")
     one = run_queue(jobs, tmp_path / "b1", Settings(model=tiny_model, denoise_batch=1, **CPU32))
-    four = run_queue(jobs, tmp_path / "b4", Settings(model=tiny_model, denoise_batch=4, **CPU32))
+    four = run_queue(jobs, tmp_path / "b4", Settings(model=tiny_model, denoise_batch=4, encode_batch=4, **CPU32))
     for item in one.items:
         assert max_diff(pixels(one.images[item.id]), pixels(four.images[item.id])) <= 1
 
