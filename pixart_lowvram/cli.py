@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,6 +93,9 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
     g.add_argument("--denoise-batch", type=int, default=1, metavar="N",
                    help="images denoised at once when size, steps and cfg match (1)")
     g.add_argument("--force", action="store_true", help="redo everything instead of resuming")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="load pickled .bin weights where a component has no safetensors (they can run code "
+                        "when loaded: only for sources you trust)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the summary")
 
 
@@ -183,9 +189,37 @@ def _run(jobs, out: Path, settings, quiet: bool) -> int:
     from .generate import run_queue  # noqa: PLC0415
 
     start = time.perf_counter()
-    result = run_queue(jobs, out, settings, TqdmReporter(quiet))
+    with _stop_on_ctrl_c() as stop:
+        result = run_queue(jobs, out, settings, TqdmReporter(quiet), stop=stop)
     print_summary(result, time.perf_counter() - start)
+    if result.left_alone:
+        print(f"{len(result.left_alone)} image(s) of jobs no longer in the queue were left in place.")
     return 0
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c():
+    """The first Ctrl-C asks the run to stop at the next safe point (after the image or text at hand is
+    saved); a second one stops at once. Either way nothing finished is lost."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        stop.set()
+        sys.stderr.write("\nstopping after the current step is saved (Ctrl-C again to stop at once)\n")
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no handler, Ctrl-C works as Python's default
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_run(args) -> int:
@@ -237,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
+        print("interrupted; finished work is kept: run the same command again to resume", file=sys.stderr)
         return 130
 
 

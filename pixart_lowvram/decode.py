@@ -31,7 +31,7 @@ def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, 
 
 
 def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
-                 dtype: torch.dtype, latent_shape, reporter: Reporter) -> int:
+                 dtype: torch.dtype, latent_shape, reporter: Reporter, checkpoint) -> int:
     with reporter.bar("load VAE", total=1, unit="part", transient=True) as bar:
         vae = load_vae(info, dtype, device)
         bar.update()
@@ -39,6 +39,7 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
     dtype_name = str(dtype).removeprefix("torch.")
     with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():
         for item in items:
+            checkpoint()
             stored = folder.read_tensors(folder.latent_path(item.latent_key), item.latent_key,
                                          {"latents": latent_shape(item)})
             if stored is None:

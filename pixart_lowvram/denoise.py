@@ -27,7 +27,7 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 
 def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
-                  dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter) -> int:
+                  dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter, checkpoint) -> int:
     with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
         scheduler = load_scheduler(info)
         bar.update()
@@ -37,6 +37,7 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
     done = 0
     steps = reporter.bar("denoise", total=sum(it.steps for it in items), unit="step")  # image-steps
     for batch in batches(items, batch_size):
+        checkpoint()
         def embeds(key_of):
             tensors = [folder.read_tensors(folder.embed_path(key_of(it)), key_of(it), embed_shape) for it in batch]
             if any(t is None for t in tensors):

@@ -12,7 +12,7 @@ from .run import RunFolder
 
 
 def encode_texts(info: ModelInfo, texts: dict[str, str], *, folder: RunFolder, device: torch.device,
-                 dtype: torch.dtype, batch_size: int, reporter: Reporter) -> int:
+                 dtype: torch.dtype, batch_size: int, reporter: Reporter, checkpoint) -> int:
     """Encode `texts` (key -> text), writing embeds/<key>.safetensors for each. Returns how many were made.
 
     The text encoder lives only inside this function: when it returns, nothing of it is referenced."""
@@ -25,6 +25,7 @@ def encode_texts(info: ModelInfo, texts: dict[str, str], *, folder: RunFolder, d
     pipe = make_pipeline(info, tokenizer=tokenizer, text_encoder=text_encoder)
     with reporter.bar("encode", total=len(keys), unit="text") as bar, torch.inference_mode():
         for start in range(0, len(keys), batch_size):
+            checkpoint()
             batch = keys[start:start + batch_size]
             embeds, mask, _, _ = pipe.encode_prompt(
                 [texts[k] for k in batch], do_classifier_free_guidance=False, device=device,

@@ -75,6 +75,12 @@ class RunFolderError(PixartError):
     exit_code = 2
 
 
+class StorageError(PixartError):
+    """Writing to the run folder failed mid-run (disk full, permissions changed); finished work is kept."""
+
+    exit_code = 1
+
+
 class OutOfMemory(PixartError):
     """The GPU ran out of memory; finished work is kept and the message says what to try."""
 

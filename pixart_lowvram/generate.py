@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Settings:
     encode_batch: int = 1
     denoise_batch: int = 1  # images denoised at once (same size, steps and guidance)
     force: bool = False  # redo everything, ignoring finished artifacts
+    allow_pickle: bool = False  # load pickled .bin weights (they can run code when loaded) if no safetensors
 
 
 @dataclass
@@ -49,6 +51,7 @@ class RunResult:
     made: dict[str, int] = field(default_factory=dict)  # stage -> artifacts made in this run
     device: str = ""
     dtype: str = ""
+    left_alone: list[Path] = field(default_factory=list)  # images of jobs no longer in the queue, kept
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,15 +115,17 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype) -> dict[
 class _Queue:
     """One run of the queue: the state shared by the three stages."""
 
-    def __init__(self, jobs: list[Job], out: Path, settings: Settings, reporter: Reporter):
+    def __init__(self, jobs: list[Job], out: Path, settings: Settings, reporter: Reporter,
+                 stop: threading.Event | None):
         self.settings = settings
         self.reporter = reporter
+        self.stop = stop or threading.Event()
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         for label, value in (("encode batch", settings.encode_batch), ("denoise batch", settings.denoise_batch)):
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"{label} must be a positive integer, not {value!r}")
-        self.info = resolve_model(settings.model)
+        self.info = resolve_model(settings.model, allow_pickle=settings.allow_pickle)
         self.folder = RunFolder(out)
         self.jobs = jobs
         self.stages: list[StageStats] = []
@@ -147,7 +152,28 @@ class _Queue:
         self.items, remembered = expand(self.jobs, self.info.default_size, drawn)
         self.drawn_seeds = {**drawn, **remembered}
         self.texts = assign_keys(self.items, self.info, self.dtype)
+        self.left_alone = self.removed_images(previous)
+        if self.left_alone:
+            names = ", ".join(p.name for p in self.left_alone[:5]) + (", ..." if len(self.left_alone) > 5 else "")
+            self.reporter.info(f"{len(self.left_alone)} image(s) of jobs no longer in the queue are left in place "
+                               f"({names})")
         self.write_manifest()
+
+    def removed_images(self, previous: dict) -> list[Path]:
+        """Images an earlier run of this folder made for jobs that are gone from the queue (or were edited
+        and now make another file): they are kept, never deleted, and reported."""
+        current = {self.folder.image_path(it) for it in self.items}
+        gone = []
+        for old in previous.get("items", []) + [{"image": str(p)} for p in previous.get("left_alone", [])]:
+            path = self.folder.path / str(old.get("image", ""))
+            if path.parent == self.folder.images and path not in current and path.is_file() and path not in gone:
+                gone.append(path)
+        return gone
+
+    def checkpoint(self) -> None:
+        """A safe point: everything finished so far is on disk. Stop here if the user asked to."""
+        if self.stop.is_set():
+            raise Interrupted("stop requested")
 
     def pending_images(self) -> list[Item]:
         if self.settings.force:
@@ -180,6 +206,7 @@ class _Queue:
             self.reporter.info(f"{name}: nothing to do")
             return
         try:
+            self.checkpoint()
             with meter:
                 made = work()
                 release(self.device)
@@ -188,7 +215,7 @@ class _Queue:
             self.stages.append(meter.stats)
             self.write_manifest()
             raise OutOfMemory(self.oom_message(name, meter.stats)) from exc
-        except KeyboardInterrupt as exc:
+        except (KeyboardInterrupt, Interrupted) as exc:
             self.stages.append(meter.stats)
             self.write_manifest()
             raise Interrupted(f"stopped during {name}; finished work is kept in {self.folder.path}.\n"
@@ -215,7 +242,8 @@ class _Queue:
                 f"{len(self.items)} image(s) in the queue, {len(todo_images)} to make: {len(todo_texts)} text(s) "
                 f"to encode, {len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
                 f"[{self.info.name}, {self.device}, {str(self.dtype).removeprefix('torch.')}]")
-            common = dict(folder=self.folder, device=self.device, dtype=self.dtype, reporter=self.reporter)
+            common = dict(folder=self.folder, device=self.device, dtype=self.dtype, reporter=self.reporter,
+                          checkpoint=self.checkpoint)
             self.stage("encode", len(todo_texts), lambda: encode_texts(
                 self.info, todo_texts, batch_size=self.settings.encode_batch, **common))
             self.stage("denoise", len(todo_latents), lambda: denoise_items(
@@ -225,7 +253,8 @@ class _Queue:
                 self.info, todo_images, latent_shape=self.latent_shape, **common))
             images = {it.id: self.folder.image_path(it) for it in self.items}
         return RunResult(folder=self.folder.path, items=self.items, images=images, stages=self.stages,
-                         made=self.made, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."))
+                         made=self.made, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+                         left_alone=self.left_alone)
 
     def write_manifest(self) -> None:
         import diffusers  # noqa: PLC0415
@@ -252,12 +281,16 @@ class _Queue:
                          "diffusers": diffusers.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
             "drawn_seeds": getattr(self, "drawn_seeds", {}),
+            "left_alone": [str(p.relative_to(self.folder.path)) for p in getattr(self, "left_alone", [])],
             "items": items,
             "stages": [s.to_json() for s in self.stages],
         })
 
 
 def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
-              reporter: Reporter | None = None) -> RunResult:
-    """Make every image of `jobs` in the run folder `out`, resuming what an earlier run left there."""
-    return _Queue(jobs, Path(out), settings or Settings(), reporter or Reporter()).run()
+              reporter: Reporter | None = None, stop: threading.Event | None = None) -> RunResult:
+    """Make every image of `jobs` in the run folder `out`, resuming what an earlier run left there.
+
+    Setting `stop` (from another thread or a signal handler) ends the run at the next safe point with
+    `Interrupted`; everything finished by then is kept."""
+    return _Queue(jobs, Path(out), settings or Settings(), reporter or Reporter(), stop).run()

@@ -33,6 +33,7 @@ class ModelInfo:
     pipeline_class: str
     configs: dict[str, dict]  # component -> its config.json (scheduler: scheduler_config.json)
     identity: dict[str, str] = field(default_factory=dict)  # component -> hash of what makes its output
+    allow_pickle: bool = False  # the user allowed pickled .bin weights where a component has no safetensors
 
     @property
     def name(self) -> str:
@@ -65,7 +66,10 @@ class ModelInfo:
         return int(self.configs["text_encoder"]["d_model"])
 
     def weight_files(self, component: str) -> list[Path]:
-        return sorted((self.path / component).glob("*.safetensors"))
+        files = sorted((self.path / component).glob("*.safetensors"))
+        if not files and self.allow_pickle:
+            files = sorted((self.path / component).glob("*.bin"))
+        return files
 
     def weight_bytes(self, component: str) -> int:
         return sum(f.stat().st_size for f in self.weight_files(component))
@@ -75,11 +79,12 @@ def _looks_like_hub_id(source: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None
 
 
-def _fetch(source: str) -> Path:
+def _fetch(source: str, allow_pickle: bool) -> Path:
     """A hub id -> its local snapshot (the Hugging Face cache), downloading only what the queue reads."""
+    patterns = HUB_PATTERNS + (["*/*.bin"] if allow_pickle else [])
     try:
         from huggingface_hub import snapshot_download  # noqa: PLC0415 - only for hub ids
-        return Path(snapshot_download(source, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(source, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all end the same way for the user
         raise ModelError(
             f"could not get model {source!r} from the Hugging Face hub ({type(exc).__name__}: {exc}).\n"
@@ -118,6 +123,40 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
+def check_safetensors(path: Path) -> dict:
+    """The header of a whole safetensors file; a ModelError naming the file if it is cut short."""
+    header = safetensors_header(path)
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+    ends = [info["data_offsets"][1] for name, info in header.items()
+            if name != "__metadata__" and isinstance(info, dict) and "data_offsets" in info]
+    expected = 8 + length + max(ends, default=0)
+    size = path.stat().st_size
+    if size < expected:
+        raise ModelError(f"{path}: truncated ({size} of {expected} bytes); download or copy it again")
+    return header
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Every weights file of a component is whole, and shards named by an index are all there."""
+    for index in folder.glob("*.safetensors.index.json"):
+        for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
+            if not (folder / shard).is_file():
+                raise ModelError(f"{folder / shard}: missing (listed in {index.name})")
+    weights = sorted(folder.glob("*.safetensors"))
+    if weights:
+        for path in weights:
+            check_safetensors(path)
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled and allow_pickle:
+        return
+    found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+    hint = ("; pickled weights can run code when they load: convert them to safetensors, or pass "
+            "--allow-pickle if you trust their source") if pickled else ""
+    raise ModelError(f"{folder}: no .safetensors weights (found: {found}){hint}")
+
+
 def _component_identity(folder: Path) -> str:
     """A hash of what decides a component's output: its config and tokenizer files, and for each weights file
     its header (names, shapes, dtypes), size and samples of its data. Cheap (no full read) and changes when the
@@ -141,14 +180,14 @@ def _component_identity(folder: Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def resolve_model(source: str) -> ModelInfo:
+def resolve_model(source: str, allow_pickle: bool = False) -> ModelInfo:
     """Find the model (a local folder, or a hub id fetched to the cache) and read what it is, without weights."""
     source = str(source)
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
         path = Path(expanded).resolve()
     elif _looks_like_hub_id(source):
-        path = _fetch(source)
+        path = _fetch(source, allow_pickle)
     else:
         raise ModelError(f"{source}: no such model folder")
 
@@ -166,11 +205,11 @@ def resolve_model(source: str) -> ModelInfo:
             continue
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         configs[component] = _read_json(folder / name)
-        if component not in ("scheduler",) and not list(folder.glob("*.safetensors")):
-            found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-            raise ModelError(f"{folder}: no .safetensors weights (found: {found})")
+        if component != "scheduler":
+            _check_weights(folder, allow_pickle)
     identity = {c: _component_identity(path / c) for c in COMPONENTS}
-    return ModelInfo(source=source, path=path, pipeline_class=pipeline_class, configs=configs, identity=identity)
+    return ModelInfo(source=source, path=path, pipeline_class=pipeline_class, configs=configs, identity=identity,
+                     allow_pickle=allow_pickle)
 
 
 def _class_of(info: ModelInfo, component: str):
@@ -188,6 +227,8 @@ def _class_of(info: ModelInfo, component: str):
 
 def _load(info: ModelInfo, component: str, **kwargs):
     cls = _class_of(info, component)
+    if "use_safetensors" in kwargs and info.allow_pickle:
+        kwargs["use_safetensors"] = None  # safetensors where there are some, .bin otherwise
     try:
         return cls.from_pretrained(str(info.path), subfolder=component, **kwargs)
     except ModelError:

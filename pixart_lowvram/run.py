@@ -11,6 +11,7 @@ key does not match, or that cannot be read, is redone, never trusted.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -26,7 +27,7 @@ from PIL import Image, PngImagePlugin
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from .errors import RunFolderError
+from .errors import RunFolderError, StorageError
 from .jobs import Job, MAX_SEED
 
 MANIFEST = "run.json"
@@ -181,18 +182,24 @@ class RunFolder:
     def _atomic(self, path: Path, write) -> None:
         """Write through a temporary file in the same folder, flush it to disk, then rename over `path`:
         a reader (or a rerun after a crash) sees the old file or the whole new one, never half of one."""
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        except BaseException as exc:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            if isinstance(exc, OSError):
+                why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+                raise StorageError(f"{path}: cannot write it ({why}). Finished work is kept in {self.path}; "
+                                   "make room (or fix the folder) and run the same command again.") from exc
             raise
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
