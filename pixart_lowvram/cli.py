@@ -92,6 +92,14 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                         "queues, within fp16 rounding)")
     g.add_argument("--denoise-batch", type=int, default=1, metavar="N",
                    help="images denoised at once when size, steps and cfg match (1)")
+    g.add_argument("--vram-budget", metavar="SIZE",
+                   help="GPU memory the whole process may use, CUDA context included: 1.5GiB, 6GB, 800MiB, or "
+                        "auto (what the GPU has free). Components that do not fit stream their weights. "
+                        "Default: no limit, everything that fits stays on the GPU")
+    g.add_argument("--text-encoder-on-cpu", dest="encode_on_cpu", action="store_true",
+                   help="run T5 on the CPU: no GPU memory for it at all, but slow")
+    g.add_argument("--no-embed-cache", dest="embed_cache", action="store_const", const=None, default="default",
+                   help="do not share prompt embeddings across runs (default: ~/.cache/pixart-lowvram/embeds)")
     g.add_argument("--force", action="store_true", help="redo everything instead of resuming")
     g.add_argument("--allow-pickle", action="store_true",
                    help="load pickled .bin weights where a component has no safetensors (they can run code "
@@ -127,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("queue", metavar="QUEUE", help="the queue file")
     _add_run_options(p, "run folder (default: runs/<queue file name>)")
 
+    p = sub.add_parser("plan", help="show where each stage's model goes for a VRAM budget (loads nothing)",
+                       description="Prints the placement plan for a queue: for each stage whether its model is "
+                                   "resident on the GPU, streamed block by block, or (T5) on the CPU, whether the "
+                                   "VAE decodes in tiles, and the predicted peak. Reads only configs and "
+                                   "safetensors headers.")
+    p.add_argument("queue", metavar="QUEUE", help="the queue file")
+    _add_run_options(p, "(not used)")
+
     p = sub.add_parser("generate", help="make images from one prompt",
                        description="Make images from one prompt; a one-job queue with the same rules.")
     p.add_argument("prompt", metavar="PROMPT")
@@ -154,16 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pixart-lowvram"
-
-
 def _settings(args: argparse.Namespace, **overrides):
     from .generate import Settings  # noqa: PLC0415
 
     fields = {f.name for f in dataclasses.fields(Settings)}
-    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values = {k: v for k, v in vars(args).items() if k in fields and (v is not None or k == "embed_cache")}
     values.update(overrides)
     return Settings(**values)
 
@@ -243,6 +254,7 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import demo_jobs, demo_model  # noqa: PLC0415
+    from .generate import default_cache_dir  # noqa: PLC0415
 
     reporter = TqdmReporter(args.quiet)
     model = demo_model(default_cache_dir(), reporter)
@@ -259,10 +271,22 @@ def cmd_make_random_model(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "generate": cmd_generate, "demo": cmd_demo, "make-random-model": cmd_make_random_model}
+def cmd_plan(args) -> int:
+    from .generate import plan_queue  # noqa: PLC0415
+    from .jobs import load_queue  # noqa: PLC0415
+    from .placement import format_plan  # noqa: PLC0415
+
+    print(format_plan(plan_queue(load_queue(args.queue), _settings(args))))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "generate": cmd_generate, "demo": cmd_demo, "make-random-model": cmd_make_random_model}
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Expandable segments let the caching allocator grow and shrink in place: less memory held back by
+    # fragmentation, which matters under a budget. Only before CUDA starts, and never over the user's choice.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:

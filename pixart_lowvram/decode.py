@@ -6,6 +6,7 @@ import json
 import torch
 
 from .models import ModelInfo, load_vae, make_pipeline, sampler_label
+from .placement import StagePlan
 from .reporting import Reporter
 from .run import Item, RunFolder
 
@@ -31,9 +32,14 @@ def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, 
 
 
 def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
-                 dtype: torch.dtype, latent_shape, reporter: Reporter, checkpoint) -> int:
+                 dtype: torch.dtype, latent_shape, reporter: Reporter, checkpoint, plan: StagePlan) -> int:
     with reporter.bar("load VAE", total=1, unit="part", transient=True) as bar:
         vae = load_vae(info, dtype, device)
+        if plan.placement == "tiled":
+            # diffusers' tiled decoding: overlapping tiles, blended; the plan picked the largest tile that fits
+            vae.enable_tiling()
+            vae.tile_sample_min_size = plan.tile
+            vae.tile_latent_min_size = plan.tile // info.vae_scale_factor
         bar.update()
     pipe = make_pipeline(info, vae=vae)
     dtype_name = str(dtype).removeprefix("torch.")

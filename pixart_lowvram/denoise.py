@@ -9,8 +9,10 @@ from itertools import groupby
 import torch
 
 from .models import ModelInfo, load_scheduler, load_transformer, make_pipeline
+from .placement import StagePlan
 from .reporting import Reporter
 from .run import Item, RunFolder
+from .streaming import stream_blocks_from_host
 
 
 def group_key(item: Item) -> tuple:
@@ -27,11 +29,19 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 
 def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
-                  dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter, checkpoint) -> int:
+                  dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter, checkpoint,
+                  plan: StagePlan) -> int:
     with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
         scheduler = load_scheduler(info)
         bar.update()
-        transformer = load_transformer(info, dtype, device)
+        streamer = None
+        if plan.placement == "streamed":
+            # Measured (BENCHMARKS.md): diffusers' group offloading ran this stage 3x slower than resident at
+            # 1.5 GiB; streaming.py's streamer keeps the blocks pinned in RAM and overlaps each copy with compute.
+            transformer = load_transformer(info, dtype, torch.device("cpu"))
+            streamer = stream_blocks_from_host(transformer, "transformer_blocks", device, ahead=plan.ahead)
+        else:
+            transformer = load_transformer(info, dtype, device)
         bar.update()
     pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
     done = 0
@@ -65,4 +75,6 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
                                  item=item.id)
         done += len(batch)
     steps.close()
+    if streamer is not None:
+        streamer.close()
     return done

@@ -1,37 +1,64 @@
 """Stage 1, encode: tokenizer + T5 -> one embedding and mask per distinct text.
 
-Every prompt and negative prompt of the queue goes through the text encoder once, in batches, through the
-reference pipeline's own `encode_prompt` (same tokenization, caption cleaning and padding as a plain call)."""
+The queue's texts (prompts and negative prompts, each once) go through the text encoder together, through the
+reference pipeline's own `encode_prompt` (same tokenization, caption cleaning and padding as a plain call).
+Inside each T5 block they run in micro-batches of `batch_size` (1: the reference's exact kernels), so a
+block's weights serve the whole group while the results stay those of a one-prompt call. Where the plan says
+so, the blocks stream from the weights files (`streaming.py`), or T5 runs on the CPU."""
 from __future__ import annotations
 
 import torch
 
 from .models import ModelInfo, caption_cleaning, load_text_encoder, load_tokenizer, make_pipeline
+from .placement import StagePlan
 from .reporting import Reporter
 from .run import RunFolder
+from .streaming import load_text_encoder_streamed, micro_batch_blocks
+
+GROUP = 32  # texts through T5 together (their hidden states are all alive at once)
+
+
+def _load(info: ModelInfo, plan: StagePlan, dtype: torch.dtype, device: torch.device, micro: int):
+    if plan.placement == "streamed":
+        return load_text_encoder_streamed(info.path / "text_encoder", dtype, device, micro_batch=micro,
+                                          ahead=plan.ahead)
+    model = load_text_encoder(info, dtype, device)
+    micro_batch_blocks(model.encoder.block, micro)
+    return model, None
 
 
 def encode_texts(info: ModelInfo, texts: dict[str, str], *, folder: RunFolder, device: torch.device,
-                 dtype: torch.dtype, batch_size: int, reporter: Reporter, checkpoint) -> int:
-    """Encode `texts` (key -> text), writing embeds/<key>.safetensors for each. Returns how many were made.
-
-    The text encoder lives only inside this function: when it returns, nothing of it is referenced."""
+                 dtype: torch.dtype, batch_size: int, reporter: Reporter, checkpoint, plan: StagePlan,
+                 cache=None) -> int:
+    """Encode `texts` (key -> text), writing embeds/<key>.safetensors for each (and to the shared `cache`
+    folder, if given). Returns how many were made. The text encoder lives only inside this function."""
     keys = list(texts)
+    if plan.placement == "cpu":
+        # fp16 matrix products are slow or missing on CPUs: compute in fp32, store at the run's dtype
+        device, compute_dtype = torch.device("cpu"), torch.float32
+    else:
+        compute_dtype = dtype
     with reporter.bar("load text encoder", total=2, unit="part", transient=True) as bar:
         tokenizer = load_tokenizer(info)
         bar.update()
-        text_encoder = load_text_encoder(info, dtype, device)
+        text_encoder, streamer = _load(info, plan, compute_dtype, device, batch_size)
         bar.update()
     pipe = make_pipeline(info, tokenizer=tokenizer, text_encoder=text_encoder)
-    with reporter.bar("encode", total=len(keys), unit="text") as bar, torch.inference_mode():
-        for start in range(0, len(keys), batch_size):
-            checkpoint()
-            batch = keys[start:start + batch_size]
-            embeds, mask, _, _ = pipe.encode_prompt(
-                [texts[k] for k in batch], do_classifier_free_guidance=False, device=device,
-                clean_caption=caption_cleaning(), max_sequence_length=info.max_sequence_length)
-            for i, key in enumerate(batch):
-                folder.write_tensors(folder.embed_path(key), {"embeds": embeds[i], "mask": mask[i]}, key,
-                                     text=texts[key])
-            bar.update(len(batch))
+    try:
+        with reporter.bar("encode", total=len(keys), unit="text") as bar, torch.inference_mode():
+            for start in range(0, len(keys), GROUP):
+                checkpoint()
+                group = keys[start:start + GROUP]
+                embeds, mask, _, _ = pipe.encode_prompt(
+                    [texts[k] for k in group], do_classifier_free_guidance=False, device=device,
+                    clean_caption=caption_cleaning(), max_sequence_length=info.max_sequence_length)
+                for i, key in enumerate(group):
+                    tensors = {"embeds": embeds[i].to(dtype), "mask": mask[i]}
+                    folder.write_tensors(folder.embed_path(key), tensors, key, text=texts[key])
+                    if cache is not None:
+                        cache.store(key, folder.embed_path(key))
+                bar.update(len(group))
+    finally:
+        if streamer is not None:
+            streamer.close()
     return len(keys)

@@ -5,7 +5,9 @@ component before the next stage loads anything. What is already in the run folde
 dtype and parameters) is skipped, so running the same queue again resumes it."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import os
 import platform
 import threading
 from dataclasses import dataclass, field
@@ -20,9 +22,10 @@ from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory, UsageError
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
-from .models import DEFAULT_MODEL, ModelInfo, caption_cleaning, resolve_model
+from .models import DEFAULT_MODEL, ModelInfo, caption_cleaning, component_sizes, resolve_model
+from .placement import CUDA_CONTEXT, Plan, format_plan, make_plan, parse_size
 from .reporting import Reporter
-from .run import Item, RunFolder, digest, expand
+from .run import EmbeddingCache, Item, RunFolder, digest, expand
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -40,6 +43,9 @@ class Settings:
     denoise_batch: int = 1  # images denoised at once (same size, steps and guidance)
     force: bool = False  # redo everything, ignoring finished artifacts
     allow_pickle: bool = False  # load pickled .bin weights (they can run code when loaded) if no safetensors
+    vram_budget: str | int | None = None  # whole-process GPU memory: bytes, "1.5GiB", "auto"; None: unconstrained
+    encode_on_cpu: bool = False  # T5 on the CPU: no VRAM for the encoder, slow
+    embed_cache: str | Path | None = "default"  # prompt embeddings shared across runs; None: off
 
 
 @dataclass
@@ -52,6 +58,8 @@ class RunResult:
     device: str = ""
     dtype: str = ""
     left_alone: list[Path] = field(default_factory=list)  # images of jobs no longer in the queue, kept
+    plan: Plan | None = None
+    from_cache: int = 0  # embeddings taken from the shared cache instead of encoded
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,11 +101,16 @@ def binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
     return w, h
 
 
-def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype) -> dict[str, str]:
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pixart-lowvram"
+
+
+def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_on_cpu: bool = False) -> dict[str, str]:
     """Key each artifact to what makes it. Returns text key -> text for the embeddings."""
     dtype_name = str(dtype)
     encoder = (info.identity["tokenizer"], info.identity["text_encoder"], dtype_name, info.max_sequence_length,
-               caption_cleaning())
+               caption_cleaning()) + (("computed on the CPU in float32",) if encode_on_cpu else ())
     texts: dict[str, str] = {}
     for item in items:
         item.prompt_key = digest("embed", encoder, item.prompt)
@@ -125,15 +138,30 @@ class _Queue:
         for label, value in (("encode batch", settings.encode_batch), ("denoise batch", settings.denoise_batch)):
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"{label} must be a positive integer, not {value!r}")
+        budget = settings.vram_budget
+        self.budget = parse_size(budget) if isinstance(budget, str) else budget
         self.info = resolve_model(settings.model, allow_pickle=settings.allow_pickle)
         self.folder = RunFolder(out)
+        cache = settings.embed_cache
+        self.cache = None if cache is None else EmbeddingCache(
+            default_cache_dir() / "embeds" if cache == "default" else cache)
         self.jobs = jobs
         self.stages: list[StageStats] = []
         self.made: dict[str, int] = {}
         self.probe = None
+        self.context = CUDA_CONTEXT
         if self.device.type == "cuda":
             torch.zeros(1, device=self.device)  # create the CUDA context now, so NVML sees this process
             self.probe = GpuMemoryProbe(self.device)
+            measured = self.probe.read()
+            if measured:
+                self.context = measured
+            if self.budget == "auto":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                self.budget = free + self.context
+        elif self.budget is not None:
+            self.reporter.info("--vram-budget applies to GPUs; this run is on the CPU")
+            self.budget = None
 
     # -- shapes of finished artifacts ------------------------------------------------------------------------
     def embed_shape(self) -> dict:
@@ -151,7 +179,7 @@ class _Queue:
         drawn = previous.get("drawn_seeds", {}) if not self.settings.force else {}
         self.items, remembered = expand(self.jobs, self.info.default_size, drawn)
         self.drawn_seeds = {**drawn, **remembered}
-        self.texts = assign_keys(self.items, self.info, self.dtype)
+        self.texts = assign_keys(self.items, self.info, self.dtype, self.settings.encode_on_cpu)
         self.left_alone = self.removed_images(previous)
         if self.left_alone:
             names = ", ".join(p.name for p in self.left_alone[:5]) + (", ..." if len(self.left_alone) > 5 else "")
@@ -197,6 +225,27 @@ class _Queue:
         return {k: t for k, t in needed.items()
                 if self.folder.read_tensors(self.folder.embed_path(k), k, shape) is None}
 
+    def restore_from_cache(self, texts: dict[str, str]) -> dict[str, str]:
+        """Take what the shared cache holds; return the texts still to encode."""
+        if self.cache is None or self.settings.force:
+            return texts
+        shape = self.embed_shape()
+        left = {k: t for k, t in texts.items() if not self.cache.restore(k, shape, self.folder)}
+        self.from_cache = len(texts) - len(left)
+        if self.from_cache:
+            self.reporter.info(f"encode: {self.from_cache} embedding(s) from the shared cache ({self.cache.path})")
+        return left
+
+    def make_plan(self, texts: int, items: list[Item]) -> Plan:
+        from .encode import GROUP  # noqa: PLC0415
+
+        sizes = component_sizes(self.info, self.dtype)
+        binned = [binned_size(self.info, it.width, it.height) for it in items] or [
+            binned_size(self.info, it.width, it.height) for it in self.items]
+        return make_plan(self.budget, sizes, binned, texts=max(1, min(texts, GROUP)),
+                         encode_batch=self.settings.encode_batch, denoise_batch=self.settings.denoise_batch,
+                         context=self.context, encode_on_cpu=self.settings.encode_on_cpu)
+
     def stage(self, name: str, count: int, work) -> None:
         """Run one stage under a meter, then release its component; a stage with nothing to do loads nothing."""
         meter = StageMeter(name, self.device, self.probe)
@@ -237,7 +286,9 @@ class _Queue:
             self.prepare()
             todo_images = self.pending_images()
             todo_latents = self.pending_latents(todo_images)
-            todo_texts = self.pending_texts(todo_latents)
+            todo_texts = self.restore_from_cache(self.pending_texts(todo_latents))
+            self.plan = self.make_plan(len(todo_texts), todo_images)
+            self.reporter.info(format_plan(self.plan))
             self.reporter.info(
                 f"{len(self.items)} image(s) in the queue, {len(todo_images)} to make: {len(todo_texts)} text(s) "
                 f"to encode, {len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
@@ -245,16 +296,17 @@ class _Queue:
             common = dict(folder=self.folder, device=self.device, dtype=self.dtype, reporter=self.reporter,
                           checkpoint=self.checkpoint)
             self.stage("encode", len(todo_texts), lambda: encode_texts(
-                self.info, todo_texts, batch_size=self.settings.encode_batch, **common))
+                self.info, todo_texts, batch_size=self.settings.encode_batch, plan=self.plan["encode"],
+                cache=self.cache, **common))
             self.stage("denoise", len(todo_latents), lambda: denoise_items(
-                self.info, todo_latents, batch_size=self.settings.denoise_batch, embed_shape=self.embed_shape(),
-                **common))
+                self.info, todo_latents, batch_size=self.plan["denoise"].batch, embed_shape=self.embed_shape(),
+                plan=self.plan["denoise"], **common))
             self.stage("decode", len(todo_images), lambda: decode_items(
-                self.info, todo_images, latent_shape=self.latent_shape, **common))
+                self.info, todo_images, latent_shape=self.latent_shape, plan=self.plan["decode"], **common))
             images = {it.id: self.folder.image_path(it) for it in self.items}
         return RunResult(folder=self.folder.path, items=self.items, images=images, stages=self.stages,
                          made=self.made, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-                         left_alone=self.left_alone)
+                         left_alone=self.left_alone, plan=self.plan, from_cache=getattr(self, "from_cache", 0))
 
     def write_manifest(self) -> None:
         import diffusers  # noqa: PLC0415
@@ -277,6 +329,9 @@ class _Queue:
                          "max_sequence_length": self.info.max_sequence_length},
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "memory_source": self.probe.source if self.probe else None,
+            "vram_budget": self.budget,
+            "plan": ({name: dataclasses.asdict(st) for name, st in self.plan.stages.items()}
+                     if getattr(self, "plan", None) else None),
             "versions": {"pixart_lowvram": __version__, "torch": torch.__version__,
                          "diffusers": diffusers.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
@@ -294,3 +349,11 @@ def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None
     Setting `stop` (from another thread or a signal handler) ends the run at the next safe point with
     `Interrupted`; everything finished by then is kept."""
     return _Queue(jobs, Path(out), settings or Settings(), reporter or Reporter(), stop).run()
+
+
+def plan_queue(jobs: list[Job], settings: Settings | None = None) -> Plan:
+    """The plan `run_queue` would follow for all of `jobs` (nothing loaded, nothing written)."""
+    queue = _Queue(jobs, Path("."), settings or Settings(), Reporter(), None)
+    queue.items, _ = expand(jobs, queue.info.default_size, {})
+    texts = {t for it in queue.items for t in (it.prompt, it.negative_prompt)}
+    return queue.make_plan(len(texts), queue.items)

@@ -295,3 +295,74 @@ def caption_cleaning() -> bool:
     from diffusers.utils import is_bs4_available, is_ftfy_available  # noqa: PLC0415
 
     return is_bs4_available() and is_ftfy_available()
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1}
+T5_FP32_MODULES = ("wo",)  # transformers keeps these T5 layers in fp32 (T5PreTrainedModel._keep_in_fp32_modules)
+
+
+def tensor_shapes(info: ModelInfo, component: str) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape) for every tensor in a component's weights files."""
+    shapes = {}
+    for path in info.weight_files(component):
+        if path.suffix != ".safetensors":
+            continue
+        for name, meta in safetensors_header(path).items():
+            if name != "__metadata__":
+                shapes[name] = (meta["dtype"], meta["shape"])
+    return shapes
+
+
+def _bytes_at(shapes: dict, itemsize: int, keep_fp32: tuple[str, ...] = ()) -> dict[str, int]:
+    out = {}
+    for name, (_, shape) in shapes.items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        out[name] = numel * (4 if any(m in name.split(".") for m in keep_fp32) else itemsize)
+    return out
+
+
+def _blocks(sizes: dict[str, int], prefix: str) -> tuple[int, int]:
+    """(largest block, everything outside the blocks) for blocks named prefix.<i>."""
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    per_block: dict[str, int] = {}
+    other = 0
+    for name, n in sizes.items():
+        match = pattern.match(name)
+        if match:
+            per_block[match.group(1)] = per_block.get(match.group(1), 0) + n
+        else:
+            other += n
+    return max(per_block.values(), default=0), other
+
+
+def component_sizes(info: ModelInfo, dtype: torch.dtype):
+    """The planner's input: each component's bytes at `dtype`, from the headers alone."""
+    shapes = {c: tensor_shapes(info, c) for c in ("text_encoder", "transformer", "vae")}
+    return sizes_from_shapes(shapes, info.configs, dtype, info.max_sequence_length)
+
+
+def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype: torch.dtype, max_tokens: int = 120):
+    from .placement import Sizes  # noqa: PLC0415
+
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    t5 = _bytes_at(shapes["text_encoder"], itemsize, T5_FP32_MODULES)
+    dit = _bytes_at(shapes["transformer"], itemsize)
+    vae = _bytes_at(shapes["vae"], itemsize)
+    t5_block, t5_other = _blocks(t5, "encoder.block")
+    # The token embedding is one tensor stored under one or both of its tied names.
+    tied = [n for name, n in t5.items() if name in ("shared.weight", "encoder.embed_tokens.weight")]
+    embedding = max(tied, default=0)
+    t5_total = sum(t5.values()) - embedding * max(0, len(tied) - 1)
+    t5_other -= embedding * len(tied)
+    dit_block, dit_other = _blocks(dit, "transformer_blocks")
+    te, tr = configs["text_encoder"], configs["transformer"]
+    return Sizes(
+        text_encoder=t5_total, text_encoder_block=t5_block, text_encoder_other=t5_other,
+        transformer=sum(dit.values()), transformer_block=dit_block, transformer_other=dit_other,
+        vae=sum(vae.values()), text_tokens=max_tokens, text_dim=int(te["d_model"]),
+        text_ff=int(te["d_ff"]), dit_width=int(tr["num_attention_heads"]) * int(tr["attention_head_dim"]),
+        dit_patch=int(tr.get("patch_size", 2)),
+        vae_scale=2 ** (len(configs["vae"]["block_out_channels"]) - 1), dtype_bytes=itemsize)

@@ -33,6 +33,7 @@ from .jobs import Job, MAX_SEED
 MANIFEST = "run.json"
 MANIFEST_VERSION = 1
 KEY_METADATA = "pixart_lowvram_key"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # every whole PNG ends with this IEND chunk
 
 
 def digest(*parts: object) -> str:
@@ -120,6 +121,25 @@ def _make_ids_unique(items: list[Item]) -> None:
             item.id = f"{base}~{n}"
             n += 1
         taken.add(item.id.lower())
+
+
+def read_artifact(path: Path, key: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
+    """The tensors if the file is whole, made by `key`, and of the expected shapes; otherwise None."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get(KEY_METADATA) != key:
+                return None
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError):
+        return None
+    for name, shape in shapes.items():
+        if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
+            return None
+        if not torch.isfinite(tensors[name].float()).all():
+            return None
+    return tensors
 
 
 class RunFolder:
@@ -213,22 +233,7 @@ class RunFolder:
         self._atomic(path, lambda f: f.write(save(data, metadata=meta)))
 
     def read_tensors(self, path: Path, key: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
-        """The tensors if the file is whole, made by `key`, and of the expected shapes; otherwise None."""
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get(KEY_METADATA) != key:
-                    return None
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, RuntimeError, ValueError):
-            return None
-        for name, shape in shapes.items():
-            if name not in tensors or tuple(tensors[name].shape) != tuple(shape):
-                return None
-            if not torch.isfinite(tensors[name].float()).all():
-                return None
-        return tensors
+        return read_artifact(path, key, shapes)
 
     def write_png(self, path: Path, image: Image.Image, text: dict[str, str]) -> None:
         info = PngImagePlugin.PngInfo()
@@ -240,6 +245,10 @@ class RunFolder:
         if not path.is_file():
             return False
         try:
+            with open(path, "rb") as f:  # PIL stops reading once it has the pixels: check the file's end too
+                f.seek(-len(_PNG_END), os.SEEK_END)
+                if f.read() != _PNG_END:
+                    return False
             with Image.open(path) as im:
                 im.load()  # reads every chunk: a truncated file fails here
                 meta = json.loads(im.text.get("pixart_lowvram", "{}"))
@@ -262,3 +271,34 @@ class RunFolder:
         text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
         self._atomic(self.path / MANIFEST, lambda f: f.write(text.encode("utf-8")))
 
+
+
+class EmbeddingCache:
+    """Prompt embeddings shared across runs (same model, dtype, text and token limit: the same key), so a queue
+    of known prompts never loads T5 at all. Files are keyed exactly like a run folder's and checked the same way."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def file(self, key: str) -> Path:
+        return self.path / f"{key}.safetensors"
+
+    def store(self, key: str, source: Path) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{key}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(source.read_bytes())
+            os.replace(tmp, self.file(key))
+        except OSError:
+            pass  # a cache that cannot be written only costs a later run an encode
+
+    def restore(self, key: str, shapes: dict, folder: RunFolder) -> bool:
+        """Copy a valid cached embedding into the run folder; False if there is none."""
+        tensors = read_artifact(self.file(key), key, shapes)
+        if tensors is None:
+            return False
+        with safe_open(str(self.file(key)), framework="pt") as f:
+            text = (f.metadata() or {}).get("text", "")
+        folder.write_tensors(folder.embed_path(key), tensors, key, text=text)
+        return True

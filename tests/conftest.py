@@ -1,8 +1,14 @@
 """Shared fixtures: one tiny random-weight PixArt model per test session, built in-process (no network)."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# No test reads or writes the user's cache (shared prompt embeddings, the demo model), not even session fixtures.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="pixart-lowvram-test-cache-")
 
 from pixart_lowvram.random_model import make_random_model
 
@@ -28,3 +34,9 @@ def reference_image(pipe, *, prompt, negative_prompt="", width, height, cfg=4.5,
     image = pipe(prompt, negative_prompt=negative_prompt, width=width, height=height, guidance_scale=cfg,
                  num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     return np.asarray(image)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own shared-embedding cache, so no test sees another's (or the user's)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))

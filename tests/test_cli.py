@@ -57,7 +57,7 @@ def test_help_teaches_with_examples():
     assert "examples:" in result.stdout and "pixart-lowvram demo" in result.stdout
     result = subprocess.run([sys.executable, "-m", "pixart_lowvram.cli", "run", "--help"], capture_output=True,
                             text=True)
-    assert "[[jobs]]" in result.stdout and "--vram" not in result.stdout
+    assert "[[jobs]]" in result.stdout and "--vram-budget" in result.stdout
 
 
 def test_demo_runs_offline_and_resumes(tmp_path, monkeypatch, capsys):

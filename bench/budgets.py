@@ -1,0 +1,120 @@
+"""GPU benchmark of VRAM budgets (issue 3): the seed queue at 1024x1024 on the full-size random-weight XL model,
+each way of running it in its own process, side by side in one call on one GPU.
+
+Rows: the plain diffusers pipeline all on the GPU (the baseline), pixart-lowvram unconstrained, with
+--vram-budget 8GiB and 1.5GiB, and on an emulated 2 GB card (torch capped at 1 GiB). For each: wall time of the
+whole process and its ratio to the baseline's, torch peak, whole-process NVML peak, host RSS peak, and the max
+pixel difference to the unconstrained run and to the baseline. The page cache is warmed first, so no row pays
+for the first read of the weights from disk.
+
+    python bench/budgets.py --out OUT_DIR [--model DIR]
+Writes OUT_DIR/latest.json and OUT_DIR/table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 1024**3
+
+
+def sh(args: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seconds = time.perf_counter() - start
+    tail = log.read_text()[-2500:]
+    print(tail)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args)} failed ({proc.returncode})")
+    return seconds
+
+
+def diff(a: Path, b: Path) -> int:
+    x = np.asarray(Image.open(a).convert("RGB")).astype(int)
+    y = np.asarray(Image.open(b).convert("RGB")).astype(int)
+    return int(np.abs(x - y).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="/tmp/pixart-xl-random")
+    parser.add_argument("--queue", default="examples/seed-queue.toml")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/pixart-budgets")
+    work.mkdir(exist_ok=True)
+    py = sys.executable
+    cli = [py, "-m", "pixart_lowvram.cli"]
+
+    import torch
+
+    sh(cli + ["make-random-model", "--preset", "xl", args.model], args.out / "build.log")
+    subprocess.run(f"cat {args.model}/*/* > /dev/null", shell=True, check=True)  # warm the page cache
+
+    rows = []
+    base = work / "unconstrained"
+    ways = [("pixart-lowvram, unconstrained", None, None), ("pixart-lowvram --vram-budget 8GiB", "8GiB", None),
+            ("pixart-lowvram --vram-budget 1.5GiB", "1.5GiB", None),
+            ("pixart-lowvram, emulated 2 GB card (torch capped at 1 GiB, --vram-budget 1.6GiB)", "1.6GiB", 1.0)]
+    for label, budget, cap in ways:
+        out = work / (budget or "unconstrained") if cap is None else work / "capped"
+        out.mkdir(exist_ok=True)
+        if out != base:  # same items and drawn seeds as the unconstrained run
+            (out / "run.json").write_text((base / "run.json").read_text())
+        argv = ["run", args.queue, "--model", args.model, "--out", str(out), "--no-embed-cache", "-q"]
+        argv += ["--force"] if out == base else []
+        argv += ["--vram-budget", budget] if budget else []
+        cmd = cli + argv if cap is None else [py, "bench/capped_run.py", str(cap)] + argv
+        wall = sh(cmd, args.out / f"{out.name}.log")
+        manifest = json.loads((out / "run.json").read_text())
+        stages = manifest["stages"]
+        rows.append({"method": label, "budget": budget, "torch_cap_gib": cap, "wall_s": wall, "stages": stages,
+                     "plan": manifest.get("plan"),
+                     "torch_peak": max(s["torch_peak"] or 0 for s in stages),
+                     "nvml_peak": max(s["nvml_peak"] or 0 for s in stages),
+                     "rss_peak": max(s["rss_peak"] or 0 for s in stages),
+                     "items": manifest["items"], "folder": str(out)})
+
+    ref_dir = work / "reference"
+    ref_wall = sh([py, "bench/reference_pipeline.py", args.model, str(base), str(ref_dir)], args.out / "reference.log")
+    ref = json.loads((ref_dir / "reference.json").read_text())
+    rows.insert(0, {"method": "diffusers PixArtAlphaPipeline, all on GPU", "budget": None, "wall_s": ref_wall,
+                    "torch_peak": ref["torch_peak"], "nvml_peak": ref["nvml_peak"], "rss_peak": ref["rss_peak"],
+                    "pipeline_s": ref["wall_seconds"], "folder": str(ref_dir), "items": rows[0]["items"]})
+
+    names = [it["id"] for it in rows[1]["items"]]
+    for row in rows:
+        folder = Path(row["folder"])
+        own = (lambda n: folder / f"{n}.png") if row is rows[0] else (lambda n: folder / "images" / f"{n}.png")
+        row["max_diff_vs_unconstrained"] = max(diff(own(n), base / "images" / f"{n}.png") for n in names)
+        row["max_diff_vs_pipeline"] = max(diff(own(n), ref_dir / f"{n}.png") for n in names)
+        row["ratio"] = row["wall_s"] / rows[0]["wall_s"]
+        row.pop("items", None)
+
+    result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "queue": args.queue,
+              "command": "python bench/budgets.py --out OUT", "rows": rows}
+    (args.out / "latest.json").write_text(json.dumps(result, indent=2))
+    lines = ["| method | budget | wall s | ratio | torch peak GiB | NVML peak GiB | host RSS GiB | max px diff vs unconstrained | vs plain pipeline |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['budget'] or '-'} | {r['wall_s']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['torch_peak'] / GiB:.2f} | {r['nvml_peak'] / GiB:.2f} | {r['rss_peak'] / GiB:.2f} | "
+                     f"{r['max_diff_vs_unconstrained']} | {r['max_diff_vs_pipeline']} |")
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Run the pixart-lowvram CLI as if on a smaller card: torch may allocate at most CAP GiB on this GPU.
+
+    python bench/capped_run.py CAP_GIB run QUEUE --model M --vram-budget ...
+"""
+import sys
+
+import torch
+
+cap = float(sys.argv[1]) * 1024**3
+torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+
+from pixart_lowvram.cli import main  # noqa: E402
+
+sys.exit(main(sys.argv[2:]))

@@ -1,0 +1,348 @@
+"""Streamed weights: the mechanism under the planner's "streamed" placements.
+
+T5 (encode) streams through a focused streamer, not diffusers' group offloading, for three reasons measured in
+DESIGN.md and BENCHMARKS.md: group offloading pins a host copy of every weight (25 GiB of RAM for the pipeline,
+11 GiB for T5 alone), moves two blocks at a time (two 0.45 GiB T5 blocks plus the CUDA context exceed a
+1.5 GiB budget), and runs the whole model per call. Here each block's bytes are read straight from the
+safetensors files into a small ring of pinned buffers (no copy of the model in RAM), copied to the GPU on a side
+stream while the previous block computes, and every text of the queue passes through a block before the next
+block is needed: T5's weights cross the bus once per queue. Blocks run the texts in micro-batches of the size
+the reference uses (one), so the embeddings are bit-identical to an unstreamed run.
+
+The DiT (denoise), small and needed at every step, streams with diffusers' own group offloading.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_ALIGN = 64  # each tensor's place in a pinned slot starts on this boundary, so any dtype can view it
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class MicroBatched(nn.Module):
+    """Runs the wrapped block on slices of the batch, so each matrix product has the shape it has for one
+    micro-batch: the outputs equal separate runs bit for bit, while the block's weights serve the whole batch.
+    Tensors whose first dimension is the batch are sliced; the block's other outputs (T5's position bias) are
+    taken from the first slice when all slices agree, and concatenated otherwise."""
+
+    def __init__(self, block: nn.Module, size: int = 1):
+        super().__init__()
+        self.block = block
+        self.size = size
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        batch = hidden_states.shape[0]
+        if batch <= self.size:
+            return self.block(hidden_states, *args, **kwargs)
+
+        def part(x, s):
+            return x[s] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == batch else x
+
+        outs = []
+        for start in range(0, batch, self.size):
+            s = slice(start, start + self.size)
+            outs.append(self.block(hidden_states[s], *(part(a, s) for a in args),
+                                   **{k: part(v, s) for k, v in kwargs.items()}))
+        if torch.is_tensor(outs[0]):
+            return torch.cat(outs)
+        merged = [torch.cat([o[0] for o in outs])]
+        for i in range(1, len(outs[0])):
+            values = [o[i] for o in outs]
+            if not torch.is_tensor(values[0]) or all(v is values[0] or torch.equal(v, values[0]) for v in values):
+                merged.append(values[0])
+            else:
+                merged.append(torch.cat(values))
+        return type(outs[0])(merged)
+
+
+def micro_batch_blocks(blocks: nn.ModuleList, size: int) -> list[MicroBatched]:
+    """Wrap each block of `blocks` in place; returns the wrappers (the streaming units)."""
+    wrappers = []
+    for i, block in enumerate(blocks):
+        wrapper = block if isinstance(block, MicroBatched) else MicroBatched(block, size)
+        wrapper.size = size
+        blocks[i] = wrapper
+        wrappers.append(wrapper)
+    return wrappers
+
+
+class CpuEmbedding(nn.Module):
+    """A token-embedding table kept in host memory: a lookup needs only the rows of the prompt's tokens, so the
+    table (0.25 GiB for T5-XXL) never takes room on the GPU."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids.to("cpu")].to(ids.device, non_blocking=True)
+
+
+# -- reading tensors straight from safetensors files --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor lies in a safetensors file."""
+
+    path: Path
+    start: int  # absolute byte offset
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def index_safetensors(files: list[Path]) -> dict[str, Stored]:
+    index = {}
+    for path in files:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = meta["data_offsets"]
+            index[name] = Stored(path, 8 + length + begin, end - begin, _DTYPES[meta["dtype"]], tuple(meta["shape"]))
+    return index
+
+
+def read_into(stored: Stored, out: torch.Tensor) -> None:
+    """Fill a CPU uint8 tensor (pinned or not) with a tensor's bytes, with plain reads: the page cache serves
+    them and nothing is mapped into this process, so host RSS does not grow by the model's size."""
+    view = memoryview(out.numpy()).cast("B")
+    with open(stored.path, "rb", buffering=0) as f:
+        done = 0
+        while done < stored.nbytes:
+            n = os.preadv(f.fileno(), [view[done:stored.nbytes]], stored.start + done)
+            if n <= 0:
+                raise OSError(f"{stored.path}: unexpected end of file")
+            done += n
+
+
+def load_tensor(stored: Stored, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    raw = torch.empty(stored.nbytes, dtype=torch.uint8)
+    read_into(stored, raw)
+    return raw.view(stored.dtype).reshape(stored.shape).to(device=device, dtype=dtype)
+
+
+# -- the block streamer ------------------------------------------------------------------------------------------
+
+class BlockStreamer:
+    """Moves blocks' weights to `device` in turn, from the safetensors files through pinned buffers, or from
+    host tensors (pinned) kept in RAM for blocks needed again and again (the DiT, at every step).
+
+    Hooks on each unit: before it runs, its weights are on the device (copied on a side stream, waited for with
+    an event: no device-wide synchronisation); after it ran, they are dropped. `ahead` more units are copied
+    while one computes; host reads run further ahead on a thread, into a ring of `ahead + 2` pinned buffers."""
+
+    def __init__(self, units: list[nn.Module],
+                 params: list[dict[str, tuple[tuple[nn.Module, str], Stored, torch.dtype]]],
+                 device: torch.device, ahead: int = 1):
+        self.units, self.params, self.device, self.ahead = units, params, device, ahead
+        self.cuda = device.type == "cuda"
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        sizes = [sum(_aligned(s.nbytes) for _, s, _ in p.values() if isinstance(s, Stored)) for p in params]
+        slots = ahead + 2 if max(sizes, default=0) else 0  # blocks held in RAM need no ring
+        self.slots = [torch.empty(max(sizes), dtype=torch.uint8, pin_memory=self.cuda) for _ in range(slots)]
+        self.slot_free: list[torch.cuda.Event | None] = [None] * len(self.slots)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-read")
+        self.reads: dict[int, Future] = {}
+        self.ready: dict[int, torch.cuda.Event | None] = {}
+        self.on_device: dict[int, list[torch.Tensor]] = {}
+        self.handles = []
+        for i, unit in enumerate(units):
+            self.handles.append(unit.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
+            self.handles.append(unit.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
+        self.bytes_moved = 0
+        self._schedule_read(0)  # the first block's bytes while the rest of the model is set up
+
+    # host side
+    def _read(self, i: int) -> int:
+        slot = i % len(self.slots)
+        if self.slot_free[slot] is not None:
+            self.slot_free[slot].synchronize()  # its previous copy to the GPU is done
+        offset = 0
+        for _, stored, _ in self.params[i].values():
+            read_into(stored, self.slots[slot][offset:offset + stored.nbytes])
+            offset += _aligned(stored.nbytes)
+        return slot
+
+    def _schedule_read(self, i: int) -> None:
+        if not self.slots:
+            return
+        if 0 <= i < len(self.units) and i not in self.reads and i not in self.on_device:
+            self.reads[i] = self.pool.submit(self._read, i)
+
+    # device side
+    def _copy(self, i: int) -> None:
+        if i >= len(self.units) or i in self.on_device:
+            return
+        from_files = any(isinstance(src, Stored) for _, src, _ in self.params[i].values())
+        slot = None
+        if from_files:
+            self._schedule_read(i)
+            slot = self.reads.pop(i).result()
+        main = torch.cuda.current_stream(self.device) if self.cuda else None
+        # Allocated on the compute stream, so a block's memory is reused by the next in stream order (one block
+        # at a time really is one block); the copy stream first waits for the work queued before it.
+        tensors = [torch.empty(src.shape, dtype=dtype, device=self.device) for _, src, dtype in self.params[i].values()]
+        if self.cuda:
+            self.side.wait_stream(main)
+        offset = 0
+        with torch.cuda.stream(self.side) if self.cuda else _nullcontext():
+            for gpu, (_, src, _) in zip(tensors, self.params[i].values()):
+                if isinstance(src, Stored):
+                    raw = self.slots[slot][offset:offset + src.nbytes]
+                    offset += _aligned(src.nbytes)
+                    src = raw.view(src.dtype).reshape(src.shape)
+                gpu.copy_(src, non_blocking=self.cuda)
+                self.bytes_moved += src.numel() * src.element_size()
+            event = torch.cuda.Event() if self.cuda else None
+            if event is not None:
+                event.record(self.side)
+        if slot is not None:
+            self.slot_free[slot] = event
+        self.ready[i] = event
+        self.on_device[i] = tensors
+
+    def _before(self, i: int) -> None:
+        self._copy(i)
+        for j in range(i + 1, i + 1 + self.ahead):
+            self._copy(j)
+        for j in range(i + 1 + self.ahead, i + 1 + self.ahead + 2):
+            self._schedule_read(j)
+        event = self.ready.pop(i, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        for (owner, _, _), tensor in zip(self.params[i].values(), self.on_device[i]):
+            _set(owner, tensor)
+
+    def _after(self, i: int) -> None:
+        for owner, src, dtype in self.params[i].values():
+            _set(owner, torch.empty(src.shape, dtype=dtype, device="meta"))
+        del self.on_device[i]
+        if i == len(self.units) - 1:
+            self.ready.clear()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.pool.shutdown(wait=True)
+        self.slots.clear()
+        self.on_device.clear()
+
+
+def _set(owner: tuple[nn.Module, str], tensor: torch.Tensor) -> None:
+    """Put `tensor` in place of a parameter (a meta placeholder cannot take another device's data in place)."""
+    module, leaf = owner
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- T5, streamed -------------------------------------------------------------------------------------------------
+
+def _target_dtype(name: str, dtype: torch.dtype, keep_fp32: tuple[str, ...]) -> torch.dtype:
+    return torch.float32 if any(m in name.split(".") for m in keep_fp32) else dtype
+
+
+def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.device, *, micro_batch: int = 1,
+                               ahead: int = 0):
+    """T5EncoderModel built empty from its config, its blocks streamed from the files in `folder`.
+
+    Returns (model, streamer). Weights take the dtypes `from_pretrained(dtype=...)` gives them (transformers
+    keeps the `_keep_in_fp32_modules`, T5's `wo`, in fp32); a test checks every tensor equals from_pretrained's."""
+    from transformers import T5Config, T5EncoderModel  # noqa: PLC0415
+
+    config = T5Config.from_pretrained(folder)
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    model.eval()
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    stored = index_safetensors(sorted(folder.glob("*.safetensors")))
+
+    def find(name: str, param: nn.Parameter) -> Stored:
+        if name in stored:
+            return stored[name]
+        for alias in aliases.get(id(param), []):  # tied: stored under another of its names
+            if alias in stored:
+                return stored[alias]
+        raise KeyError(f"{folder}: no tensor {name!r} in the weights files")
+
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+
+    embedding = model.encoder.embed_tokens
+    table = load_tensor(find("encoder.embed_tokens.weight", embedding.weight), dtype, torch.device("cpu"))
+    model.encoder.embed_tokens = CpuEmbedding(table)
+    model.shared = model.encoder.embed_tokens  # the encoder's embedding is the model's input embedding
+
+    units = micro_batch_blocks(model.encoder.block, micro_batch)
+    block = re.compile(r"encoder\.block\.(\d+)\.")
+    per_unit: list[dict] = [dict() for _ in units]
+    for name, param in list(model.named_parameters()):
+        if name.startswith(("encoder.embed_tokens.", "shared.")):
+            continue
+        path, _, leaf = name.rpartition(".")
+        owner = (model.get_submodule(path), leaf)
+        plain = re.sub(r"encoder\.block\.(\d+)\.block\.", r"encoder.block.\1.", name)  # the wrapper's level
+        target = _target_dtype(plain, dtype, keep)
+        match = block.match(plain)
+        if match:
+            per_unit[int(match.group(1))][name] = (owner, find(plain, param), target)
+        else:
+            _set(owner, load_tensor(find(plain, param), target, device))
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise RuntimeError(f"{folder}: buffer {name} has no stored value")  # T5 has none; keep it honest
+    streamer = BlockStreamer(units, per_unit, device, ahead=ahead)
+    return model, streamer
+
+
+# -- the DiT, streamed from pinned host memory ---------------------------------------------------------------------
+
+def stream_blocks_from_host(model: nn.Module, blocks_attr: str, device: torch.device, ahead: int = 1) -> BlockStreamer:
+    """`model`, loaded on the CPU by from_pretrained, runs on `device` with only `ahead + 1` of its blocks there
+    at a time: everything outside the blocks moves to the device; each block's weights go to pinned host memory
+    and stream in on a side stream while the block before computes. Used for the DiT, whose ~1.2 GiB are
+    needed at every step: reading them from the files each step would cost more than keeping them in RAM."""
+    blocks = getattr(model, blocks_attr)
+    setattr(model, blocks_attr, nn.ModuleList())  # move the rest without the blocks
+    model.to(device)
+    setattr(model, blocks_attr, blocks)
+    units = list(blocks)
+    per_unit = []
+    for unit in units:
+        params = {}
+        for name, param in list(unit.named_parameters()):
+            path, _, leaf = name.rpartition(".")
+            host = param.data.pin_memory() if device.type == "cuda" else param.data
+            params[name] = ((unit.get_submodule(path) if path else unit, leaf), host, param.dtype)
+            _set(params[name][0], torch.empty(param.shape, dtype=param.dtype, device="meta"))
+        for name, buf in list(unit.named_buffers()):  # buffers, if a block has any, stay on the device
+            path, _, leaf = name.rpartition(".")
+            (unit.get_submodule(path) if path else unit)._buffers[leaf] = buf.to(device)
+        per_unit.append(params)
+    return BlockStreamer(units, per_unit, device, ahead=ahead)
