@@ -276,10 +276,16 @@ class _Queue:
 
     def oom_message(self, stage: str, stats: StageStats) -> str:
         total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        reached = stats.nvml_peak or stats.torch_reserved_peak
+        # A budget a little under what this run reached, or under the card, makes the planner stream or tile.
+        basis = min(v for v in (reached, total) if v) if (reached or total) else None
+        hint = (f"--vram-budget {basis * 0.8 / 2**30:.1f}GiB" if basis else "--vram-budget SIZE")
+        if self.budget not in (None, "auto") and isinstance(self.budget, int):
+            hint = f"a smaller --vram-budget than {format_bytes(self.budget)} (other programs may share the GPU)"
         return (f"the GPU ran out of memory in stage {stage} (torch peak {format_bytes(stats.torch_peak)}, "
                 f"whole process {format_bytes(stats.nvml_peak)}, card {format_bytes(total)}).\n"
                 f"  Finished work is kept in {self.folder.path}; run the same command again to resume.\n"
-                "  To use less memory: --denoise-batch 1, smaller --width/--height, or close other GPU programs.")
+                f"  To fit: try {hint}; `pixart-lowvram plan QUEUE --vram-budget SIZE` shows what it does.")
 
     def run(self) -> RunResult:
         with self.folder:
