@@ -294,6 +294,11 @@ class _Queue:
             todo_latents = self.pending_latents(todo_images)
             todo_texts = self.restore_from_cache(self.pending_texts(todo_latents))
             self.plan = self.make_plan(len(todo_texts), todo_images)
+            if self.plan["encode"].placement == "cpu" and not self.settings.encode_on_cpu:
+                # The planner moved T5 to the CPU (fp32 there): those embeddings are other artifacts, keyed so.
+                self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True)
+                todo_latents = self.pending_latents(todo_images)
+                todo_texts = self.restore_from_cache(self.pending_texts(todo_latents))
             self.reporter.info(format_plan(self.plan))
             self.reporter.info(
                 f"{len(self.items)} image(s) in the queue, {len(todo_images)} to make: {len(todo_texts)} text(s) "

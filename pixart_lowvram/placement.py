@@ -163,6 +163,7 @@ def _plan_decode(s: Sizes, fits, context: int, size: tuple[int, int], budget: in
     whole = _peak(context, s.vae + _vae_activations(s, w, h))
     if fits(whole):
         return StagePlan("decode", "whole", estimate=whole)
+    tiled = whole  # no tile is smaller than the image: the whole decode is the least it can need
     for tile in TILES:
         if tile >= max(w, h):
             continue

@@ -1,0 +1,292 @@
+"""Streamed weights on the CPU with the tiny model: micro-batched blocks give the results of one-row runs bit
+for bit, and T5 streamed block by block from its safetensors files equals `from_pretrained`'s T5, tensor by
+tensor and output by output, whichever placement the encode stage uses."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pixart_lowvram.encode import encode_texts
+from pixart_lowvram.models import caption_cleaning, component_sizes, resolve_model
+from pixart_lowvram.placement import StagePlan
+from pixart_lowvram.reporting import Reporter
+from pixart_lowvram.run import RunFolder
+from pixart_lowvram.streaming import (
+    MicroBatched,
+    index_safetensors,
+    load_text_encoder_streamed,
+    micro_batch_blocks,
+)
+
+TEXTS = ["a red cat", "pirate ship trapped in a cosmic maelstrom nebula, highly detailed, oil painting", ""]
+
+
+# -- MicroBatched ------------------------------------------------------------------------------------------------
+
+class SharedBias(nn.Module):
+    """Like a T5 block: (hidden, bias) where the bias is the same for every row; records the shapes it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.table = nn.Parameter(torch.randn(1, 3, 4))
+        self.calls: list[dict] = []
+
+    def forward(self, hidden, mask=None, scale=1.0, extra=None):
+        self.calls.append({"hidden": tuple(hidden.shape), "mask": None if mask is None else tuple(mask.shape),
+                           "extra": None if extra is None else tuple(extra.shape)})
+        out = self.linear(hidden) * scale
+        if mask is not None:
+            out = out * mask[..., None]
+        return out, self.table * 2, None
+
+
+class PerRow(nn.Module):
+    """Every output depends on the rows: all are concatenated."""
+
+    def forward(self, hidden):
+        return hidden * 2, hidden.sum(-1), hidden[:, :1]
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, hidden):
+        return torch.nn.functional.gelu(self.linear(hidden)) @ self.linear.weight
+
+
+def test_micro_batched_slices_batch_tensors_and_keeps_a_shared_bias():
+    torch.manual_seed(0)
+    block = SharedBias()
+    hidden, mask, extra = torch.randn(5, 6, 8), (torch.rand(5, 6) > 0.3).float(), torch.randn(1, 6)
+    out, bias, nothing = MicroBatched(block, size=2)(hidden, mask, scale=0.5, extra=extra)
+
+    # slices of 2, 2 and 1; batch-sized arguments sliced with the hidden states, the others passed as they are
+    assert block.calls == [{"hidden": (2, 6, 8), "mask": (2, 6), "extra": (1, 6)},
+                           {"hidden": (2, 6, 8), "mask": (2, 6), "extra": (1, 6)},
+                           {"hidden": (1, 6, 8), "mask": (1, 6), "extra": (1, 6)}]
+    expected = torch.cat([block(hidden[s], mask[s], scale=0.5, extra=extra)[0]
+                          for s in (slice(0, 2), slice(2, 4), slice(4, 5))])
+    assert torch.equal(out, expected)
+    assert torch.equal(bias, block.table * 2) and bias.shape == (1, 3, 4)  # taken once, not concatenated
+    assert nothing is None
+
+
+def test_micro_batched_concatenates_outputs_that_differ_by_slice():
+    hidden = torch.arange(4 * 3, dtype=torch.float32).reshape(4, 3)
+    doubled, sums, firsts = MicroBatched(PerRow(), size=1)(hidden)
+    assert torch.equal(doubled, hidden * 2)
+    assert torch.equal(sums, hidden.sum(-1))
+    assert torch.equal(firsts, hidden[:, :1])
+
+
+def test_micro_batched_passes_a_small_batch_through_whole():
+    block = SharedBias()
+    hidden = torch.randn(3, 6, 8)
+    MicroBatched(block, size=4)(hidden)
+    MicroBatched(block, size=3)(hidden)
+    assert [c["hidden"] for c in block.calls] == [(3, 6, 8), (3, 6, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_micro_batch_of_one_equals_separate_runs_bit_for_bit(dtype):
+    torch.manual_seed(1)
+    block = Plain().to(dtype)
+    hidden = torch.randn(7, 33, 16, dtype=dtype)
+    with torch.inference_mode():
+        ours = MicroBatched(block, size=1)(hidden)
+        separate = torch.cat([block(hidden[i:i + 1]) for i in range(len(hidden))])
+    assert torch.equal(ours, separate)
+
+
+def test_micro_batch_blocks_wraps_in_place_once():
+    blocks = nn.ModuleList([Plain(), Plain()])
+    originals = list(blocks)
+    wrappers = micro_batch_blocks(blocks, 2)
+    assert list(blocks) == wrappers and [w.block for w in wrappers] == originals
+    again = micro_batch_blocks(blocks, 3)  # no wrapper around a wrapper; the size is updated
+    assert again == wrappers and all(w.size == 3 and not isinstance(w.block, MicroBatched) for w in again)
+
+
+# -- T5, streamed from its files ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokens(tiny_model):
+    """Three token sequences of different lengths, padded, with their masks."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(tiny_model) / "tokenizer")
+    batch = tokenizer(TEXTS, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
+    lengths = batch.attention_mask.sum(1).tolist()
+    assert len(set(lengths)) == 3 and max(lengths) < 24, "three lengths, all padded"
+    return batch.input_ids, batch.attention_mask
+
+
+@pytest.fixture(scope="module")
+def reference_t5(tiny_model):
+    from transformers import T5EncoderModel
+
+    models = {}
+
+    def get(dtype):
+        if dtype not in models:
+            models[dtype] = T5EncoderModel.from_pretrained(Path(tiny_model) / "text_encoder", dtype=dtype).eval()
+        return models[dtype]
+
+    return get
+
+
+def unwrapped(name: str) -> str:
+    """A streamed model's parameter name -> from_pretrained's (the MicroBatched wrapper adds a level)."""
+    return re.sub(r"^encoder\.block\.(\d+)\.block\.", r"encoder.block.\1.", name)
+
+
+@pytest.mark.parametrize("ahead", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_streamed_t5_equals_from_pretrained(tiny_model, tokens, reference_t5, dtype, ahead):
+    ids, mask = tokens
+    reference = reference_t5(dtype)
+    with torch.inference_mode():
+        expected = torch.cat([reference(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).last_hidden_state
+                              for i in range(len(ids))])
+
+    folder = Path(tiny_model) / "text_encoder"
+    model, streamer = load_text_encoder_streamed(folder, dtype, torch.device("cpu"), micro_batch=1, ahead=ahead)
+    try:
+        # what the streamer puts in place of each block's parameters while the block runs
+        seen: dict[int, dict[str, torch.Tensor]] = {}
+
+        def keep(i):
+            def hook(block, args):
+                if i not in seen:
+                    seen[i] = {n: p.detach().clone() for n, p in block.named_parameters()}
+            return hook
+
+        for i, unit in enumerate(model.encoder.block):
+            unit.block.register_forward_pre_hook(keep(i))
+        wo_dtypes = []
+        model.encoder.block[-1].block.layer[1].DenseReluDense.wo.register_forward_hook(
+            lambda m, args, out: wo_dtypes.append((m.weight.dtype, m.weight.device.type)))
+
+        stored = index_safetensors(sorted(folder.glob("*.safetensors")))
+        per_pass = sum(s.nbytes for name, s in stored.items() if name.startswith("encoder.block."))
+        block_params = [p for unit in model.encoder.block for p in unit.parameters()]
+        assert block_params and all(p.is_meta for p in block_params), "nothing of a block is loaded up front"
+
+        for run in (1, 2):  # the second pass reloads every block
+            with torch.inference_mode():
+                out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert out.dtype == dtype
+            assert torch.equal(out, expected), f"pass {run}: max diff {(out.float() - expected.float()).abs().max()}"
+            assert all(p.is_meta for unit in model.encoder.block for p in unit.parameters()), "blocks dropped"
+            assert streamer.bytes_moved == run * per_pass
+        assert len(wo_dtypes) == 2 * len(ids)  # micro-batches of one: one call per text and pass
+        assert set(wo_dtypes) == {(torch.float32, "cpu")}, "T5's wo layers stay float32"
+    finally:
+        streamer.close()
+
+    # every tensor equals from_pretrained's: blocks as they were put in place, the rest as loaded
+    ref_params = dict(reference.named_parameters(remove_duplicate=False))
+    for i, params in seen.items():
+        for name, value in params.items():
+            ref = ref_params[f"encoder.block.{i}.{name}"]
+            assert value.dtype == ref.dtype and torch.equal(value, ref), f"block {i}: {name}"
+    assert sum(len(p) for p in seen.values()) == sum(1 for n in ref_params if n.startswith("encoder.block."))
+    outside = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith("encoder.block.")}
+    assert set(outside) == {n for n in ref_params if not n.startswith("encoder.block.")}
+    for name, value in outside.items():
+        ref = ref_params[unwrapped(name)]
+        assert value.dtype == ref.dtype and not value.is_meta and torch.equal(value, ref), name
+    if dtype == torch.float16:
+        assert {p.dtype for n, p in ref_params.items() if n.split(".")[-2] == "wo"} == {torch.float32}
+        assert any(v.dtype == torch.float16 for params in seen.values() for v in params.values())
+
+
+def test_streamed_t5_with_micro_batches_of_two_matches_the_resident_model(tiny_model, tokens, reference_t5):
+    """Larger micro-batches go through the same wrapper: the streamed and resident models agree exactly."""
+    ids, mask = tokens
+    reference = reference_t5(torch.float32)
+    resident_blocks = micro_batch_blocks(reference.encoder.block, 2)
+    try:
+        with torch.inference_mode():
+            expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        for i, wrapper in enumerate(resident_blocks):  # leave the shared reference as it was
+            reference.encoder.block[i] = wrapper.block
+    model, streamer = load_text_encoder_streamed(Path(tiny_model) / "text_encoder", torch.float32,
+                                                 torch.device("cpu"), micro_batch=2, ahead=1)
+    try:
+        with torch.inference_mode():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, expected)
+    finally:
+        streamer.close()
+
+
+def test_planner_sizes_match_what_the_streamer_moves(tiny_model):
+    """The planner reads block sizes from the headers; they are what a streamed block weighs."""
+    folder = Path(tiny_model) / "text_encoder"
+    stored = index_safetensors(sorted(folder.glob("*.safetensors")))
+    assert all(s.dtype == torch.float32 for s in stored.values())  # the tiny model is stored in float32
+    per_block: dict[str, int] = {}
+    for name, s in stored.items():
+        if name.startswith("encoder.block."):
+            per_block[name.split(".")[2]] = per_block.get(name.split(".")[2], 0) + s.nbytes
+    info = resolve_model(tiny_model)
+
+    fp32 = component_sizes(info, torch.float32)
+    assert fp32.text_encoder == sum(s.nbytes for s in stored.values())
+    assert fp32.text_encoder_block == max(per_block.values())
+    assert fp32.text_encoder_other == stored["encoder.final_layer_norm.weight"].nbytes
+    assert (fp32.text_dim, fp32.text_ff, fp32.dtype_bytes) == (32, 64, 4)
+
+    fp16 = component_sizes(info, torch.float16)  # half the bytes, except the wo layers
+    wo = sum(s.nbytes for name, s in stored.items() if name.split(".")[-2] == "wo")
+    assert fp16.text_encoder == (fp32.text_encoder - wo) // 2 + wo
+    assert fp16.transformer * 2 == fp32.transformer and fp16.vae * 2 == fp32.vae
+
+
+# -- the encode stage, at each placement ---------------------------------------------------------------------------
+
+PLANS = {
+    "resident": StagePlan("encode", "resident", estimate=0),
+    "streamed": StagePlan("encode", "streamed", estimate=0, ahead=0),
+    "streamed ahead": StagePlan("encode", "streamed", estimate=0, ahead=1),
+    "cpu": StagePlan("encode", "cpu", estimate=0),
+}
+
+
+def encode_with(info, plan, folder_path, batch_size):
+    texts = {f"text{i}": text for i, text in enumerate(TEXTS)}
+    with RunFolder(folder_path) as folder:
+        made = encode_texts(info, texts, folder=folder, device=torch.device("cpu"), dtype=torch.float32,
+                            batch_size=batch_size, reporter=Reporter(), checkpoint=lambda: None, plan=plan)
+        assert made == len(texts)
+        return {key: load_file(folder.embed_path(key)) for key in texts}
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_every_encode_placement_writes_the_same_embeddings(tiny_model, reference_pipeline, tmp_path, batch_size):
+    info = resolve_model(tiny_model)
+    results = {name: encode_with(info, plan, tmp_path / name.replace(" ", "-"), batch_size)
+               for name, plan in PLANS.items()}
+    resident = results.pop("resident")
+    for name, embeddings in results.items():
+        for key, tensors in embeddings.items():
+            assert set(tensors) == {"embeds", "mask"}
+            assert torch.equal(tensors["embeds"], resident[key]["embeds"]), (name, key)
+            assert torch.equal(tensors["mask"], resident[key]["mask"]), (name, key)
+    if batch_size == 1:  # one text at a time: the reference pipeline's own embeddings
+        for i, text in enumerate(TEXTS):
+            with torch.inference_mode():
+                embeds, mask, _, _ = reference_pipeline.encode_prompt(
+                    text, do_classifier_free_guidance=False, device="cpu", clean_caption=caption_cleaning(),
+                    max_sequence_length=info.max_sequence_length)
+            assert torch.equal(resident[f"text{i}"]["embeds"], embeds[0])
+            assert torch.equal(resident[f"text{i}"]["mask"], mask[0])
