@@ -181,9 +181,10 @@ def _settings(args: argparse.Namespace, **overrides):
 
 def print_summary(result, seconds: float) -> None:
     """The end-of-run table: per stage, what it made, how long it took and its memory peaks."""
-    rows = [("stage", "made", "time", "torch peak", "GPU (NVML)", "host RSS")]
+    rows = [("stage", "made", "time", "loading", "torch peak", "GPU (NVML)", "host RSS")]
     for s in result.stages:
-        rows.append((s.name, "skipped" if s.skipped else str(s.items), "-" if s.skipped else f"{s.seconds:.1f} s",
+        load = "-" if s.load_seconds is None else f"{s.load_seconds:.1f} s"
+        rows.append((s.name, "skipped" if s.skipped else str(s.items), "-" if s.skipped else f"{s.seconds:.1f} s", load,
                      format_bytes(s.torch_peak), format_bytes(s.nvml_peak), format_bytes(s.rss_peak)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print()
@@ -280,7 +281,8 @@ def cmd_plan(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "generate": cmd_generate, "demo": cmd_demo, "make-random-model": cmd_make_random_model}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "generate": cmd_generate, "demo": cmd_demo,
+            "make-random-model": cmd_make_random_model}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,8 @@ def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, 
 
 
 def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
-                 dtype: torch.dtype, latent_shape, reporter: Reporter, checkpoint, plan: StagePlan) -> int:
+                 dtype: torch.dtype, latent_shape, reporter: Reporter, checkpoint, plan: StagePlan,
+                 loaded=lambda: None) -> int:
     with reporter.bar("load VAE", total=1, unit="part", transient=True) as bar:
         vae = load_vae(info, dtype, device)
         if plan.placement == "tiled":
@@ -42,6 +43,7 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
             vae.tile_latent_min_size = plan.tile // info.vae_scale_factor
         bar.update()
     pipe = make_pipeline(info, vae=vae)
+    loaded()
     dtype_name = str(dtype).removeprefix("torch.")
     with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():
         for item in items:

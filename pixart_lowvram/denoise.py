@@ -30,20 +30,23 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
                   dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter, checkpoint,
-                  plan: StagePlan) -> int:
+                  plan: StagePlan, loaded=lambda: None) -> int:
     with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
         scheduler = load_scheduler(info)
         bar.update()
         streamer = None
         if plan.placement == "streamed":
-            # Measured (BENCHMARKS.md): diffusers' group offloading ran this stage 3x slower than resident at
-            # 1.5 GiB; streaming.py's streamer keeps the blocks pinned in RAM and overlaps each copy with compute.
+            # Measured (BENCHMARKS.md): diffusers' group offloading ran this stage 3.3x slower than resident at
+            # 1.5 GiB (18.1 s vs 5.5 s); our streamer keeps what fits on the GPU, the other blocks pinned in RAM
+            # (one buffer each), and overlaps each block's copy with the compute of the one before.
             transformer = load_transformer(info, dtype, torch.device("cpu"))
-            streamer = stream_blocks_from_host(transformer, "transformer_blocks", device, ahead=plan.ahead)
+            streamer = stream_blocks_from_host(transformer, "transformer_blocks", device, ahead=plan.ahead,
+                                               resident=plan.resident_blocks)
         else:
             transformer = load_transformer(info, dtype, device)
         bar.update()
     pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
+    loaded()
     done = 0
     steps = reporter.bar("denoise", total=sum(it.steps for it in items), unit="step")  # image-steps
     for batch in batches(items, batch_size):

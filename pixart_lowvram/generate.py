@@ -254,6 +254,7 @@ class _Queue:
             self.stages.append(meter.stats)
             self.reporter.info(f"{name}: nothing to do")
             return
+        self.meter = meter
         try:
             self.checkpoint()
             with meter:
@@ -305,7 +306,7 @@ class _Queue:
                 f"to encode, {len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
                 f"[{self.info.name}, {self.device}, {str(self.dtype).removeprefix('torch.')}]")
             common = dict(folder=self.folder, device=self.device, dtype=self.dtype, reporter=self.reporter,
-                          checkpoint=self.checkpoint)
+                          checkpoint=self.checkpoint, loaded=lambda: self.meter.loaded())
             self.stage("encode", len(todo_texts), lambda: encode_texts(
                 self.info, todo_texts, batch_size=self.settings.encode_batch, plan=self.plan["encode"],
                 cache=self.cache, **common))

@@ -24,6 +24,7 @@ class StageStats:
 
     name: str
     seconds: float = 0.0
+    load_seconds: float | None = None  # of `seconds`, the part spent loading the component
     items: int = 0
     torch_peak: int | None = None  # torch.cuda.max_memory_allocated during the stage
     torch_reserved_peak: int | None = None  # torch.cuda.max_memory_reserved: the caching allocator's pool
@@ -146,6 +147,12 @@ class StageMeter:
         self._thread.start()
         self._start = time.perf_counter()
         return self
+
+    def loaded(self) -> None:
+        """Mark the end of loading: the rest of the stage is work."""
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        self.stats.load_seconds = time.perf_counter() - self._start
 
     def __exit__(self, *exc) -> None:
         if self._device.type == "cuda":

@@ -324,8 +324,8 @@ def _bytes_at(shapes: dict, itemsize: int, keep_fp32: tuple[str, ...] = ()) -> d
     return out
 
 
-def _blocks(sizes: dict[str, int], prefix: str) -> tuple[int, int]:
-    """(largest block, everything outside the blocks) for blocks named prefix.<i>."""
+def _blocks(sizes: dict[str, int], prefix: str) -> tuple[int, int, int]:
+    """(largest block, everything outside the blocks, number of blocks) for blocks named prefix.<i>."""
     pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     per_block: dict[str, int] = {}
     other = 0
@@ -335,7 +335,7 @@ def _blocks(sizes: dict[str, int], prefix: str) -> tuple[int, int]:
             per_block[match.group(1)] = per_block.get(match.group(1), 0) + n
         else:
             other += n
-    return max(per_block.values(), default=0), other
+    return max(per_block.values(), default=0), other, len(per_block)
 
 
 def component_sizes(info: ModelInfo, dtype: torch.dtype):
@@ -351,18 +351,18 @@ def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype: 
     t5 = _bytes_at(shapes["text_encoder"], itemsize, T5_FP32_MODULES)
     dit = _bytes_at(shapes["transformer"], itemsize)
     vae = _bytes_at(shapes["vae"], itemsize)
-    t5_block, t5_other = _blocks(t5, "encoder.block")
+    t5_block, t5_other, _ = _blocks(t5, "encoder.block")
     # The token embedding is one tensor stored under one or both of its tied names.
     tied = [n for name, n in t5.items() if name in ("shared.weight", "encoder.embed_tokens.weight")]
     embedding = max(tied, default=0)
     t5_total = sum(t5.values()) - embedding * max(0, len(tied) - 1)
     t5_other -= embedding * len(tied)
-    dit_block, dit_other = _blocks(dit, "transformer_blocks")
+    dit_block, dit_other, dit_blocks = _blocks(dit, "transformer_blocks")
     te, tr = configs["text_encoder"], configs["transformer"]
     return Sizes(
         text_encoder=t5_total, text_encoder_block=t5_block, text_encoder_other=t5_other,
         transformer=sum(dit.values()), transformer_block=dit_block, transformer_other=dit_other,
-        vae=sum(vae.values()), text_tokens=max_tokens, text_dim=int(te["d_model"]),
+        vae=sum(vae.values()), transformer_blocks=dit_blocks, text_tokens=max_tokens, text_dim=int(te["d_model"]),
         text_ff=int(te["d_ff"]), dit_width=int(tr["num_attention_heads"]) * int(tr["attention_head_dim"]),
         dit_patch=int(tr.get("patch_size", 2)),
         vae_scale=2 ** (len(configs["vae"]["block_out_channels"]) - 1), dtype_bytes=itemsize)

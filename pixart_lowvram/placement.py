@@ -37,6 +37,7 @@ class Sizes:
     transformer_block: int
     transformer_other: int
     vae: int
+    transformer_blocks: int = 28
     text_tokens: int = 120
     text_dim: int = 4096
     text_ff: int = 10240
@@ -54,6 +55,7 @@ class StagePlan:
     batch: int = 1
     tile: int | None = None  # decode: tile side in pixels
     ahead: int = 0  # streamed: blocks moved to the GPU ahead of the one computing
+    resident_blocks: int = 0  # streamed DiT: blocks that stay on the GPU (the budget's room to spare)
     note: str = ""
 
 
@@ -151,7 +153,11 @@ def _plan_denoise(s: Sizes, fits, context: int, size: tuple[int, int], batch: in
         return StagePlan("denoise", "resident", estimate=resident, batch=batch)
     streamed = _peak(context, s.transformer_other + 2 * s.transformer_block + act)
     if fits(streamed):
-        return StagePlan("denoise", "streamed", estimate=streamed, batch=batch, ahead=1)
+        # Blocks that fit in what is left stay on the GPU: fewer bytes cross the bus at every step.
+        spare = (budget - streamed) / FRAGMENTATION * 0.7 if budget is not None else 0
+        keep = max(0, min(s.transformer_blocks - 2, int(spare // max(1, s.transformer_block))))
+        estimate = _peak(context, s.transformer_other + (2 + keep) * s.transformer_block + act)
+        return StagePlan("denoise", "streamed", estimate=estimate, batch=batch, ahead=1, resident_blocks=keep)
     if batch > 1:
         return _plan_denoise(s, fits, context, size, 1, budget)
     raise PlanError(f"a VRAM budget of {format_size(budget)} is too small to denoise {size[0]}x{size[1]} images: "
@@ -183,7 +189,7 @@ def format_plan(plan: Plan) -> str:
         if st.tile:
             how += f" ({st.tile}px tiles)"
         if st.placement == "streamed":
-            how += f" ({st.ahead} block(s) ahead)"
+            how += f" ({st.ahead} block(s) ahead" + (f", {st.resident_blocks} kept" if st.resident_blocks else "") + ")"
         if st.stage in ("encode", "denoise"):
             how += f", batch {st.batch}"
         estimate = "on the CPU" if st.placement == "cpu" else f"~{format_size(st.estimate)} peak"

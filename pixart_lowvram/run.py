@@ -265,12 +265,25 @@ class RunFolder:
             return None
         except (OSError, ValueError):
             return None  # a damaged manifest is rebuilt; the artifacts carry their own keys
-        return data if isinstance(data, dict) and data.get("version") == MANIFEST_VERSION else None
+        return data if _manifest_is_sound(data) else None
 
     def write_manifest(self, manifest: dict) -> None:
         text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
         self._atomic(self.path / MANIFEST, lambda f: f.write(text.encode("utf-8")))
 
+
+
+def _manifest_is_sound(data: object) -> bool:
+    """The fields a rerun reads back have the shapes it expects; anything else is rebuilt, never trusted."""
+    if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+        return False
+    seeds, items, left = data.get("drawn_seeds", {}), data.get("items", []), data.get("left_alone", [])
+    return (isinstance(seeds, dict)
+            and all(isinstance(v, list) and all(isinstance(x, int) and 0 <= x <= MAX_SEED for x in v)
+                    for v in seeds.values())
+            and isinstance(items, list) and all(isinstance(i, dict) and isinstance(i.get("image", ""), str)
+                                                for i in items)
+            and isinstance(left, list) and all(isinstance(p, str) for p in left))
 
 
 class EmbeddingCache:

@@ -165,7 +165,21 @@ class BlockStreamer:
             self.handles.append(unit.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
             self.handles.append(unit.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
         self.bytes_moved = 0
+        self.flat = {i: self._pack(p) for i, p in enumerate(params)
+                     if p and not any(isinstance(src, Stored) for _, src, _ in p.values())}
         self._schedule_read(0)  # the first block's bytes while the rest of the model is set up
+
+    def _pack(self, params: dict) -> tuple[torch.Tensor, list[tuple[int, int, torch.dtype, tuple]]]:
+        """A block held in RAM as one pinned buffer: one allocation and one copy per block on the way in."""
+        layout, total = [], 0
+        for _, src, dtype in params.values():
+            nbytes = src.numel() * src.element_size()
+            layout.append((total, nbytes, dtype, tuple(src.shape)))
+            total += _aligned(nbytes)
+        flat = torch.empty(total, dtype=torch.uint8, pin_memory=self.cuda)
+        for (offset, nbytes, dtype, shape), (_, src, _) in zip(layout, params.values()):
+            flat[offset:offset + nbytes].view(dtype).view(shape).copy_(src)
+        return flat, layout
 
     # host side
     def _read(self, i: int) -> int:
@@ -185,9 +199,28 @@ class BlockStreamer:
             self.reads[i] = self.pool.submit(self._read, i)
 
     # device side
+    def _copy_flat(self, i: int) -> None:
+        host, layout = self.flat[i]
+        main = torch.cuda.current_stream(self.device) if self.cuda else None
+        gpu = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)  # on the compute stream
+        event = None
+        if self.cuda:
+            self.side.wait_stream(main)
+            with torch.cuda.stream(self.side):
+                gpu.copy_(host, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.side)
+        else:
+            gpu.copy_(host)
+        self.bytes_moved += host.numel()
+        self.ready[i] = event
+        self.on_device[i] = [gpu[o:o + n].view(dtype).view(shape) for o, n, dtype, shape in layout]
+
     def _copy(self, i: int) -> None:
         if i >= len(self.units) or i in self.on_device:
             return
+        if i in self.flat:
+            return self._copy_flat(i)
         from_files = any(isinstance(src, Stored) for _, src, _ in self.params[i].values())
         slot = None
         if from_files:
@@ -240,6 +273,7 @@ class BlockStreamer:
             h.remove()
         self.pool.shutdown(wait=True)
         self.slots.clear()
+        self.flat.clear()
         self.on_device.clear()
 
 
@@ -323,26 +357,35 @@ def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.d
 
 # -- the DiT, streamed from pinned host memory ---------------------------------------------------------------------
 
-def stream_blocks_from_host(model: nn.Module, blocks_attr: str, device: torch.device, ahead: int = 1) -> BlockStreamer:
-    """`model`, loaded on the CPU by from_pretrained, runs on `device` with only `ahead + 1` of its blocks there
-    at a time: everything outside the blocks moves to the device; each block's weights go to pinned host memory
-    and stream in on a side stream while the block before computes. Used for the DiT, whose ~1.2 GiB are
-    needed at every step: reading them from the files each step would cost more than keeping them in RAM."""
+def stream_blocks_from_host(model: nn.Module, blocks_attr: str, device: torch.device, ahead: int = 1,
+                            resident: int = 0) -> BlockStreamer:
+    """`model`, loaded on the CPU by from_pretrained, runs on `device` with its first `resident` blocks kept there
+    and the others streamed, `ahead + 1` at a time: everything outside the blocks moves to the device; each
+    streamed block's weights go to one pinned host buffer and come in on a side stream while the block before
+    computes. Used for the DiT, whose ~1.2 GiB are needed at every step: reading them from the files each step
+    would cost more than keeping them in RAM."""
     blocks = getattr(model, blocks_attr)
     setattr(model, blocks_attr, nn.ModuleList())  # move the rest without the blocks
     model.to(device)
     setattr(model, blocks_attr, blocks)
-    units = list(blocks)
+    for block in list(blocks)[:resident]:
+        block.to(device)
+    units = list(blocks)[resident:]
     per_unit = []
     for unit in units:
         params = {}
         for name, param in list(unit.named_parameters()):
             path, _, leaf = name.rpartition(".")
-            host = param.data.pin_memory() if device.type == "cuda" else param.data
-            params[name] = ((unit.get_submodule(path) if path else unit, leaf), host, param.dtype)
-            _set(params[name][0], torch.empty(param.shape, dtype=param.dtype, device="meta"))
+            params[name] = ((unit.get_submodule(path) if path else unit, leaf), param.data, param.dtype)
         for name, buf in list(unit.named_buffers()):  # buffers, if a block has any, stay on the device
             path, _, leaf = name.rpartition(".")
             (unit.get_submodule(path) if path else unit)._buffers[leaf] = buf.to(device)
         per_unit.append(params)
-    return BlockStreamer(units, per_unit, device, ahead=ahead)
+    streamer = BlockStreamer(units, per_unit, device, ahead=ahead)  # packs each block into pinned memory
+    for params in per_unit:
+        for owner, src, dtype in params.values():
+            _set(owner, torch.empty(src.shape, dtype=dtype, device="meta"))
+        for name in params:
+            owner, _, dtype = params[name]
+            params[name] = (owner, torch.empty(params[name][1].shape, dtype=dtype, device="meta"), dtype)
+    return streamer

@@ -1,0 +1,204 @@
+"""Test harness for tests/test_crash.py (not a test): runs the real command line in this process and SIGKILLs
+the process at a chosen point, as a power cut or the kernel's OOM killer would.
+
+    python tests/crash_child.py [--kill STAGE:POINT:N] [--draw-seed S] [--env NAME=VALUE] -- run QUEUE ...
+    python tests/crash_child.py --stdin      # the same arguments, as one JSON list on stdin
+
+`--stdin` lets the test start the process (and pay for the torch and diffusers imports) while it is still busy
+with the previous one; the process does nothing until it reads its arguments, then runs them exactly as if they
+had been given on the command line.
+
+STAGE is encode, denoise or decode; N counts from 1 within that stage. POINT:
+
+    temp-half       the stage's N-th artifact: half its bytes in the temporary file, then killed (before the rename)
+    temp-whole      the stage's N-th artifact: the whole temporary file written and flushed, killed before the rename
+    renamed         killed right after the stage's N-th artifact is renamed into place
+    torn            half the N-th artifact's bytes written straight at its final name, then killed: what a writer
+                    that skipped the temporary file (or a disk that lost the file's tail) would leave
+    compute         killed inside the stage's N-th model call: the text encoder's forward, the transformer's
+                    forward (one denoising step) or the VAE's decode (one image)
+    manifest-half   the run.json write that ends STAGE (N = 1): half of it in the temporary file, then killed
+    manifest-whole  the same, the whole temporary file written, killed before the rename
+    manifest-torn   the same, half of run.json written straight over the old one, then killed
+
+The artifact is told by its path (embeds/, latents/, images/, run.json) and, for run.json, by the stage on the
+stack (generate._Queue.stage's `name`). The writes themselves still go through the library's RunFolder._atomic,
+which this only wraps; the model calls are caught by class, however the library loads the models.
+
+`--draw-seed S` makes the seeds drawn for jobs without one come from random.Random(S) instead of the system's
+entropy, so that a killed run and the reference run draw the same seed. The rerun after a kill is started
+without it: it can only make the reference image again by reusing the seed the killed run recorded.
+
+`--env NAME=VALUE` sets an environment variable before the command runs (the test's own cache folder).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+STAGE_OF_FOLDER = {"embeds": "encode", "latents": "denoise", "images": "decode"}
+ARTIFACT_POINTS = ("temp-half", "temp-whole", "renamed", "torn")
+MANIFEST_POINTS = ("manifest-half", "manifest-whole", "manifest-torn")
+POINTS = ARTIFACT_POINTS + MANIFEST_POINTS + ("compute",)
+MODEL_OF_STAGE = {"encode": "T5EncoderModel", "denoise": "PixArtTransformer2DModel"}  # forward = one call
+
+
+def die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def running_stage() -> str:
+    """The stage whose code is on the stack: generate._Queue.stage(name, ...) for the manifest writes."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "stage" and frame.f_code.co_filename.endswith("generate.py"):
+            return frame.f_locals["name"]
+        frame = frame.f_back
+    return "prepare"
+
+
+def write_and_fsync(f, data: bytes) -> None:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def install_kill_point(stage: str, point: str, n: int) -> None:
+    calls = {"count": 0}
+
+    def reached() -> bool:
+        calls["count"] += 1
+        return calls["count"] == n
+
+    if point == "compute":
+        install_compute_kill(stage, reached)
+    else:
+        install_write_kill(stage, point, reached)
+
+
+def install_compute_kill(stage: str, reached) -> None:
+    if stage == "decode":
+        from diffusers import AutoencoderKL
+
+        real_decode = AutoencoderKL.decode
+
+        def decode(self, *args, **kwargs):
+            out = real_decode(self, *args, **kwargs)
+            if reached():
+                die()
+            return out
+
+        AutoencoderKL.decode = decode
+        return
+    import torch
+
+    def after_forward(module, args, output):
+        if type(module).__name__ == MODEL_OF_STAGE[stage] and reached():
+            die()
+
+    torch.nn.modules.module.register_module_forward_hook(after_forward)
+
+
+def install_write_kill(stage: str, point: str, reached) -> None:
+    from pixart_lowvram.run import MANIFEST, RunFolder
+
+    real_atomic = RunFolder._atomic
+    kind = point.split("-")[-1]  # half, whole, renamed, torn
+
+    def targeted(path: Path) -> bool:
+        if point in MANIFEST_POINTS:
+            return path.name == MANIFEST and running_stage() == stage
+        return STAGE_OF_FOLDER.get(path.parent.name) == stage
+
+    def atomic(self, path, write) -> None:
+        if not targeted(Path(path)) or not reached():
+            return real_atomic(self, path, write)
+        if kind == "renamed":
+            real_atomic(self, path, write)
+            die()
+        buffer = io.BytesIO()
+        write(buffer)
+        data = buffer.getvalue()
+        if kind == "torn":
+            with open(path, "wb") as f:
+                write_and_fsync(f, data[: len(data) // 2])
+            die()
+        kept = data if kind == "whole" else data[: len(data) // 2]
+
+        def write_then_die(f):
+            write_and_fsync(f, kept)
+            die()
+
+        real_atomic(self, path, write_then_die)  # the library makes and names the temporary file
+        raise AssertionError("unreachable: killed inside the write")
+
+    RunFolder._atomic = atomic
+
+
+def pin_drawn_seeds(seed: int) -> None:
+    import random
+
+    from pixart_lowvram import run
+
+    run.random.SystemRandom = lambda: random.Random(seed)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="crash_child.py")
+    parser.add_argument("--kill", metavar="STAGE:POINT:N")
+    parser.add_argument("--draw-seed", type=int)
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--stdin", action="store_true", help="read the arguments as a JSON list on stdin")
+    parser.add_argument("cli", nargs=argparse.REMAINDER, help="-- then the pixart-lowvram arguments")
+    args = parser.parse_args(argv)
+    if args.cli[:1] == ["--"]:
+        args.cli = args.cli[1:]
+    return args
+
+
+def import_ahead() -> None:
+    """The slow imports, done while the test is still busy with the previous process: only modules a run
+    imports anyway (diffusers and transformers load these lazily, on first use)."""
+    import diffusers
+    import transformers
+
+    import pixart_lowvram.cli  # noqa: F401
+    import pixart_lowvram.generate  # noqa: F401
+
+    for name in ("PixArtAlphaPipeline", "PixArtTransformer2DModel", "AutoencoderKL", "DPMSolverMultistepScheduler"):
+        getattr(diffusers, name)
+    for name in ("T5EncoderModel", "T5Tokenizer"):
+        getattr(transformers, name)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if args.stdin:
+        import_ahead()
+        line = sys.stdin.readline()
+        if not line:
+            return 0  # the test did not need this process after all
+        args = parse(json.loads(line))
+    for assignment in args.env:
+        name, _, value = assignment.partition("=")
+        os.environ[name] = value
+    if args.kill:
+        stage, point, n = args.kill.split(":")
+        assert stage in ("encode", "denoise", "decode") and point in POINTS, args.kill
+        install_kill_point(stage, point, int(n))
+    if args.draw_seed is not None:
+        pin_drawn_seeds(args.draw_seed)
+    from pixart_lowvram.cli import main as cli_main
+
+    return cli_main(args.cli)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
