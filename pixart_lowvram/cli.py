@@ -29,11 +29,14 @@ Exit codes: 0 done, 2 bad input (queue, options, model folder), 3 out of GPU mem
 
 QUEUE_HELP = """\
 A queue file is TOML, JSON or JSONL. Each job has a `prompt` and optionally negative_prompt, width, height,
-seed, cfg (guidance scale), steps, count (images with seeds seed, seed+1, ...) and name (the image's file
-name). A `defaults` table applies to every job. Example (TOML):
+seed, cfg (guidance scale), steps, sampler, count (images with seeds seed, seed+1, ...) and name (the image's
+file name). What a job leaves out follows the model's reference usage (PixArt-α and Σ: 20 steps, cfg 4.5;
+PixArt-LCM: 4 steps, cfg 0; DMD: one step, cfg 1). Samplers: dpm-solver (the default), sa-solver, euler, euler-a,
+ddim, lcm, ddpm. A `defaults` table applies to every job. Example (TOML):
 
   [defaults]
   steps = 20
+  sampler = "dpm-solver"
 
   [[jobs]]
   prompt = "pirate ship trapped in a cosmic maelstrom nebula"
@@ -113,8 +116,13 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's, 1024 for XL)")
     g.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's)")
     g.add_argument("--seed", type=int, help="random seed (default: drawn at random and recorded)")
-    g.add_argument("--cfg", type=float, help="guidance scale (default: 4.5)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: 20)")
+    g.add_argument("--cfg", type=float,
+                   help="guidance scale (default: the model's: 4.5 for PixArt-α and Σ, 0 for LCM, 1 for DMD)")
+    g.add_argument("--steps", type=int,
+                   help="denoising steps (default: the model's: 20 for PixArt-α and Σ, 4 for LCM, 1 for DMD)")
+    g.add_argument("--sampler", metavar="NAME",
+                   help="dpm-solver, sa-solver, euler, euler-a, ddim, lcm or ddpm (default: the model's own "
+                        "scheduler: dpm-solver for PixArt-α and Σ, lcm for LCM, ddpm for DMD)")
     g.add_argument("--count", type=int, help="how many images, with seeds seed, seed+1, ... (default: 1)")
     g.add_argument("--name", help="file name of the image (default: from the prompt)")
 
@@ -158,13 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo everything instead of resuming")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the summary")
 
+    from .presets import PRESET_HELP  # noqa: PLC0415
+
     p = sub.add_parser("make-random-model", help="write a random-weight PixArt model folder (tests, benchmarks)",
-                       description="Writes a PixArt-alpha model in the diffusers layout with random weights: "
-                                   "'tiny' for tests and the demo (seconds on a CPU), 'xl' with the exact "
-                                   "PixArt-XL-2-1024-MS shapes for memory and speed benchmarks (~11 GB, build it "
-                                   "on a GPU). Images from it are noise.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Writes a PixArt model in the diffusers layout with random weights, loaded "
+                                   "exactly like the real checkpoint.\n'tiny' presets are for tests and the demo "
+                                   "(seconds on a CPU), 'xl' ones have the real shapes, for memory and speed\n"
+                                   "benchmarks (build them on a GPU). Images from them are noise. Presets:\n\n"
+                                   + "\n".join(f"  {name:<14} {text}" for name, text in PRESET_HELP.items()))
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("--preset", choices=["tiny", "xl"], default="tiny")
+    p.add_argument("--preset", choices=list(PRESET_HELP), default="tiny", metavar="NAME",
+                   help="which model and size (default: tiny; see the list above)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="where to build the weights (default: cuda if there is one)")
     return parser
@@ -248,7 +261,7 @@ def cmd_generate(args) -> int:
 
     jobs = jobs_from_options(args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                              height=args.height, seed=args.seed, cfg=args.cfg, steps=args.steps, count=args.count,
-                             name=args.name)
+                             name=args.name, sampler=args.sampler)
     out = Path(args.out) if args.out else Path("runs") / slugify(args.prompt)
     return _run(jobs, out, _settings(args), args.quiet)
 

@@ -5,10 +5,11 @@ import json
 
 import torch
 
-from .models import ModelInfo, load_vae, make_pipeline, sampler_label
+from .models import ModelInfo, load_vae, make_pipeline, sampler_label, vae_dtype
 from .placement import StagePlan
 from .reporting import Reporter
 from .run import Item, RunFolder
+from .vae_strips import StripDecoder, supports
 
 
 def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, str]:
@@ -19,7 +20,7 @@ def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, 
         lines.append(f"Negative prompt: {item.negative_prompt}")
     fields = {
         "Steps": item.steps,
-        "Sampler": sampler_label(info),
+        "Sampler": sampler_label(info, item.sampler),
         "CFG scale": f"{item.cfg:g}",
         "Seed": item.seed,
         "Size": f"{item.width}x{item.height}",
@@ -35,12 +36,19 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
                  dtype: torch.dtype, latent_shape, reporter: Reporter, checkpoint, plan: StagePlan,
                  loaded=lambda: None) -> int:
     with reporter.bar("load VAE", total=1, unit="part", transient=True) as bar:
-        vae = load_vae(info, dtype, device)
-        if plan.placement == "tiled":
-            # diffusers' tiled decoding: overlapping tiles, blended; the plan picked the largest tile that fits
-            vae.enable_tiling()
-            vae.tile_sample_min_size = plan.tile
-            vae.tile_latent_min_size = plan.tile // info.vae_scale_factor
+        vae = load_vae(info, vae_dtype(info, dtype), device)  # float32 for Σ's SDXL VAE in a float16 run
+        strips = None
+        if plan.placement == "strips":
+            if supports(vae):
+                strips = StripDecoder(vae, device, plan.room)
+            else:
+                # Not the SD-VAE layout the strip decoder walks: diffusers' tiled decoding (overlapping tiles,
+                # blended; the image changes at the seams), with the largest tile that fits the same room.
+                reporter.info(f"this VAE cannot decode in strips: decoding in {plan.tile}px tiles instead "
+                              "(images differ slightly from a whole decode)")
+                vae.enable_tiling()
+                vae.tile_sample_min_size = plan.tile
+                vae.tile_latent_min_size = plan.tile // info.vae_scale_factor
         bar.update()
     pipe = make_pipeline(info, vae=vae)
     loaded()
@@ -53,7 +61,8 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
             if stored is None:
                 raise RuntimeError(f"the latents of {item.id} vanished between stages")
             latents = stored["latents"][None].to(device, vae.dtype)
-            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            latents = latents / vae.config.scaling_factor
+            image = strips.decode(latents) if strips else vae.decode(latents, return_dict=False)[0]
             # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
             image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
             picture = pipe.image_processor.postprocess(image, output_type="pil")[0]

@@ -1,7 +1,8 @@
 """Stage 2, denoise: DiT + scheduler -> latents, through the reference pipeline with `output_type="latent"`.
 
-Items that share size, steps and guidance share a batch; each keeps its own CPU generator, so its noise (and
-so its image) does not depend on the batch it lands in or on the device."""
+Items that share size, steps, guidance and sampler share a batch; each keeps its own CPU generator, for its
+starting noise and for the noise a stochastic sampler adds at each step, so its image does not depend on the
+batch it lands in or on the device."""
 from __future__ import annotations
 
 from itertools import groupby
@@ -16,7 +17,7 @@ from .streaming import stream_blocks_from_host
 
 
 def group_key(item: Item) -> tuple:
-    return (item.width, item.height, item.steps, item.cfg)
+    return (item.width, item.height, item.steps, item.cfg, item.sampler)
 
 
 def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
@@ -32,7 +33,7 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
                   dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter, checkpoint,
                   plan: StagePlan, loaded=lambda: None) -> int:
     with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
-        scheduler = load_scheduler(info)
+        scheduler = load_scheduler(info)  # replaced by each batch's own sampler, fresh
         bar.update()
         streamer = None
         if plan.placement == "streamed":
@@ -62,6 +63,7 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
         negative_embeds, negative_mask = embeds(lambda it: it.negative_key)
         first = batch[0]
         steps.describe(", ".join(it.id for it in batch))
+        pipe.scheduler = load_scheduler(info, first.sampler)
         with torch.inference_mode():
             latents = pipe(
                 prompt=None, negative_prompt=None,
@@ -69,6 +71,7 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
                 negative_prompt_embeds=negative_embeds, negative_prompt_attention_mask=negative_mask,
                 width=first.width, height=first.height, guidance_scale=first.cfg,
                 num_inference_steps=first.steps,
+                timesteps=list(info.kind.timesteps) if info.kind.timesteps else None,  # DMD: one step at t=400
                 generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
                 max_sequence_length=info.max_sequence_length,
                 output_type="latent", callback=lambda *_: steps.update(len(batch)), callback_steps=1,

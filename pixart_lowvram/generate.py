@@ -19,10 +19,10 @@ from . import __version__
 from .decode import decode_items
 from .denoise import denoise_items
 from .encode import encode_texts
-from .errors import Interrupted, OutOfMemory, UsageError
+from .errors import Interrupted, OutOfMemory, Problem, QueueError, UsageError
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
-from .models import DEFAULT_MODEL, ModelInfo, caption_cleaning, component_sizes, resolve_model
+from .models import DEFAULT_MODEL, ModelInfo, caption_cleaning, component_sizes, resolve_model, vae_dtype
 from .placement import CUDA_CONTEXT, Plan, format_plan, make_plan, parse_size
 from .reporting import Reporter
 from .run import EmbeddingCache, Item, RunFolder, digest, expand
@@ -90,15 +90,69 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
     """The size the reference pipeline actually denoises at: the nearest entry of its aspect-ratio bins."""
     from diffusers.image_processor import PixArtImageProcessor  # noqa: PLC0415
-    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as ref  # noqa: PLC0415
 
-    bins = {128: ref.ASPECT_RATIO_1024_BIN, 64: ref.ASPECT_RATIO_512_BIN, 32: ref.ASPECT_RATIO_256_BIN}
-    bin_table = bins.get(info.sample_size)
+    bin_table = info.resolution_bins
     if bin_table is None:
+        known = "32, 64, 128 and 256" if info.pipeline_class == "PixArtSigmaPipeline" else "32, 64 and 128"
         raise UsageError(f"{info.path}: transformer sample_size {info.sample_size} has no resolution bins "
-                         "(the reference pipeline knows 32, 64 and 128)")
+                         f"(the reference {info.pipeline_class} knows {known})")
     h, w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bin_table)
     return w, h
+
+
+def check_jobs(jobs: list[Job], info: ModelInfo) -> None:
+    """What a job asks of this model that its reference pipeline cannot do, found before any weights load: a
+    QueueError listing every problem. Reads only the scheduler config (diffusers' own checks in set_timesteps)."""
+    from .samplers import NAMES, SAMPLERS, takes_timesteps  # noqa: PLC0415
+
+    kind, defaults = info.kind, info.defaults
+    tried: dict[tuple[str, int], str | None] = {}
+    problems = []
+    for job in jobs:
+        sampler = job.sampler or defaults.sampler
+        steps = defaults.steps if job.steps is None else job.steps
+        where = dict(job_index=job.index, job_name=job.name)
+        if sampler not in NAMES and sampler != info.sampler:
+            problems.append(Problem(f"unknown sampler {sampler!r} (known: {', '.join(NAMES)})", field="sampler",
+                                    **where))
+            continue
+        one_step_ok = SAMPLERS[sampler].returns_denoised if sampler in SAMPLERS else False
+        if kind.timesteps:
+            if steps != len(kind.timesteps):
+                problems.append(Problem(f"{kind.title} runs exactly {len(kind.timesteps)} step(s) (at timestep "
+                                        f"{', '.join(map(str, kind.timesteps))}), not {steps}", field="steps",
+                                        hint="leave steps out", **where))
+            elif not (takes_timesteps(sampler, info.scheduler_class) and one_step_ok):
+                fits = [n for n in NAMES if SAMPLERS[n].returns_denoised and takes_timesteps(n, info.scheduler_class)]
+                problems.append(Problem(f"{kind.title} needs a sampler that starts at its fixed timestep and returns "
+                                        f"the denoised sample, not {sampler!r}", field="sampler",
+                                        hint=f"one of: {', '.join(fits)}", **where))
+            continue
+        if steps == 1 and info.pipeline_class == "PixArtAlphaPipeline" and not one_step_ok:
+            # PixArtAlphaPipeline takes step()[1], the denoised sample, for a single step: these have none
+            fits = [n for n in NAMES if SAMPLERS[n].returns_denoised]
+            problems.append(Problem(f"one step with sampler {sampler!r} cannot run in {info.pipeline_class}",
+                                    field="steps", hint=f"use 2 steps or more, or one of: {', '.join(fits)}",
+                                    **where))
+            continue
+        if (sampler, steps) not in tried:
+            tried[(sampler, steps)] = _scheduler_refuses(info, sampler, steps)
+        if tried[(sampler, steps)]:
+            problems.append(Problem(f"sampler {sampler!r} cannot run {steps} steps: {tried[(sampler, steps)]}",
+                                    field="steps", **where))
+    if problems:
+        raise QueueError(problems, source=f"{info.name} ({info.kind.title})")
+
+
+def _scheduler_refuses(info: ModelInfo, sampler: str, steps: int) -> str | None:
+    """diffusers' own objection to `steps` for this sampler (e.g. LCM runs at most its original_inference_steps)."""
+    from .models import load_scheduler  # noqa: PLC0415
+
+    try:
+        load_scheduler(info, sampler).set_timesteps(steps)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def default_cache_dir() -> Path:
@@ -106,22 +160,29 @@ def default_cache_dir() -> Path:
     return Path(base) / "pixart-lowvram"
 
 
-def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_on_cpu: bool = False) -> dict[str, str]:
-    """Key each artifact to what makes it. Returns text key -> text for the embeddings."""
+def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_on_cpu: bool = False,
+                text_encoder_8bit: bool = False) -> dict[str, str]:
+    """Key each artifact to what makes it. Returns text key -> text for the embeddings.
+
+    Parts that were added later (a sampler other than the model's own, a VAE decoding in another dtype than the
+    run's, an 8-bit T5) enter a key only when present, so what earlier versions made stays valid."""
     dtype_name = str(dtype)
     encoder = (info.identity["tokenizer"], info.identity["text_encoder"], dtype_name, info.max_sequence_length,
-               caption_cleaning()) + (("computed on the CPU in float32",) if encode_on_cpu else ())
+               caption_cleaning()) + (("computed on the CPU in float32",) if encode_on_cpu else ()) + (
+        ("T5 in 8 bits (bitsandbytes LLM.int8)",) if text_encoder_8bit else ())
+    decoder = (info.identity["vae"], dtype_name) + (
+        (f"decoded in {vae_dtype(info, dtype)}",) if vae_dtype(info, dtype) != dtype else ())
     texts: dict[str, str] = {}
     for item in items:
         item.prompt_key = digest("embed", encoder, item.prompt)
         item.negative_key = digest("embed", encoder, item.negative_prompt)
         texts[item.prompt_key] = item.prompt
         texts[item.negative_key] = item.negative_prompt
+        sampler = () if item.sampler == info.sampler else (("sampler", item.sampler),)
         item.latent_key = digest("latent", info.identity["transformer"], info.identity["scheduler"], dtype_name,
                                  item.prompt_key, item.negative_key, item.width, item.height, item.steps,
-                                 item.cfg, item.seed)
-        item.image_key = digest("image", item.latent_key, info.identity["vae"], dtype_name, item.width,
-                                item.height)
+                                 item.cfg, item.seed, *sampler)
+        item.image_key = digest("image", item.latent_key, *decoder, item.width, item.height)
     return texts
 
 
@@ -141,6 +202,7 @@ class _Queue:
         budget = settings.vram_budget
         self.budget = parse_size(budget) if isinstance(budget, str) else budget
         self.info = resolve_model(settings.model, allow_pickle=settings.allow_pickle)
+        check_jobs(jobs, self.info)
         self.folder = RunFolder(out)
         cache = settings.embed_cache
         self.cache = None if cache is None else EmbeddingCache(
@@ -177,7 +239,7 @@ class _Queue:
     def prepare(self) -> None:
         previous = self.folder.read_manifest() or {}
         drawn = previous.get("drawn_seeds", {}) if not self.settings.force else {}
-        self.items, remembered = expand(self.jobs, self.info.default_size, drawn)
+        self.items, remembered = expand(self.jobs, self.info.defaults, drawn)
         self.drawn_seeds = {**drawn, **remembered}
         self.texts = assign_keys(self.items, self.info, self.dtype, self.settings.encode_on_cpu)
         self.left_alone = self.removed_images(previous)
@@ -366,6 +428,6 @@ def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None
 def plan_queue(jobs: list[Job], settings: Settings | None = None) -> Plan:
     """The plan `run_queue` would follow for all of `jobs` (nothing loaded, nothing written)."""
     queue = _Queue(jobs, Path("."), settings or Settings(), Reporter(), None)
-    queue.items, _ = expand(jobs, queue.info.default_size, {})
+    queue.items, _ = expand(jobs, queue.info.defaults, {})
     texts = {t for it in queue.items for t in (it.prompt, it.negative_prompt)}
     return queue.make_plan(len(texts), queue.items)

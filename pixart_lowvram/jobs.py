@@ -24,9 +24,12 @@ else:
     import tomli as tomllib
 
 from .errors import Problem, QueueError
+from .samplers import NAMES as SAMPLER_NAMES
 
-KNOWN_FIELDS = ("prompt", "negative_prompt", "width", "height", "seed", "cfg", "steps", "count", "name")
-DEFAULT_CFG = 4.5  # the reference PixArtAlphaPipeline's defaults
+KNOWN_FIELDS = ("prompt", "negative_prompt", "width", "height", "seed", "cfg", "steps", "sampler", "count", "name")
+# The reference PixArtAlphaPipeline's defaults, for hints; a job that leaves cfg, steps or sampler out gets its
+# model's (JobDefaults below: 4 steps without guidance for PixArt-LCM, one step for DMD).
+DEFAULT_CFG = 4.5
 DEFAULT_STEPS = 20
 MAX_SIDE = 4096
 MAX_SEED = 2**64 - 1
@@ -57,13 +60,24 @@ class Job:
     width: int | None = None  # None: the model's default size (decided later, from its config)
     height: int | None = None
     seed: int | None = None  # None: drawn at random later, then recorded
-    cfg: float = DEFAULT_CFG
-    steps: int = DEFAULT_STEPS
+    cfg: float | None = None  # None: the model's default
+    steps: int | None = None  # None: the model's default
     count: int = 1
     name: str | None = None
+    sampler: str | None = None  # None: the model's own scheduler
 
     def label(self) -> str:
         return f"job {self.index} ({self.name!r})" if self.name else f"job {self.index}"
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    """What a job that leaves them out gets from its model (models.ModelInfo.defaults): the reference usage's."""
+
+    size: int  # width and height
+    steps: int = DEFAULT_STEPS
+    cfg: float = DEFAULT_CFG
+    sampler: str = "dpm-solver"
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
@@ -183,10 +197,11 @@ def _syntax_problem(error: Exception, text: str, line: int | None = None) -> Pro
 
 def jobs_from_options(prompt: str | None, *, negative_prompt: str | None = None, width: int | None = None,
                       height: int | None = None, seed: int | None = None, cfg: float | None = None,
-                      steps: int | None = None, count: int | None = None, name: str | None = None) -> list[Job]:
+                      steps: int | None = None, count: int | None = None, name: str | None = None,
+                      sampler: str | None = None) -> list[Job]:
     """A one-job queue from command-line options; None means "not given". Validated like a file's job."""
     given = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, seed=seed, cfg=cfg,
-                 steps=steps, count=count, name=name)
+                 steps=steps, count=count, name=name, sampler=sampler)
     job = {key: value for key, value in given.items() if value is not None}
     return validate_document({"jobs": [job]}, "command line")
 
@@ -257,7 +272,8 @@ def _check_seed(value: object) -> Bad:
 
 
 def _check_steps(value: object) -> Bad:
-    return _whole(value) or _at_least(value, 1) or _at_most(value, MAX_STEPS, f"the default is {DEFAULT_STEPS}")
+    return _whole(value) or _at_least(value, 1) or _at_most(value, MAX_STEPS,
+                                                            f"PixArt-α's default is {DEFAULT_STEPS}")
 
 
 def _check_count(value: object) -> Bad:
@@ -266,7 +282,7 @@ def _check_count(value: object) -> Bad:
 
 def _check_cfg(value: object) -> Bad:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        hint = f"the default is {DEFAULT_CFG}"
+        hint = f"PixArt-α's default is {DEFAULT_CFG}"
         if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,30}(\.[0-9]{1,30})?\s*", value):
             hint = f"write {value.strip()} without quotes"
         return f"must be a number, not {_show(value)}", hint
@@ -275,10 +291,10 @@ def _check_cfg(value: object) -> Bad:
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        return f"must be a finite number, not {_show(value)}", f"the default is {DEFAULT_CFG}"
+        return f"must be a finite number, not {_show(value)}", f"PixArt-α's default is {DEFAULT_CFG}"
     if number < 0:
         return (f"must be 0 or more, not {_show(value)}",
-                f"the default is {DEFAULT_CFG}; 1 or less turns guidance off")
+                f"PixArt-α's default is {DEFAULT_CFG}; 1 or less turns guidance off")
     return None
 
 
@@ -321,6 +337,16 @@ def _check_name(value: object) -> Bad:
     return None
 
 
+def _check_sampler(value: object) -> Bad:
+    if not isinstance(value, str):
+        return f"must be text, not {_show(value)}", f"one of: {', '.join(SAMPLER_NAMES)}"
+    if value in SAMPLER_NAMES:
+        return None
+    close = _did_you_mean(value, SAMPLER_NAMES)
+    return (f"unknown sampler {_repr.repr(value)} (known: {', '.join(SAMPLER_NAMES)})",
+            close or "leave it out for the model's own scheduler")
+
+
 _CHECKS: dict[str, Callable[[object], Bad]] = {
     "prompt": _check_prompt,
     "negative_prompt": _check_text,
@@ -331,6 +357,7 @@ _CHECKS: dict[str, Callable[[object], Bad]] = {
     "steps": _check_steps,
     "count": _check_count,
     "name": _check_name,
+    "sampler": _check_sampler,
 }
 
 

@@ -13,15 +13,55 @@ from pathlib import Path
 
 import torch
 
+from . import samplers
 from .errors import ModelError
+from .jobs import JobDefaults
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
-SUPPORTED_PIPELINES = ("PixArtAlphaPipeline",)
+SUPPORTED_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}  # the reference pipelines' max_sequence_length
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 # Only what the staged queue reads: safetensors weights, configs and tokenizer files, never pickled weights.
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
                 "scheduler/scheduler_config.json", "tokenizer/*"]
 _IDENTITY_SAMPLE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of PixArt model and what its reference usage runs with when a job does not say."""
+
+    name: str
+    title: str
+    steps: int
+    cfg: float
+    timesteps: tuple[int, ...] | None = None  # fixed timesteps passed to the pipeline instead of a step count
+    note: str = ""
+
+
+# The defaults of each model's reference usage: diffusers' pipelines (20 steps, guidance 4.5), PixArt-LCM's model
+# card (`guidance_scale=0., num_inference_steps=4`) and PixArt-DMD's demo (`timesteps=[400], guidance_scale=1,
+# num_inference_steps=1`, app/app_pixart_dmd.py in PixArt-alpha/PixArt-sigma).
+KINDS = {
+    "alpha": Kind("alpha", "PixArt-α", steps=20, cfg=4.5),
+    "sigma": Kind("sigma", "PixArt-Σ", steps=20, cfg=4.5),
+    "lcm": Kind("lcm", "PixArt-LCM", steps=4, cfg=0.0, note="latent consistency: a few steps, no guidance"),
+    "dmd": Kind("dmd", "PixArt-α DMD", steps=1, cfg=1.0, timesteps=(400,),
+                note="one step at timestep 400, no guidance"),
+}
+
+
+def detect_kind(pipeline_class: str, scheduler_class: str) -> str:
+    """The kind of a model, from model_index.json alone.
+
+    LCM checkpoints ship an LCMScheduler. The one-step DMD checkpoint (PixArt-Alpha-DMD-XL-2-512x512) is a
+    PixArtAlphaPipeline that ships a DDPMScheduler, which no other PixArt checkpoint does (DDPM is a training
+    scheduler): that is how it is recognised. Everything else is PixArt-α or PixArt-Σ by its pipeline class."""
+    if scheduler_class == "LCMScheduler":
+        return "lcm"
+    if pipeline_class == "PixArtAlphaPipeline" and scheduler_class == "DDPMScheduler":
+        return "dmd"
+    return "sigma" if pipeline_class == "PixArtSigmaPipeline" else "alpha"
 
 
 @dataclass(frozen=True)
@@ -34,6 +74,7 @@ class ModelInfo:
     configs: dict[str, dict]  # component -> its config.json (scheduler: scheduler_config.json)
     identity: dict[str, str] = field(default_factory=dict)  # component -> hash of what makes its output
     allow_pickle: bool = False  # the user allowed pickled .bin weights where a component has no safetensors
+    classes: dict[str, str] = field(default_factory=dict)  # component -> class name, from model_index.json
 
     @property
     def name(self) -> str:
@@ -54,8 +95,39 @@ class ModelInfo:
 
     @property
     def max_sequence_length(self) -> int:
-        """Tokens per prompt, as the reference pipeline pads and truncates them."""
-        return 120
+        """Tokens per prompt, as the reference pipeline pads and truncates them (α 120, Σ 300)."""
+        return MAX_TOKENS[self.pipeline_class]
+
+    @property
+    def scheduler_class(self) -> str:
+        return self.classes.get("scheduler") or str(self.configs["scheduler"].get("_class_name", ""))
+
+    @property
+    def kind(self) -> Kind:
+        return KINDS[detect_kind(self.pipeline_class, self.scheduler_class)]
+
+    @property
+    def sampler(self) -> str:
+        """The model's own scheduler, as a sampler name: what a job gets when it names none."""
+        return samplers.own_sampler(self.scheduler_class)
+
+    @property
+    def defaults(self) -> JobDefaults:
+        """What a job that leaves them out gets: the reference usage's size, steps, guidance and sampler."""
+        kind = self.kind
+        return JobDefaults(size=self.default_size, steps=kind.steps, cfg=kind.cfg, sampler=self.sampler)
+
+    @property
+    def resolution_bins(self) -> dict[str, list[float]] | None:
+        """The aspect-ratio bins the reference pipeline snaps sizes to, by transformer sample size (None: the
+        reference knows none for this size). diffusers' own tables: Σ adds 2048 px to α's 256, 512, 1024."""
+        from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha  # noqa: PLC0415
+        from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma  # noqa: PLC0415
+
+        tables = {128: alpha.ASPECT_RATIO_1024_BIN, 64: alpha.ASPECT_RATIO_512_BIN, 32: alpha.ASPECT_RATIO_256_BIN}
+        if self.pipeline_class == "PixArtSigmaPipeline":
+            tables[256] = sigma.ASPECT_RATIO_2048_BIN
+        return tables.get(self.sample_size)
 
     @property
     def latent_channels(self) -> int:
@@ -194,7 +266,7 @@ def resolve_model(source: str, allow_pickle: bool = False) -> ModelInfo:
     index = _read_json(path / "model_index.json")
     pipeline_class = index.get("_class_name")
     if pipeline_class not in SUPPORTED_PIPELINES:
-        raise ModelError(f"{path / 'model_index.json'}: a {pipeline_class or 'unknown'} model, not a PixArt-alpha "
+        raise ModelError(f"{path / 'model_index.json'}: a {pipeline_class or 'unknown'} model, not a PixArt "
                          f"one (supported: {', '.join(SUPPORTED_PIPELINES)})")
     configs = {}
     for component in COMPONENTS:
@@ -208,8 +280,10 @@ def resolve_model(source: str, allow_pickle: bool = False) -> ModelInfo:
         if component != "scheduler":
             _check_weights(folder, allow_pickle)
     identity = {c: _component_identity(path / c) for c in COMPONENTS}
+    classes = {c: str(index[c][1]) for c in COMPONENTS
+               if isinstance(index.get(c), list) and len(index[c]) == 2}
     return ModelInfo(source=source, path=path, pipeline_class=pipeline_class, configs=configs, identity=identity,
-                     allow_pickle=allow_pickle)
+                     allow_pickle=allow_pickle, classes=classes)
 
 
 def _class_of(info: ModelInfo, component: str):
@@ -252,12 +326,25 @@ def load_transformer(info: ModelInfo, dtype: torch.dtype, device: torch.device):
     return _load(info, "transformer", torch_dtype=dtype, use_safetensors=True).to(device).eval()
 
 
+def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the VAE decodes in, for a run in `dtype`.
+
+    PixArt-Σ ships the SDXL VAE, whose activations overflow float16 (NaN, black images); its config says so with
+    `force_upcast` (the "fp16-fix" VAE says false). It decodes in float32 then, as diffusers' SDXL pipeline does,
+    rather than bfloat16: float32 gives the float32 reference's pixels and runs on every GPU, where bfloat16 is
+    slow or missing before Ampere (the small cards this is for); it costs twice the VAE's memory at decode.
+    PixArt-α's SD VAE is safe in float16 and its reference decodes so: kept, for images equal to the reference's."""
+    upcast = info.pipeline_class == "PixArtSigmaPipeline" and info.configs["vae"].get("force_upcast", True)
+    return torch.float32 if dtype == torch.float16 and upcast else dtype
+
+
 def load_vae(info: ModelInfo, dtype: torch.dtype, device: torch.device):
     return _load(info, "vae", torch_dtype=dtype, use_safetensors=True).to(device).eval()
 
 
-def load_scheduler(info: ModelInfo):
-    return _load(info, "scheduler")
+def load_scheduler(info: ModelInfo, sampler: str | None = None):
+    """A fresh scheduler for `sampler` (default: the model's own, as shipped), built from the model's config."""
+    return samplers.make_scheduler(sampler or info.sampler, info.configs["scheduler"], info.scheduler_class)
 
 
 def make_pipeline(info: ModelInfo, **components):
@@ -278,15 +365,9 @@ def _class_of_pipeline(info: ModelInfo):
     return getattr(diffusers, info.pipeline_class)
 
 
-def sampler_label(info: ModelInfo) -> str:
-    """The scheduler as image tools name samplers (DPMSolverMultistep with dpmsolver++, order 2: 'DPM++ 2M')."""
-    config = info.configs["scheduler"]
-    if config.get("_class_name") == "DPMSolverMultistepScheduler":
-        order = config.get("solver_order", 2)
-        label = "DPM++ " + ("2M" if order == 2 else f"{order}M") if "++" in config.get(
-            "algorithm_type", "dpmsolver++") else f"DPM {order}M"
-        return label + (" Karras" if config.get("use_karras_sigmas") else "")
-    return str(config.get("_class_name", "unknown")).removesuffix("Scheduler")
+def sampler_label(info: ModelInfo, sampler: str | None = None) -> str:
+    """A sampler as image tools name it (the model's DPM-Solver, dpmsolver++ of order 2: 'DPM++ 2M')."""
+    return samplers.label(sampler or info.sampler, info.configs["scheduler"])
 
 
 def caption_cleaning() -> bool:

@@ -4,7 +4,8 @@ The budget counts the whole process as the driver (NVML) sees it, CUDA context i
 decides whether a run fits a user's card. For each stage the plan picks a placement:
   encode   resident (T5 on the GPU) | streamed (one T5 block at a time, from the weights files) | cpu
   denoise  resident (DiT on the GPU) | streamed (its blocks prefetched on a side stream while others compute)
-  decode   whole (the VAE decodes an image in one piece) | tiled (in tiles of `tile` pixels)
+  decode   whole (the VAE decodes an image in one piece) | strips (exactly the same image, layer by layer in
+           rows, within `room` bytes of activations; see vae_strips.py)
 Memory figures below are estimates calibrated on PixArt-XL-2 at 1024x1024 on an H100 (BENCHMARKS.md); the
 benchmark checks the measured peaks against the budget.
 """
@@ -22,7 +23,8 @@ RESERVE = 96 * MiB  # cuBLAS workspaces (32 MiB a stream) and the allocator's ro
 FRAGMENTATION = 1.10  # what the caching allocator holds over what tensors use, with expandable segments
 VAE_BYTES_PER_PIXEL = 2560  # fp16 SD-VAE decode activations per output pixel (2.42 GiB at 1024x1024, measured)
 DIT_ACTIVATION_FACTOR = 16  # live hidden-state-sized tensors in a DiT block (0.27 GiB at 1024x1024, measured)
-TILES = (1024, 768, 512, 384, 256)  # decode tile sides tried, largest first
+TILES = (1024, 768, 512, 384, 256)  # tile sides for VAEs that cannot decode in strips, largest first
+MIN_STRIP_ROOM = 64 * MiB  # strip decoding: a few rows of the largest layer, the image, the small layers whole
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class StagePlan:
     placement: str
     estimate: int  # predicted whole-process peak, bytes
     batch: int = 1
-    tile: int | None = None  # decode: tile side in pixels
+    tile: int | None = None  # decode, VAEs that cannot decode in strips: tile side in pixels
+    room: int | None = None  # decode in strips: bytes of GPU memory its activations may use
     ahead: int = 0  # streamed: blocks moved to the GPU ahead of the one computing
     resident_blocks: int = 0  # streamed DiT: blocks that stay on the GPU (the budget's room to spare)
     note: str = ""
@@ -169,15 +172,20 @@ def _plan_decode(s: Sizes, fits, context: int, size: tuple[int, int], budget: in
     whole = _peak(context, s.vae + _vae_activations(s, w, h))
     if fits(whole):
         return StagePlan("decode", "whole", estimate=whole)
-    tiled = whole  # no tile is smaller than the image: the whole decode is the least it can need
+    room = int((budget - context - RESERVE) / FRAGMENTATION) - s.vae
+    if room < MIN_STRIP_ROOM:
+        raise PlanError(f"a VRAM budget of {format_size(budget)} is too small to decode {w}x{h} images: even in "
+                        f"strips it needs at least {format_size(_peak(context, s.vae + MIN_STRIP_ROOM))}")
+    return StagePlan("decode", "strips", estimate=_peak(context, s.vae + room), room=room, tile=tile_for(s, room),
+                     note="exact: whole-image GroupNorm statistics, one-row halos")
+
+
+def tile_for(s: Sizes, room: int) -> int:
+    """The largest tile side whose tiled decode fits in `room` (for VAEs strips cannot handle)."""
     for tile in TILES:
-        if tile >= max(w, h):
-            continue
-        tiled = _peak(context, s.vae + _vae_activations(s, tile, tile) + w * h * 3 * 4)
-        if fits(tiled):
-            return StagePlan("decode", "tiled", estimate=tiled, tile=tile)
-    raise PlanError(f"a VRAM budget of {format_size(budget)} is too small to decode {w}x{h} images even in "
-                    f"{TILES[-1]}-pixel tiles (needs {format_size(tiled)})")
+        if _vae_activations(s, tile, tile) <= room:
+            return tile
+    return TILES[-1]
 
 
 def format_plan(plan: Plan) -> str:
@@ -186,8 +194,8 @@ def format_plan(plan: Plan) -> str:
     lines = [f"plan for {head}:"]
     for st in plan.stages.values():
         how = st.placement
-        if st.tile:
-            how += f" ({st.tile}px tiles)"
+        if st.room:
+            how += f" ({format_size(st.room)} of activations)"
         if st.placement == "streamed":
             how += f" ({st.ahead} block(s) ahead" + (f", {st.resident_blocks} kept" if st.resident_blocks else "") + ")"
         if st.stage in ("encode", "denoise"):

@@ -1,8 +1,8 @@
-"""Random-weight PixArt-alpha models, written in the diffusers folder layout of PixArt-alpha/PixArt-XL-2-1024-MS
-and loaded through the same `from_pretrained` code path as the real checkpoint.
+"""Random-weight PixArt models, written in the diffusers folder layout of the real checkpoints (PixArt-α, PixArt-Σ,
+PixArt-LCM, PixArt-α DMD) and loaded through the same `from_pretrained` code path as they are.
 
-`tiny` builds on a CPU in about a second (tests, the offline demo); `xl` has exactly the real shapes (GPU
-benchmarks). Both share one build path: each model is constructed on the meta device, its parameters are
+`tiny` presets build on a CPU in about a second (tests, the offline demo); `xl` ones have exactly the real shapes
+(GPU benchmarks). All share one build path: each model is constructed on the meta device, its parameters are
 created on the target device and filled from a generator seeded by (seed, component, parameter name), and the
 libraries' own `save_pretrained` writes it as safetensors. The weights are noise at scales that keep every
 activation O(1), so outputs are finite in float32 and float16; the images are coloured noise.
@@ -15,14 +15,14 @@ import os
 import pathlib
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from .errors import UsageError
+from .presets import PRESET_HELP, PRESETS  # noqa: F401  (in a module without torch: the CLI lists them)
 
-PRESETS = ("tiny", "xl")
 MARKER = "pixart_lowvram_random.json"  # written last: its presence means the folder is complete
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 _FORMAT = 1  # bump when the weights or layout a preset produces change
@@ -112,6 +112,9 @@ class Preset:
     dtype: torch.dtype
     max_shard_size: str  # text encoder shards, like the real checkpoint's
     default_device: str | None  # None: cuda when there is one
+    pipeline: str = "PixArtAlphaPipeline"
+    scheduler: str = "DPMSolverMultistepScheduler"
+    scheduler_config: dict = field(default_factory=lambda: scheduler_config())
 
 
 # T5-v1.1-XXL, as the real text_encoder/config.json (transformers 5 reads tie_word_embeddings=False as "do not
@@ -140,7 +143,46 @@ _VAE_SD = dict(
 
 
 def preset_config(name: str) -> Preset:
-    """The configuration of a preset ("tiny" or "xl")."""
+    """The configuration of a preset: a base size (tiny or xl) and a kind (see PRESET_HELP)."""
+    if name not in PRESET_HELP:
+        raise UsageError(f"unknown random-model preset {name!r} (choose from: {', '.join(PRESETS)})")
+    base, _, kind = name.partition("-")
+    spec = _base_preset(base)
+    return spec if not kind else _kind_variant(spec, name, kind)
+
+
+# PixArt-Σ ships the SDXL VAE: the SD VAE's shapes with another latent scale, and flagged as overflowing float16.
+_SDXL_VAE = dict(scaling_factor=0.13025, force_upcast=True)
+
+
+def _kind_variant(spec: Preset, name: str, kind: str) -> Preset:
+    """A base preset turned into another kind, as the real checkpoints' configs differ from PixArt-XL-2-1024-MS."""
+    tiny = spec.name == "tiny"
+    dit, vae = dict(spec.transformer), dict(spec.vae)
+    changes: dict = {}
+    if kind == "512":  # PixArt-XL-2-512x512: sample size 64; micro-conditions only exist at 128
+        dit.update(sample_size=64, use_additional_conditions=False)
+    elif kind in ("sigma", "sigma-2k"):
+        # PixArt-Sigma-XL-2-1024-MS: no micro-conditions, interpolation_scale 2; the 2K one: sample size 256,
+        # scale 4. Tiny Σ keeps 256 px images with the 0.5 of PixArt-Sigma-XL-2-256x256.
+        size, scale = (256, 4) if kind == "sigma-2k" else ((32, 0.5) if tiny else (128, 2))
+        dit.update(sample_size=size, interpolation_scale=scale, use_additional_conditions=False)
+        vae.update(_SDXL_VAE, sample_size=vae["sample_size"] if tiny else 1024)
+        changes["pipeline"] = "PixArtSigmaPipeline"
+    elif kind == "lcm":  # PixArt-LCM-XL-2-1024-MS: the 1024 model's shapes, an LCM scheduler on PixArt's betas
+        changes.update(scheduler="LCMScheduler", scheduler_config=dict(
+            num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear"))
+    elif kind == "dmd":
+        # PixArt-Alpha-DMD-XL-2-512x512: the 512 model's shapes and a DDPM scheduler on PixArt's betas, which is
+        # how models.detect_kind knows it. Tiny DMD keeps 256 px images.
+        if not tiny:
+            dit.update(sample_size=64, use_additional_conditions=False)
+        changes.update(scheduler="DDPMScheduler", scheduler_config=dict(
+            num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False))
+    return replace(spec, name=name, transformer=dit, vae=vae, **changes)
+
+
+def _base_preset(name: str) -> Preset:
     if name == "xl":
         return Preset("xl", dict(_T5_XXL), dict(_DIT_XL), dict(_VAE_SD), torch.float16, "5GB", None)
     if name == "tiny":
@@ -159,7 +201,7 @@ def preset_config(name: str) -> Preset:
             dtype=torch.float32, max_shard_size="5GB",
             default_device="cpu",  # same weights on every machine; a GPU would not make it faster
         )
-    raise UsageError(f"unknown random-model preset {name!r} (choose from: {', '.join(PRESETS)})")
+    raise AssertionError(name)
 
 
 def scheduler_config() -> dict:
@@ -322,14 +364,14 @@ def _model_index(spec: Preset, seed: int) -> dict:
     import diffusers  # noqa: PLC0415
 
     return {
-        "_class_name": "PixArtAlphaPipeline",
+        "_class_name": spec.pipeline,
         "_diffusers_version": diffusers.__version__,
         _TAG: {"preset": spec.name, "seed": seed},  # diffusers ignores keys starting with "_"
         "tokenizer": ["transformers", "T5Tokenizer"],
         "text_encoder": ["transformers", "T5EncoderModel"],
         "transformer": ["diffusers", "PixArtTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "scheduler": ["diffusers", spec.scheduler],
     }
 
 
@@ -366,11 +408,11 @@ def _write_network(folder: pathlib.Path, model: nn.Module, component: str, spec:
 
 def make_random_model(path: str | os.PathLike, preset: str = "tiny", *, seed: int = 0, device: str | None = None,
                       progress: Progress | None = None) -> pathlib.Path:
-    """Write a random-weight PixArt-alpha model folder at `path` and return it.
+    """Write a random-weight PixArt model folder of `preset` (see PRESET_HELP) at `path` and return it.
 
     A folder that already holds this preset and seed is returned as it is. A half-written one of ours is
-    rebuilt; any other non-empty folder is refused (UsageError). `device=None` builds `tiny` on the CPU (so its
-    weights are the same everywhere) and `xl` on the GPU when there is one. `progress(done, total, component)`
+    rebuilt; any other non-empty folder is refused (UsageError). `device=None` builds tiny presets on the CPU (so
+    their weights are the same everywhere) and xl ones on the GPU when there is one. `progress(done, total, component)`
     is called as each component is written."""
     spec = preset_config(preset)
     root = pathlib.Path(path).expanduser()
@@ -388,9 +430,9 @@ def make_random_model(path: str | os.PathLike, preset: str = "tiny", *, seed: in
         if component == "tokenizer":
             build_tokenizer().save_pretrained(folder)
         elif component == "scheduler":
-            from diffusers import DPMSolverMultistepScheduler  # noqa: PLC0415
+            import diffusers  # noqa: PLC0415
 
-            DPMSolverMultistepScheduler(**scheduler_config()).save_pretrained(folder)
+            getattr(diffusers, spec.scheduler)(**spec.scheduler_config).save_pretrained(folder)
         else:
             _write_network(folder, models.pop(component), component, spec, seed=seed, device=target)
             if target.type == "cuda":

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from .errors import RunFolderError, StorageError
-from .jobs import Job, MAX_SEED
+from .jobs import MAX_SEED, Job, JobDefaults
 
 MANIFEST = "run.json"
 MANIFEST_VERSION = 1
@@ -62,6 +62,7 @@ class Item:
     steps: int
     name: str | None
     seed_was_drawn: bool
+    sampler: str = "dpm-solver"
     prompt_key: str = ""
     negative_key: str = ""
     latent_key: str = ""
@@ -71,24 +72,32 @@ class Item:
         return asdict(self)
 
 
-def _job_spec(job: Job) -> dict:
-    """What a job asks for, independent of where it sits in the queue."""
+def _job_spec(job: Job, defaults: JobDefaults) -> dict:
+    """What a job asks for, independent of where it sits in the queue, with the model's defaults filled in. The
+    model's own sampler is left out, so specs (and the seeds drawn under them) stay those of versions before
+    samplers existed."""
     spec = asdict(job)
     spec.pop("index")
+    spec["cfg"] = float(defaults.cfg if job.cfg is None else job.cfg)
+    spec["steps"] = defaults.steps if job.steps is None else job.steps
+    if spec.pop("sampler") not in (None, defaults.sampler):
+        spec["sampler"] = job.sampler
     return spec
 
 
-def expand(jobs: list[Job], default_size: int, drawn_seeds: dict[str, list[int]],
+def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[int]],
            rng: random.Random | None = None) -> tuple[list[Item], dict[str, list[int]]]:
-    """Jobs -> items. A job's seed gives seed, seed+1, ... to its copies; a missing seed is drawn at random, and
-    remembered under the job's spec in `drawn_seeds` (kept in the manifest), so running the same queue again
-    finds the same seeds. Identical jobs (the article's three 'supercar' jobs) are told apart by occurrence."""
+    """Jobs -> items, with the model's `defaults` for what a job leaves out. A job's seed gives seed, seed+1, ...
+    to its copies; a missing seed is drawn at random, and remembered under the job's spec in `drawn_seeds` (kept
+    in the manifest), so running the same queue again finds the same seeds. Identical jobs (the article's three
+    'supercar' jobs) are told apart by occurrence."""
     rng = rng or random.SystemRandom()
     seen: dict[str, int] = {}
     items: list[Item] = []
     remembered: dict[str, list[int]] = {}
     for job in jobs:
-        spec_key = digest(_job_spec(job))
+        spec = _job_spec(job, defaults)
+        spec_key = digest(spec)
         occurrence = seen.get(spec_key, 0)
         seen[spec_key] = occurrence + 1
         slot = f"{spec_key}-{occurrence}"
@@ -106,8 +115,9 @@ def expand(jobs: list[Job], default_size: int, drawn_seeds: dict[str, list[int]]
                 item_id = f"{job.index:03d}-{slugify(job.prompt)}" + (f"-{k + 1}" if job.count > 1 else "")
             items.append(Item(
                 id=item_id, job_index=job.index, copy=k, prompt=job.prompt, negative_prompt=job.negative_prompt,
-                width=job.width or default_size, height=job.height or default_size, seed=seed,
-                cfg=float(job.cfg), steps=job.steps, name=job.name, seed_was_drawn=job.seed is None))
+                width=job.width or defaults.size, height=job.height or defaults.size, seed=seed,
+                cfg=spec["cfg"], steps=spec["steps"], sampler=job.sampler or defaults.sampler, name=job.name,
+                seed_was_drawn=job.seed is None))
     _make_ids_unique(items)
     return items, remembered
 

@@ -38,10 +38,11 @@ def job_problem(fields: dict, index: int = 1) -> Problem:
 # ---- good queues --------------------------------------------------------------------------------------------
 
 def test_a_minimal_job_gets_every_default():
+    """Size, guidance, steps and sampler are left to the model (None), decided once it is known."""
     [job] = parse_queue('[[jobs]]\nprompt = "a lighthouse at dusk"\n', "toml")
     assert job == Job(index=1, prompt="a lighthouse at dusk", negative_prompt="", width=None, height=None,
-                      seed=None, cfg=DEFAULT_CFG, steps=DEFAULT_STEPS, count=1, name=None)
-    assert (DEFAULT_CFG, DEFAULT_STEPS) == (4.5, 20)
+                      seed=None, cfg=None, steps=None, count=1, name=None, sampler=None)
+    assert (DEFAULT_CFG, DEFAULT_STEPS) == (4.5, 20)  # PixArt-α's, named in hints
 
 
 def test_label_names_the_job():
@@ -111,7 +112,7 @@ def test_the_seed_article_queue():
     assert len(jobs) == 5
     oppenheimer, pirate, *supercars = jobs
     assert oppenheimer.prompt.startswith("Oppenheimer sits on the beach")
-    assert (oppenheimer.cfg, oppenheimer.steps, oppenheimer.seed, oppenheimer.width) == (4.5, 20, None, None)
+    assert (oppenheimer.cfg, oppenheimer.steps, oppenheimer.seed, oppenheimer.width) == (None, None, None, None)
     assert pirate == Job(index=2, prompt="pirate ship trapped in a cosmic malestrom nebula", width=1024,
                          height=1024, seed=1152753, cfg=5.0, steps=30, count=1, name="pirate-ship")
     assert [(j.prompt, j.cfg, j.seed, j.name) for j in supercars] == [
@@ -126,7 +127,7 @@ def test_jobs_from_options():
 
 def test_jobs_from_options_none_means_not_given():
     [job] = jobs_from_options("a lighthouse", negative_prompt=None, cfg=None, steps=None)
-    assert (job.negative_prompt, job.cfg, job.steps) == ("", DEFAULT_CFG, DEFAULT_STEPS)
+    assert (job.negative_prompt, job.cfg, job.steps, job.sampler) == ("", None, None, None)
 
 
 def test_jobs_from_options_is_validated_like_a_file():

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pixart_lowvram.errors import Problem, QueueError
-from pixart_lowvram.jobs import (KNOWN_FIELDS, MAX_COUNT, MAX_SEED, MAX_SIDE, MAX_STEPS, Job, parse_queue,
-                                 validate_document)
+from pixart_lowvram.jobs import (KNOWN_FIELDS, MAX_COUNT, MAX_SEED, MAX_SIDE, MAX_STEPS, SAMPLER_NAMES, Job,
+                                 parse_queue, validate_document)
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -40,6 +40,7 @@ good_values = {
     "cfg": st.one_of(st.floats(0, 20), st.integers(0, 20)),
     "steps": st.integers(1, 50),
     "count": st.integers(1, 5),
+    "sampler": st.sampled_from(SAMPLER_NAMES + ("eulr", "DDIM", "")),
     "name": st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,10}", fullmatch=True),
 }
 good_job = st.fixed_dictionaries({"prompt": good_text}, optional=good_values)
@@ -69,9 +70,10 @@ def check_job(job: Job) -> None:
     assert type(job.negative_prompt) is str and "\0" not in job.negative_prompt
     for side in (job.width, job.height):
         assert side is None or (type(side) is int and 8 <= side <= MAX_SIDE and side % 8 == 0)
-    assert type(job.steps) is int and 1 <= job.steps <= MAX_STEPS
+    assert job.steps is None or (type(job.steps) is int and 1 <= job.steps <= MAX_STEPS)
     assert type(job.count) is int and 1 <= job.count <= MAX_COUNT
-    assert type(job.cfg) is float and math.isfinite(job.cfg) and job.cfg >= 0
+    assert job.cfg is None or (type(job.cfg) is float and math.isfinite(job.cfg) and job.cfg >= 0)
+    assert job.sampler is None or job.sampler in SAMPLER_NAMES
     assert job.seed is None or (type(job.seed) is int and 0 <= job.seed and job.seed + job.count - 1 <= MAX_SEED)
     if job.name is not None:
         assert type(job.name) is str and SAFE_NAME.fullmatch(job.name)

@@ -9,7 +9,7 @@ import torch
 
 from pixart_lowvram.errors import UsageError
 from pixart_lowvram.models import sizes_from_shapes
-from pixart_lowvram.placement import GiB, MiB, PlanError, Sizes, format_plan, make_plan, parse_size
+from pixart_lowvram.placement import MIN_STRIP_ROOM, GiB, MiB, PlanError, Sizes, format_plan, make_plan, parse_size
 from pixart_lowvram.random_model import count_parameters, empty_models, preset_config
 
 SEED_QUEUE = [(1024, 1024)] * 5  # the seed queue: five 1024x1024 images
@@ -116,12 +116,15 @@ def test_unconstrained_keeps_everything_resident(xl_sizes):
     assert plan["encode"].estimate > xl_sizes.text_encoder + plan.context
 
 
-def test_plan_at_1_5_gib_streams_both_networks_and_tiles_the_decode(xl_sizes):
+def test_plan_at_1_5_gib_streams_both_networks_and_decodes_in_strips(xl_sizes):
     budget = gib(1.5)
     plan = seed_plan(xl_sizes, budget)
     assert plan["encode"].placement == "streamed"
     assert plan["denoise"].placement == "streamed"
-    assert plan["decode"].placement == "tiled" and plan["decode"].tile < 1024
+    assert plan["decode"].placement == "strips"
+    # the strips' activations get what the budget leaves beside the context and the VAE's weights
+    room = plan["decode"].room
+    assert MIN_STRIP_ROOM <= room and plan.context + xl_sizes.vae + room <= budget
     assert all(0 < e <= budget for e in estimates(plan).values()), estimates(plan)
     # two T5 blocks at once do not fit: nothing is prefetched
     assert plan["encode"].ahead == 0
@@ -175,11 +178,11 @@ def test_estimates_grow_with_the_image_size(xl_sizes):
     large = make_plan(None, xl_sizes, [(2048, 2048)], texts=SEED_TEXTS)
     assert large["denoise"].estimate > small["denoise"].estimate
     assert large["decode"].estimate > small["decode"].estimate
-    # at 4 GiB a 1024x1024 image decodes whole, a 2048x2048 one needs tiles; both within the budget
+    # at 4 GiB a 1024x1024 image decodes whole, a 2048x2048 one in strips; both within the budget
     budget = gib(4)
     small, large = (make_plan(budget, xl_sizes, [size], texts=SEED_TEXTS) for size in ((1024, 1024), (2048, 2048)))
     assert small["decode"].placement == "whole"
-    assert large["decode"].placement == "tiled" and large["decode"].estimate <= budget
+    assert large["decode"].placement == "strips" and large["decode"].estimate <= budget
     # the largest image of the queue decides
     mixed = make_plan(budget, xl_sizes, [(1024, 1024), (2048, 2048), (512, 512)], texts=SEED_TEXTS)
     assert mixed["decode"] == large["decode"]
@@ -199,15 +202,15 @@ def test_format_plan_names_each_stage_and_the_budget(xl_sizes):
     assert "1.50 GiB" in text
     for stage in ("encode", "denoise", "decode"):
         assert re.search(rf"^\s+{stage}\s", text, re.M), text
-    assert "streamed" in text and "tiled" in text and "px tiles" in text
+    assert "streamed" in text and "strips" in text and "of activations" in text
     assert "unconstrained" in format_plan(seed_plan(xl_sizes, None))
     assert "on the CPU" in format_plan(seed_plan(xl_sizes, gib(1.5), encode_on_cpu=True))
 
 
 def test_a_small_image_whose_whole_decode_does_not_fit_raises_plan_error(xl_sizes):
     # a 256x256 image: the streamed DiT fits in 0.9 GiB, the whole VAE decode (about 1.04 GiB) does not, and
-    # no tile is smaller than the image
-    with pytest.raises(PlanError, match="decode"):
+    # beside the context and the VAE's weights less than the least a strip decode needs is left
+    with pytest.raises(PlanError, match="decode.*strips"):
         make_plan(gib(0.9), xl_sizes, [(256, 256)])
 
 

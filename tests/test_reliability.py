@@ -171,7 +171,7 @@ def test_a_folder_that_is_not_a_pixart_model_is_refused(model_copy, tmp_path, ca
     index = json.loads((model_copy / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionPipeline"
     (model_copy / "model_index.json").write_text(json.dumps(index))
-    assert "not a PixArt-alpha one" in model_error(model_copy, tmp_path, capsys)
+    assert "not a PixArt one" in model_error(model_copy, tmp_path, capsys)
 
 
 def test_pickled_weights_are_refused_unless_asked_for(model_copy, tmp_path, capsys):

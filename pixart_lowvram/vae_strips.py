@@ -1,0 +1,236 @@
+"""Exact VAE decoding in row strips, for budgets where a whole decode does not fit on the GPU.
+
+diffusers' tiled decoding (`vae.enable_tiling()`) normalises each tile on its own and blends the seams, so the
+image changes (up to 24/255 measured at 1024x1024, BENCHMARKS.md). The SD VAE decoder is 3x3 convolutions,
+GroupNorm, SiLU, nearest upsampling and one attention at latent resolution, so it can be computed exactly in
+pieces instead: the latent-resolution part (conv_in, the mid block with its attention) and every layer whose
+tensors fit run whole, through diffusers' own modules; a layer too big runs over horizontal strips of rows,
+each read with a one-row halo for its 3x3 convolution, and its GroupNorm uses statistics gathered over the
+whole image (a partial mean and sum of squares per strip, combined as Chan et al. do) -- the same numbers a
+whole-image GroupNorm computes, up to float rounding. Activations too big for the GPU wait in (pinned) host
+memory between layers. Torch's GroupNorm kernel normalises as x * a + b with a = rstd * gamma and
+b = beta - mean * a in float32; `_normalize` does the same, so the results match within float16 rounding.
+
+The walk mirrors diffusers' `Decoder.forward`, `UpDecoderBlock2D.forward`, `ResnetBlock2D.forward` and
+`Upsample2D.forward` (diffusers 0.42); `supports(vae)` refuses any decoder that is built differently, and the
+caller then falls back to diffusers' tiling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# GPU bytes per element of a strip, beyond its input and output: the float32 copy GroupNorm works in, the
+# normalised float16 copy, the convolution's output and workspace (measured peaks stay under this on an H100)
+_WORK_FACTOR = 3.0
+
+
+def supports(vae) -> bool:
+    """Whether `vae` is a decoder this module walks exactly (the SD / SDXL AutoencoderKL layout)."""
+    from diffusers.models.resnet import ResnetBlock2D  # noqa: PLC0415
+    from diffusers.models.upsampling import Upsample2D  # noqa: PLC0415
+
+    decoder = getattr(vae, "decoder", None)
+    if decoder is None or type(decoder).__name__ != "Decoder" or not isinstance(decoder.conv_norm_out, nn.GroupNorm):
+        return False
+    if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False):
+        return False
+    for block in decoder.up_blocks:
+        if type(block).__name__ != "UpDecoderBlock2D":
+            return False
+        for resnet in block.resnets:
+            if not (isinstance(resnet, ResnetBlock2D) and resnet.upsample is None and resnet.downsample is None
+                    and resnet.time_emb_proj is None and resnet.time_embedding_norm in ("default", "group")
+                    and (resnet.conv_shortcut is None or resnet.conv_shortcut.kernel_size == (1, 1))
+                    and isinstance(resnet.norm1, nn.GroupNorm) and isinstance(resnet.norm2, nn.GroupNorm)
+                    and _is_3x3(resnet.conv1) and _is_3x3(resnet.conv2)):
+                return False
+        for up in block.upsamplers or []:
+            if not (isinstance(up, Upsample2D) and up.norm is None and not up.use_conv_transpose and up.interpolate
+                    and up.use_conv and up.name == "conv" and _is_3x3(up.conv)):
+                return False
+    return _is_3x3(decoder.conv_out)
+
+
+def _is_3x3(conv) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+@dataclass
+class _Stats:
+    """GroupNorm statistics of a whole tensor, per (batch, group), gathered strip by strip."""
+    groups: int
+    count: float = 0.0
+    mean: torch.Tensor | None = None  # float64, (N, G)
+    m2: torch.Tensor | None = None
+
+    def add(self, strip: torch.Tensor) -> None:
+        n, c = strip.shape[:2]
+        flat = strip.reshape(n, self.groups, -1).float()
+        var, mean = torch.var_mean(flat, dim=-1, correction=0)
+        k = flat.shape[-1]
+        mean, m2 = mean.double(), var.double() * k
+        if self.mean is None:
+            self.count, self.mean, self.m2 = float(k), mean, m2
+            return
+        total = self.count + k
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (k / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * k / total)
+        self.count = total
+
+
+def _normalize(x: torch.Tensor, stats: _Stats, norm: nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm of a strip with whole-image statistics, computed as torch's kernel does (float32, x*a+b)."""
+    assert stats.groups == norm.num_groups
+    rstd = torch.rsqrt(stats.m2 / stats.count + norm.eps).float()  # (N, G)
+    mean = stats.mean.float()
+    per_group = x.shape[1] // norm.num_groups
+    a = rstd.repeat_interleave(per_group, dim=1)
+    b = -mean.repeat_interleave(per_group, dim=1) * a
+    if norm.weight is not None:
+        a = a * norm.weight.float()
+        b = b * norm.weight.float() + norm.bias.float()
+    return (x.float() * a[:, :, None, None] + b[:, :, None, None]).to(x.dtype)
+
+
+class StripDecoder:
+    """Decodes latents exactly within `room` bytes of GPU memory for activations (weights not counted)."""
+
+    def __init__(self, vae, device: torch.device, room: int):
+        if not supports(vae):
+            raise ValueError(f"{type(vae).__name__}: not a decoder that can be decoded in strips")
+        self.vae = vae
+        self.decoder = vae.decoder
+        self.device = torch.device(device)
+        self.room = int(room)
+        self.strips_used = 0  # layers that ran in strips (for tests and the report)
+
+    # -- storage ---------------------------------------------------------------------------------------------
+    def _empty(self, shape, dtype, *, on_gpu: bool) -> torch.Tensor:
+        if on_gpu or self.device.type == "cpu":
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    @staticmethod
+    def _bytes(shape, dtype) -> int:
+        n = 1
+        for s in shape:
+            n *= s
+        return n * torch.empty((), dtype=dtype).element_size()
+
+    def _rows(self, width: int, c_in: int, c_out: int, dtype, spare: int) -> int:
+        """Rows per strip: as many as fit in what is left of the room."""
+        item = torch.empty((), dtype=dtype).element_size()
+        per_row = width * (c_in + c_out) * item * (1 + _WORK_FACTOR)
+        return max(1, int(spare // per_row))
+
+    # -- the walk --------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """What `vae.decode(z).sample` computes (z already divided by the scaling factor)."""
+        z = z.to(self.device)
+        vae, dec = self.vae, self.decoder
+        if vae.post_quant_conv is not None:
+            z = vae.post_quant_conv(z)
+        x = dec.mid_block(dec.conv_in(z), None)  # latent resolution: small, attention needs it whole
+        stats = None
+        for block in dec.up_blocks:
+            for resnet in block.resnets:
+                x, stats = self._resnet(resnet, x, stats)
+            for up in block.upsamplers or []:
+                x, stats = self._upsample(up, x)
+        out, _ = self._norm_act_conv(x, stats, dec.conv_norm_out, dec.conv_act, dec.conv_out, on_gpu=True)
+        return out
+
+    def _whole_fits(self, x: torch.Tensor, c_out: int, factor: float) -> bool:
+        n, c, h, w = x.shape
+        return self._bytes((n, max(c, c_out), h, w), x.dtype) * factor <= self.room
+
+    def _resnet(self, resnet, x: torch.Tensor, stats: _Stats | None):
+        c_out = resnet.conv2.out_channels
+        if x.device == self.device and self._whole_fits(x, c_out, 6):
+            return resnet(x, None), None
+        self.strips_used += 1
+        n, _, h, w = x.shape
+        keep = 3 * self._bytes((n, max(x.shape[1], c_out), h, w), x.dtype) <= self.room // 2
+        if stats is None or stats.groups != resnet.norm1.num_groups:
+            stats = self._gather(x, resnet.norm1.num_groups)
+        mid, mid_stats = self._norm_act_conv(x, stats, resnet.norm1, resnet.nonlinearity, resnet.conv1, on_gpu=keep,
+                                             next_groups=resnet.norm2.num_groups)
+        out, out_stats = self._norm_act_conv(mid, mid_stats, resnet.norm2, resnet.nonlinearity, resnet.conv2,
+                                             on_gpu=keep, next_groups=resnet.norm1.num_groups, residual=(resnet, x))
+        return out, out_stats
+
+    def _gather(self, x: torch.Tensor, groups: int) -> _Stats:
+        stats = _Stats(groups)
+        n, c, h, w = x.shape
+        rows = self._rows(w, c, 0, x.dtype, self.room)
+        for a in range(0, h, rows):
+            stats.add(x[:, :, a:a + rows].to(self.device))
+        return stats
+
+    def _spare(self, x: torch.Tensor, on_gpu: bool, c_out: int) -> int:
+        n, c, h, w = x.shape
+        held = self._bytes(x.shape, x.dtype) if x.device == self.device else 0
+        held += self._bytes((n, c_out, h, w), x.dtype) if on_gpu else 0
+        return max(self.room - held, self.room // 8)
+
+    def _norm_act_conv(self, x, stats, norm, act, conv, *, on_gpu: bool, next_groups: int | None = None,
+                       residual=None):
+        """conv(act(norm(x))) over strips of rows; with `residual=(resnet, input)` also adds the resnet's
+        shortcut and divides by its output scale. Returns the output and its GroupNorm statistics."""
+        n, c, h, w = x.shape
+        c_out = conv.out_channels
+        if stats is None:
+            stats = self._gather(x, norm.num_groups)
+        out = self._empty((n, c_out, h, w), x.dtype, on_gpu=on_gpu)
+        out_stats = _Stats(next_groups) if next_groups else None
+        rows = self._rows(w, c + (residual[1].shape[1] if residual else 0), c_out, x.dtype,
+                          self._spare(x, on_gpu, c_out))
+        for a in range(0, h, rows):
+            b = min(a + rows, h)
+            lo, hi = max(a - 1, 0), min(b + 1, h)
+            strip = act(_normalize(x[:, :, lo:hi].to(self.device), stats, norm))
+            y = _conv_rows(conv, strip, top=(a == 0), bottom=(b == h))
+            if residual is not None:
+                resnet, inp = residual
+                shortcut = inp[:, :, a:b].to(self.device)
+                if resnet.conv_shortcut is not None:
+                    shortcut = resnet.conv_shortcut(shortcut)
+                y = (shortcut + y) / resnet.output_scale_factor
+            if out_stats is not None:
+                out_stats.add(y)
+            out[:, :, a:b].copy_(y)
+        return out, out_stats
+
+    def _upsample(self, up, x: torch.Tensor):
+        n, c, h, w = x.shape
+        if x.device == self.device and 3 * self._bytes((n, c, 2 * h, 2 * w), x.dtype) <= self.room:
+            return up(x), None
+        self.strips_used += 1
+        H, W = 2 * h, 2 * w
+        keep = 2 * self._bytes((n, c, H, W), x.dtype) <= self.room // 2
+        out = self._empty((n, c, H, W), x.dtype, on_gpu=keep)
+        rows = self._rows(W, c, c, x.dtype, self._spare(x, keep, 4 * c))
+        rows += rows % 2
+        for a in range(0, H, rows):
+            b = min(a + rows, H)
+            lo, hi = max(a - 1, 0), min(b + 1, H)  # rows of the upsampled image this strip's conv reads
+            src = x[:, :, lo // 2:(hi + 1) // 2].to(self.device)
+            big = F.interpolate(src, scale_factor=2.0, mode="nearest")[:, :, lo - 2 * (lo // 2):][:, :, :hi - lo]
+            out[:, :, a:b].copy_(_conv_rows(up.conv, big, top=(a == 0), bottom=(b == H)))
+        return out, None
+
+
+def _conv_rows(conv: nn.Conv2d, strip: torch.Tensor, *, top: bool, bottom: bool) -> torch.Tensor:
+    """A 3x3 convolution (padding 1) of the rows a strip owns: the strip carries a one-row halo on each side
+    except at the image's edges, where the zero padding the whole-image convolution sees is added instead."""
+    if top or bottom:
+        strip = F.pad(strip, (0, 0, int(top), int(bottom)))
+    return F.conv2d(strip, conv.weight, conv.bias, stride=1, padding=(0, 1))

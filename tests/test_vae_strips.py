@@ -1,0 +1,85 @@
+"""The strip decoder computes what the whole VAE decode computes, in any room, and the queue uses it when the
+plan says so: same images as the reference pipeline."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from conftest import reference_image
+from pixart_lowvram import generate
+from pixart_lowvram.generate import Settings, run_queue
+from pixart_lowvram.jobs import Job
+from pixart_lowvram.vae_strips import StripDecoder, supports
+from test_generate import CASES, CPU32, max_diff, pixels
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_model):
+    return AutoencoderKL.from_pretrained(f"{tiny_model}/vae").eval()
+
+
+@pytest.mark.parametrize("latent_hw", [(24, 32), (13, 17)])  # odd sizes: strips never divide the image evenly
+def test_strips_equal_the_whole_decode_in_any_room(vae, latent_hw):
+    z = torch.randn(2, vae.config.latent_channels, *latent_hw, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        whole = vae.decode(z).sample
+    used = []
+    for room in (10**9, 1_000_000, 150_000, 20_000):
+        decoder = StripDecoder(vae, torch.device("cpu"), room)
+        out = decoder.decode(z)
+        assert out.shape == whole.shape
+        assert (out - whole).abs().max().item() < 1e-4, room
+        used.append(decoder.strips_used)
+    assert used[0] == 0 and used[-1] > used[1] > 0, used  # the smaller the room, the more layers go in strips
+
+
+def test_diffusers_tiling_is_what_strips_avoid(vae):
+    """The reason for the strip decoder: diffusers' tiles are normalised separately and change the image."""
+    z = torch.randn(1, vae.config.latent_channels, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        whole = vae.decode(z).sample
+        vae.enable_tiling(); vae.tile_sample_min_size = 128; vae.tile_latent_min_size = 16
+        try:
+            tiled = vae.decode(z).sample
+        finally:
+            vae.disable_tiling()
+    strips = StripDecoder(vae, torch.device("cpu"), 20_000).decode(z)
+    assert (tiled - whole).abs().max().item() > 100 * (strips - whole).abs().max().item()
+
+
+def test_supports_refuses_what_it_cannot_walk_exactly(vae, tiny_model):
+    assert supports(vae)
+    other = AutoencoderKL.from_pretrained(f"{tiny_model}/vae").eval()
+    other.decoder.conv_out = torch.nn.Conv2d(other.decoder.conv_out.in_channels, 3, 5, padding=2)
+    assert not supports(other)
+    with pytest.raises(ValueError, match="strips"):
+        StripDecoder(other, torch.device("cpu"), 10**6)
+    other = AutoencoderKL.from_pretrained(f"{tiny_model}/vae").eval()
+    other.enable_tiling()
+    assert not supports(other)
+
+
+def test_a_strips_plan_makes_the_reference_images(tiny_model, reference_pipeline, tmp_path, monkeypatch):
+    """The queue with its decode planned in strips (a small room, as under a tight GPU budget) makes the
+    reference pipeline's images."""
+    real = generate._Queue.make_plan
+    planned = []
+
+    def strips_plan(self, texts, items):
+        plan = real(self, texts, items)
+        plan.stages["decode"] = dataclasses.replace(plan["decode"], placement="strips", room=40_000, tile=128)
+        planned.append(plan)
+        return plan
+
+    monkeypatch.setattr(generate._Queue, "make_plan", strips_plan)
+    made = []
+    real_init = StripDecoder.__init__
+    monkeypatch.setattr(StripDecoder, "__init__", lambda self, *a, **k: (real_init(self, *a, **k), made.append(self))[0])
+    jobs = [Job(index=i + 1, **case) for i, case in enumerate(CASES[:2])]
+    result = run_queue(jobs, tmp_path / "run", Settings(model=tiny_model, **CPU32))
+    assert planned and made and made[0].strips_used > 0
+    for item, case in zip(result.items, CASES):
+        assert max_diff(pixels(result.images[item.id]), reference_image(reference_pipeline, **case)) <= 1, item.id
