@@ -1,10 +1,16 @@
-"""The plain diffusers pipeline, everything on the GPU: the baseline every low-memory way is measured against.
+"""The plain diffusers pipeline: everything on the GPU (the baseline every low-memory way is measured against), or
+with one of diffusers' own memory savers (the anchors pixart-lowvram is compared with).
 
 Runs the items of an earlier pixart-lowvram run (same prompts, sizes, seeds) one call each, as a user of
 `PixArtAlphaPipeline` would, and writes the images and its figures (wall time, torch peak, whole-process peak
 from NVML, host RSS peak) as JSON. Run it in its own process, so its CUDA context and cache are its own.
 
-    python bench/reference_pipeline.py MODEL RUN_DIR OUT_DIR [--dtype float16]
+    python bench/reference_pipeline.py MODEL RUN_DIR OUT_DIR [--dtype float16] [--mode MODE]
+
+Modes: gpu (all on the GPU), model-offload (`enable_model_cpu_offload`: one component on the GPU at a time),
+sequential-offload (`enable_sequential_cpu_offload`: every layer moved in when it runs), group-offload
+(`enable_group_offload`, one block per group, copies on a side stream, with the VAE tiled: diffusers' fastest
+low-memory recipe).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--mode", default="gpu", choices=["gpu", "model-offload", "sequential-offload",
+                                                          "group-offload"])
     args = parser.parse_args()
 
     from diffusers import PixArtAlphaPipeline
@@ -36,8 +44,18 @@ def main() -> None:
     torch.zeros(1, device=device)
     probe = GpuMemoryProbe(device)
     start = time.perf_counter()
-    with StageMeter("all-on-GPU", device, probe) as meter:
-        pipe = PixArtAlphaPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(device)
+    with StageMeter(args.mode, device, probe) as meter:
+        pipe = PixArtAlphaPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
+        if args.mode == "gpu":
+            pipe.to(device)
+        elif args.mode == "model-offload":
+            pipe.enable_model_cpu_offload(device=device)
+        elif args.mode == "sequential-offload":
+            pipe.enable_sequential_cpu_offload(device=device)
+        else:
+            pipe.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1,
+                                      use_stream=True)
+            pipe.vae.enable_tiling()
         pipe.set_progress_bar_config(disable=True)
         loaded = time.perf_counter() - start
         for item in items:

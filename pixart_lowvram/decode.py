@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -53,21 +54,33 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
     pipe = make_pipeline(info, vae=vae)
     loaded()
     dtype_name = str(dtype).removeprefix("torch.")
-    with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():
-        for item in items:
-            checkpoint()
-            stored = folder.read_tensors(folder.latent_path(item.latent_key), item.latent_key,
-                                         {"latents": latent_shape(item)})
-            if stored is None:
-                raise RuntimeError(f"the latents of {item.id} vanished between stages")
-            latents = stored["latents"][None].to(device, vae.dtype)
-            latents = latents / vae.config.scaling_factor
-            image = strips.decode(latents) if strips else vae.decode(latents, return_dict=False)[0]
-            # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
-            image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
-            picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
-            bar.describe(item.id)
-            folder.write_png(folder.image_path(item), picture, png_text(item, info, key=item.image_key,
-                                                                         dtype=dtype_name))
-            bar.update()
+    # PNGs are compressed and written on a thread (PIL's encoder and the file writes let go of the GIL) while
+    # the GPU decodes the next image; whatever stops the loop, the images already decoded are written first.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer")
+    written: list[Future] = []
+    try:
+        with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():
+            for item in items:
+                checkpoint()
+                stored = folder.read_tensors(folder.latent_path(item.latent_key), item.latent_key,
+                                             {"latents": latent_shape(item)})
+                if stored is None:
+                    raise RuntimeError(f"the latents of {item.id} vanished between stages")
+                latents = stored["latents"][None].to(device, vae.dtype)
+                latents = latents / vae.config.scaling_factor
+                image = strips.decode(latents) if strips else vae.decode(latents, return_dict=False)[0]
+                # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
+                image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
+                picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
+                bar.describe(item.id)
+                for future in written:
+                    if future.done():
+                        future.result()  # a failed write (disk full) stops the stage here
+                written.append(writer.submit(folder.write_png, folder.image_path(item), picture,
+                                             png_text(item, info, key=item.image_key, dtype=dtype_name)))
+                bar.update()
+    finally:
+        writer.shutdown(wait=True)
+    for future in written:
+        future.result()
     return len(items)

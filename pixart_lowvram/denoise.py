@@ -9,11 +9,19 @@ from itertools import groupby
 
 import torch
 
-from .models import ModelInfo, load_scheduler, load_transformer, make_pipeline
+from .memory import available_ram
+from .models import ModelInfo, component_sizes, load_scheduler, load_transformer, make_pipeline
 from .placement import StagePlan
 from .reporting import Reporter
 from .run import Item, RunFolder
-from .streaming import stream_blocks_from_host
+from .streaming import load_transformer_streamed_from_files, stream_blocks_from_host
+
+
+def pinned_dit_fits_in_ram(info: ModelInfo, dtype: torch.dtype) -> bool:
+    """Whether RAM can hold the DiT twice over (from_pretrained's copy while it is packed into pinned buffers)
+    with room to spare; where it cannot, its blocks stream from the files (issue 3: never fail for want of RAM)."""
+    free = available_ram()
+    return free is None or 2 * component_sizes(info, dtype).transformer <= free * 0.8
 
 
 def group_key(item: Item) -> tuple:
@@ -39,10 +47,16 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
         if plan.placement == "streamed":
             # Measured (BENCHMARKS.md): diffusers' group offloading ran this stage 3.3x slower than resident at
             # 1.5 GiB (18.1 s vs 5.5 s); our streamer keeps what fits on the GPU, the other blocks pinned in RAM
-            # (one buffer each), and overlaps each block's copy with the compute of the one before.
-            transformer = load_transformer(info, dtype, torch.device("cpu"))
-            streamer = stream_blocks_from_host(transformer, "transformer_blocks", device, ahead=plan.ahead,
-                                               resident=plan.resident_blocks)
+            # (one buffer each), and overlaps each block's copy with the compute of the ones before.
+            if pinned_dit_fits_in_ram(info, dtype):
+                transformer = load_transformer(info, dtype, torch.device("cpu"))
+                streamer = stream_blocks_from_host(transformer, "transformer_blocks", device, ahead=plan.ahead,
+                                                   resident=plan.resident_blocks)
+            else:
+                reporter.info("not enough free RAM to hold the transformer's blocks pinned: streaming them from "
+                              "the weights files at every step instead (slower)")
+                transformer, streamer = load_transformer_streamed_from_files(
+                    info.path / "transformer", dtype, device, ahead=plan.ahead, resident=plan.resident_blocks)
         else:
             transformer = load_transformer(info, dtype, device)
         bar.update()

@@ -120,24 +120,32 @@ def _peak(context: int, tensors: int) -> int:
 
 def make_plan(budget: int | None, sizes: Sizes, image_sizes: list[tuple[int, int]], *, texts: int = 1,
               encode_batch: int = 1, denoise_batch: int = 1, context: int = CUDA_CONTEXT,
-              encode_on_cpu: bool = False) -> Plan:
+              encode_on_cpu: bool = False, text_encoder_8bit: bool = False) -> Plan:
     """Choose each stage's placement for `budget` bytes (None: everything resident, as fast as it goes).
 
     `image_sizes` are the (width, height) the DiT and VAE work at (after resolution binning); `texts` how
-    many texts go through T5 together."""
+    many texts go through T5 together. An 8-bit T5 (`sizes` counted so) is resident or nothing: bitsandbytes'
+    int8 layers are not streamed."""
     biggest = max(image_sizes, key=lambda wh: wh[0] * wh[1], default=(1024, 1024))
     fits = (lambda need: True) if budget is None else (lambda need: need <= budget)
-    stages = {"encode": _plan_encode(sizes, fits, context, texts, encode_batch, encode_on_cpu),
+    stages = {"encode": _plan_encode(sizes, fits, context, texts, encode_batch, encode_on_cpu, text_encoder_8bit),
               "denoise": _plan_denoise(sizes, fits, context, biggest, denoise_batch, budget),
               "decode": _plan_decode(sizes, fits, context, biggest, budget)}
     return Plan(budget=budget, context=context, stages=stages)
 
 
-def _plan_encode(s: Sizes, fits, context: int, texts: int, micro: int, on_cpu: bool) -> StagePlan:
+def _plan_encode(s: Sizes, fits, context: int, texts: int, micro: int, on_cpu: bool,
+                 eight_bit: bool = False) -> StagePlan:
     act = _t5_activations(s, texts, micro)
     if on_cpu:
         return StagePlan("encode", "cpu", estimate=0, batch=micro, note="asked for: T5 runs on the CPU")
     resident = _peak(context, s.text_encoder + act)
+    if eight_bit:
+        if not fits(resident):
+            raise PlanError(f"the 8-bit text encoder needs ~{format_size(resident)} on the GPU (CUDA context "
+                            f"included) and is never streamed: leave out --text-encoder-8bit, and T5 streams in "
+                            f"16 bits within the budget")
+        return StagePlan("encode", "resident", estimate=resident, batch=micro, note="T5 in 8 bits (bitsandbytes)")
     if fits(resident):
         return StagePlan("encode", "resident", estimate=resident, batch=micro)
     for ahead in (1, 0):
@@ -154,13 +162,17 @@ def _plan_denoise(s: Sizes, fits, context: int, size: tuple[int, int], batch: in
     resident = _peak(context, s.transformer + act)
     if fits(resident):
         return StagePlan("denoise", "resident", estimate=resident, batch=batch)
-    streamed = _peak(context, s.transformer_other + 2 * s.transformer_block + act)
-    if fits(streamed):
-        # Blocks that fit in what is left stay on the GPU: fewer bytes cross the bus at every step.
-        spare = (budget - streamed) / FRAGMENTATION * 0.7 if budget is not None else 0
-        keep = max(0, min(s.transformer_blocks - 2, int(spare // max(1, s.transformer_block))))
-        estimate = _peak(context, s.transformer_other + (2 + keep) * s.transformer_block + act)
-        return StagePlan("denoise", "streamed", estimate=estimate, batch=batch, ahead=1, resident_blocks=keep)
+    # Two blocks copied ahead of the one computing hide the copies (bench/stream_profile.py, H100: 42.7 ms a
+    # step against 41.3 resident; with one ahead, 48.9); one ahead where two do not fit.
+    for ahead in (2, 1):
+        streamed = _peak(context, s.transformer_other + (1 + ahead) * s.transformer_block + act)
+        if fits(streamed):
+            # Blocks that fit in what is left stay on the GPU: fewer bytes cross the bus at every step.
+            spare = (budget - streamed) / FRAGMENTATION * 0.7 if budget is not None else 0
+            keep = max(0, min(s.transformer_blocks - 1 - ahead, int(spare // max(1, s.transformer_block))))
+            estimate = _peak(context, s.transformer_other + (1 + ahead + keep) * s.transformer_block + act)
+            return StagePlan("denoise", "streamed", estimate=estimate, batch=batch, ahead=ahead,
+                             resident_blocks=keep)
     if batch > 1:
         return _plan_denoise(s, fits, context, size, 1, budget)
     raise PlanError(f"a VRAM budget of {format_size(budget)} is too small to denoise {size[0]}x{size[1]} images: "

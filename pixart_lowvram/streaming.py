@@ -117,17 +117,30 @@ def index_safetensors(files: list[Path]) -> dict[str, Stored]:
     return index
 
 
-def read_into(stored: Stored, out: torch.Tensor) -> None:
+READ_CHUNK = 32 * 1024**2  # a tensor is read in pieces of this size, in parallel
+READ_THREADS = 4  # page cache -> pinned memory: 5.5 GB/s with one thread, 15 with 4 (bench/stream_profile.py)
+
+
+def read_into(stored: Stored, out: torch.Tensor, pool: ThreadPoolExecutor | None = None) -> None:
     """Fill a CPU uint8 tensor (pinned or not) with a tensor's bytes, with plain reads: the page cache serves
-    them and nothing is mapped into this process, so host RSS does not grow by the model's size."""
+    them and nothing is mapped into this process, so host RSS does not grow by the model's size. With a `pool`,
+    pieces of the tensor are read in parallel (os.preadv releases the GIL): one thread copies far slower from
+    the page cache than the bus moves."""
     view = memoryview(out.numpy()).cast("B")
     with open(stored.path, "rb", buffering=0) as f:
-        done = 0
-        while done < stored.nbytes:
-            n = os.preadv(f.fileno(), [view[done:stored.nbytes]], stored.start + done)
-            if n <= 0:
-                raise OSError(f"{stored.path}: unexpected end of file")
-            done += n
+        def piece(begin: int, end: int) -> None:
+            done = begin
+            while done < end:
+                n = os.preadv(f.fileno(), [view[done:end]], stored.start + done)
+                if n <= 0:
+                    raise OSError(f"{stored.path}: unexpected end of file")
+                done += n
+
+        if pool is None or stored.nbytes <= READ_CHUNK:
+            return piece(0, stored.nbytes)
+        for future in [pool.submit(piece, b, min(b + READ_CHUNK, stored.nbytes))
+                       for b in range(0, stored.nbytes, READ_CHUNK)]:
+            future.result()
 
 
 def load_tensor(stored: Stored, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -148,15 +161,18 @@ class BlockStreamer:
 
     def __init__(self, units: list[nn.Module],
                  params: list[dict[str, tuple[tuple[nn.Module, str], Stored, torch.dtype]]],
-                 device: torch.device, ahead: int = 1):
+                 device: torch.device, ahead: int = 1, cyclic: bool = False):
         self.units, self.params, self.device, self.ahead = units, params, device, ahead
+        # cyclic: the units run again and again (the DiT, at every step): the last one prefetches the first ones
+        self.cyclic = cyclic
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
         sizes = [sum(_aligned(s.nbytes) for _, s, _ in p.values() if isinstance(s, Stored)) for p in params]
         slots = ahead + 2 if max(sizes, default=0) else 0  # blocks held in RAM need no ring
         self.slots = [torch.empty(max(sizes), dtype=torch.uint8, pin_memory=self.cuda) for _ in range(slots)]
         self.slot_free: list[torch.cuda.Event | None] = [None] * len(self.slots)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-read")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-read")  # one block after another
+        self.io = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="weights-io") if slots else None
         self.reads: dict[int, Future] = {}
         self.ready: dict[int, torch.cuda.Event | None] = {}
         self.on_device: dict[int, list[torch.Tensor]] = {}
@@ -187,9 +203,12 @@ class BlockStreamer:
         if self.slot_free[slot] is not None:
             self.slot_free[slot].synchronize()  # its previous copy to the GPU is done
         offset = 0
-        for _, stored, _ in self.params[i].values():
-            read_into(stored, self.slots[slot][offset:offset + stored.nbytes])
+        pieces = []
+        for _, stored, _ in self.params[i].values():  # the block's tensors, read side by side
+            pieces.append(self.io.submit(read_into, stored, self.slots[slot][offset:offset + stored.nbytes]))
             offset += _aligned(stored.nbytes)
+        for piece in pieces:
+            piece.result()
         return slot
 
     def _schedule_read(self, i: int) -> None:
@@ -249,12 +268,15 @@ class BlockStreamer:
         self.ready[i] = event
         self.on_device[i] = tensors
 
+    def _next(self, j: int) -> int:
+        return j % len(self.units) if self.cyclic else j
+
     def _before(self, i: int) -> None:
         self._copy(i)
         for j in range(i + 1, i + 1 + self.ahead):
-            self._copy(j)
+            self._copy(self._next(j))
         for j in range(i + 1 + self.ahead, i + 1 + self.ahead + 2):
-            self._schedule_read(j)
+            self._schedule_read(self._next(j))
         event = self.ready.pop(i, None)
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
@@ -265,13 +287,15 @@ class BlockStreamer:
         for owner, src, dtype in self.params[i].values():
             _set(owner, torch.empty(src.shape, dtype=dtype, device="meta"))
         del self.on_device[i]
-        if i == len(self.units) - 1:
+        if i == len(self.units) - 1 and not self.cyclic:
             self.ready.clear()
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
         self.pool.shutdown(wait=True)
+        if self.io is not None:
+            self.io.shutdown(wait=True)
         self.slots.clear()
         self.flat.clear()
         self.on_device.clear()
@@ -299,6 +323,29 @@ class _nullcontext:
 
 def _target_dtype(name: str, dtype: torch.dtype, keep_fp32: tuple[str, ...]) -> torch.dtype:
     return torch.float32 if any(m in name.split(".") for m in keep_fp32) else dtype
+
+
+def _place_from_files(model: nn.Module, find, block_pattern: str, units: int, dtype: torch.dtype,
+                      keep_fp32: tuple[str, ...], device: torch.device, *, first: int = 0, skip: tuple[str, ...] = (),
+                      rename=lambda name: name) -> list[dict]:
+    """Point the parameters of an empty (meta) model at its weights files: those of blocks `first`, `first + 1`,
+    ... (matched by `block_pattern` on the name as stored) become the streamer's units, read when needed; all
+    others load onto `device` now. `find(stored_name, param)` locates a tensor in the files."""
+    block = re.compile(block_pattern)
+    per_unit: list[dict] = [dict() for _ in range(units)]
+    for name, param in list(model.named_parameters()):
+        if name.startswith(skip):
+            continue
+        path, _, leaf = name.rpartition(".")
+        owner = (model.get_submodule(path) if path else model, leaf)
+        plain = rename(name)
+        target = _target_dtype(plain, dtype, keep_fp32)
+        match = block.match(plain)
+        if match and int(match.group(1)) >= first:
+            per_unit[int(match.group(1)) - first][name] = (owner, find(plain, param), target)
+        else:
+            _set(owner, load_tensor(find(plain, param), target, device))
+    return per_unit
 
 
 def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.device, *, micro_batch: int = 1,
@@ -334,20 +381,11 @@ def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.d
     model.shared = model.encoder.embed_tokens  # the encoder's embedding is the model's input embedding
 
     units = micro_batch_blocks(model.encoder.block, micro_batch)
-    block = re.compile(r"encoder\.block\.(\d+)\.")
-    per_unit: list[dict] = [dict() for _ in units]
-    for name, param in list(model.named_parameters()):
-        if name.startswith(("encoder.embed_tokens.", "shared.")):
-            continue
-        path, _, leaf = name.rpartition(".")
-        owner = (model.get_submodule(path), leaf)
-        plain = re.sub(r"encoder\.block\.(\d+)\.block\.", r"encoder.block.\1.", name)  # the wrapper's level
-        target = _target_dtype(plain, dtype, keep)
-        match = block.match(plain)
-        if match:
-            per_unit[int(match.group(1))][name] = (owner, find(plain, param), target)
-        else:
-            _set(owner, load_tensor(find(plain, param), target, device))
+    # parameter names below are the wrappers' (encoder.block.N.block.*); the files name them encoder.block.N.*
+    per_unit = _place_from_files(
+        model, find, r"encoder\.block\.(\d+)\.", len(units), dtype, keep,
+        device, skip=("encoder.embed_tokens.", "shared."),
+        rename=lambda name: re.sub(r"encoder\.block\.(\d+)\.block\.", r"encoder.block.\1.", name))
     for name, buf in model.named_buffers():
         if buf.is_meta:
             raise RuntimeError(f"{folder}: buffer {name} has no stored value")  # T5 has none; keep it honest
@@ -357,7 +395,38 @@ def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.d
 
 # -- the DiT, streamed from pinned host memory ---------------------------------------------------------------------
 
-def stream_blocks_from_host(model: nn.Module, blocks_attr: str, device: torch.device, ahead: int = 1,
+def load_transformer_streamed_from_files(folder: Path, dtype: torch.dtype, device: torch.device, *, ahead: int = 2,
+                                        resident: int = 0):
+    """The DiT for a machine whose RAM cannot hold its streamed blocks pinned (see denoise.py): built empty, its
+    first `resident` blocks and everything outside the blocks loaded onto `device`, the other blocks read from the
+    safetensors files at every step (the page cache serves them while it can) through a small pinned ring.
+    Returns (model, streamer); the model computes what `from_pretrained(torch_dtype=dtype)` gives."""
+    from accelerate import init_empty_weights  # noqa: PLC0415
+    from diffusers import PixArtTransformer2DModel  # noqa: PLC0415
+
+    with init_empty_weights():  # parameters on meta; buffers (the positional embedding) computed as usual
+        model = PixArtTransformer2DModel.from_config(PixArtTransformer2DModel.load_config(folder))
+    model.eval()
+    stored = index_safetensors(sorted(folder.glob("*.safetensors")))
+
+    def find(name: str, param) -> Stored:
+        if name not in stored:
+            raise KeyError(f"{folder}: no tensor {name!r} in the weights files")
+        return stored[name]
+
+    blocks = len(model.transformer_blocks)
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    per_unit = _place_from_files(model, find, r"transformer_blocks\.(\d+)\.", blocks - resident, dtype, keep,
+                                 device, first=resident)
+    for module in model.modules():
+        for leaf, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[leaf] = buf.to(device)
+    streamer = BlockStreamer(list(model.transformer_blocks)[resident:], per_unit, device, ahead=ahead, cyclic=True)
+    return model, streamer
+
+
+def stream_blocks_from_host(model: nn.Module, blocks_attr: str, device: torch.device, ahead: int = 2,
                             resident: int = 0) -> BlockStreamer:
     """`model`, loaded on the CPU by from_pretrained, runs on `device` with its first `resident` blocks kept there
     and the others streamed, `ahead + 1` at a time: everything outside the blocks moves to the device; each
@@ -381,7 +450,8 @@ def stream_blocks_from_host(model: nn.Module, blocks_attr: str, device: torch.de
             path, _, leaf = name.rpartition(".")
             (unit.get_submodule(path) if path else unit)._buffers[leaf] = buf.to(device)
         per_unit.append(params)
-    streamer = BlockStreamer(units, per_unit, device, ahead=ahead)  # packs each block into pinned memory
+    # cyclic: at every step the last block prefetches the first ones of the next step
+    streamer = BlockStreamer(units, per_unit, device, ahead=ahead, cyclic=True)  # packs blocks into pinned memory
     for params in per_unit:
         for owner, src, dtype in params.values():
             _set(owner, torch.empty(src.shape, dtype=dtype, device="meta"))

@@ -290,3 +290,121 @@ def test_every_encode_placement_writes_the_same_embeddings(tiny_model, reference
                     max_sequence_length=info.max_sequence_length)
             assert torch.equal(resident[f"text{i}"]["embeds"], embeds[0])
             assert torch.equal(resident[f"text{i}"]["mask"], mask[0])
+
+
+# -- the DiT, streamed from pinned host memory ---------------------------------------------------------------------
+
+def dit_inputs(transformer, steps=3):
+    g = torch.Generator("cpu").manual_seed(1)
+    size = transformer.config.sample_size
+    latents = torch.randn(2, transformer.config.in_channels, size, size, generator=g)
+    text = torch.randn(2, 7, transformer.config.caption_channels, generator=g)
+    cond = {"resolution": torch.tensor([[256.0, 256.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+    return [dict(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([900 - 300 * t] * 2),
+                 added_cond_kwargs=cond, return_dict=False) for t in range(steps)]
+
+
+@pytest.mark.parametrize(("resident", "ahead"), [(0, 1), (0, 2), (1, 2), (0, 5)])
+def test_streamed_dit_equals_the_resident_one_step_after_step(tiny_model, resident, ahead):
+    """Step after step (the last block prefetches the first ones of the next step), the streamed DiT computes
+    what the resident one does, bit for bit, and moves exactly the streamed blocks' bytes at every step."""
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart_lowvram.streaming import stream_blocks_from_host
+
+    folder = Path(tiny_model) / "transformer"
+    reference = PixArtTransformer2DModel.from_pretrained(folder).eval()
+    model = PixArtTransformer2DModel.from_pretrained(folder).eval()
+    per_block = [sum(p.numel() * p.element_size() for p in b.parameters())
+                 for b in list(model.transformer_blocks)[resident:]]
+    streamed_bytes = sum(per_block)
+    ahead_held = min(ahead, len(per_block) - 1)  # the last block cannot prefetch itself
+    prefetched = sum(per_block[:ahead_held])  # the first streamed blocks, for the next step
+    streamer = stream_blocks_from_host(model, "transformer_blocks", torch.device("cpu"), ahead=ahead,
+                                       resident=resident)
+    try:
+        assert all(p.is_meta for b in list(model.transformer_blocks)[resident:] for p in b.parameters())
+        with torch.inference_mode():
+            for step, kwargs in enumerate(dit_inputs(reference)):
+                moved = streamer.bytes_moved
+                assert torch.equal(model(**kwargs)[0], reference(**kwargs)[0]), f"step {step}"
+                # every step moves the streamed blocks once; the first also prefetches for the second
+                assert streamer.bytes_moved - moved == streamed_bytes + (prefetched if step == 0 else 0)
+                # between steps only the prefetched blocks are held
+                assert sorted(streamer.on_device) == list(range(ahead_held))
+    finally:
+        streamer.close()
+
+
+def test_read_into_with_a_pool_reads_every_piece(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import save_file
+
+    from pixart_lowvram import streaming
+
+    monkeypatch.setattr(streaming, "READ_CHUNK", 1000)  # many pieces, the last one short
+    tensor = torch.randn(3, 1777)
+    save_file({"a": torch.zeros(5), "t": tensor}, tmp_path / "w.safetensors")
+    stored = index_safetensors([tmp_path / "w.safetensors"])["t"]
+    out = torch.empty(stored.nbytes, dtype=torch.uint8)
+    with ThreadPoolExecutor(3) as pool:
+        streaming.read_into(stored, out, pool)
+    assert torch.equal(out.view(torch.float32).view(3, 1777), tensor)
+
+
+def test_dit_streamed_from_the_files_equals_from_pretrained(tiny_model):
+    """Where RAM cannot hold the DiT pinned, its blocks come from the files at every step: same outputs."""
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart_lowvram.streaming import load_transformer_streamed_from_files
+
+    folder = Path(tiny_model) / "transformer"
+    reference = PixArtTransformer2DModel.from_pretrained(folder).eval()
+    model, streamer = load_transformer_streamed_from_files(folder, torch.float32, torch.device("cpu"), ahead=1,
+                                                           resident=1)
+    try:
+        stored = sum(s.nbytes for name, s in index_safetensors(sorted(folder.glob("*.safetensors"))).items()
+                     if name.startswith("transformer_blocks.") and int(name.split(".")[1]) >= 1)
+        with torch.inference_mode():
+            for step, kwargs in enumerate(dit_inputs(reference)):
+                moved = streamer.bytes_moved
+                assert torch.equal(model(**kwargs)[0], reference(**kwargs)[0]), f"step {step}"
+                if step:
+                    assert streamer.bytes_moved - moved == stored  # the streamed blocks, once a step
+    finally:
+        streamer.close()
+
+
+def test_denoise_streams_from_the_files_when_ram_is_short(tiny_model, tmp_path, monkeypatch):
+    """A machine without the RAM to pin the DiT still runs a streamed plan, and makes the same latents."""
+    from pixart_lowvram import denoise
+    from pixart_lowvram.generate import Settings, run_queue
+    from pixart_lowvram.jobs import jobs_from_options
+    from pixart_lowvram.placement import Plan
+
+    jobs = jobs_from_options("a lighthouse at dusk", seed=5, steps=3, width=256, height=256)
+    settings = Settings(model=tiny_model, device="cpu", dtype="float32", embed_cache=None)
+    streamed = StagePlan("denoise", "streamed", estimate=0, ahead=1, resident_blocks=0)
+
+    def plan_with_streamed_dit(self, *args, **kwargs):
+        plan = original(self, *args, **kwargs)
+        return Plan(plan.budget, plan.context, {**plan.stages, "denoise": streamed})
+
+    from pixart_lowvram import generate
+    original = generate._Queue.make_plan
+    used = []
+    monkeypatch.setattr(generate._Queue, "make_plan", plan_with_streamed_dit)
+    real = denoise.load_transformer_streamed_from_files
+    monkeypatch.setattr(denoise, "load_transformer_streamed_from_files",
+                        lambda *a, **k: used.append(1) or real(*a, **k))
+    monkeypatch.setattr(denoise, "available_ram", lambda: 1000)  # 1 kB free: less than even the tiny DiT
+    run_queue(jobs, tmp_path / "short", settings)
+    assert used, "the DiT did not stream from the files"
+    monkeypatch.setattr(denoise, "available_ram", lambda: None)
+    run_queue(jobs, tmp_path / "plenty", settings)
+    assert len(used) == 1
+    short = sorted((tmp_path / "short" / "latents").glob("*.safetensors"))
+    plenty = sorted((tmp_path / "plenty" / "latents").glob("*.safetensors"))
+    assert [p.name for p in short] == [p.name for p in plenty] and len(short) == 1
+    assert torch.equal(load_file(short[0])["latents"], load_file(plenty[0])["latents"])
