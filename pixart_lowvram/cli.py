@@ -21,6 +21,7 @@ examples:
   pixart-lowvram run examples/seed-queue.toml           the whole queue with PixArt-XL-2-1024-MS
   pixart-lowvram run queue.toml --model ./my-pixart     a model folder in the diffusers layout
   pixart-lowvram generate "a lighthouse at dusk" --seed 7 --count 4
+  pixart-lowvram generate "a fox" --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --sampler euler-a
   pixart-lowvram make-random-model --preset xl ./pixart-xl-random
 
 Running the same command again resumes: finished embeddings, latents and images are kept and skipped.
@@ -85,22 +86,29 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
 
     g = p.add_argument_group("run options")
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_DIR",
-                   help=f"hub id or local folder in the diffusers layout (default: {DEFAULT_MODEL})")
+                   help=f"hub id or local folder in the diffusers layout; PixArt-α, Σ, LCM or DMD, told apart by "
+                        f"its model_index.json (default: {DEFAULT_MODEL})")
     g.add_argument("--out", metavar="DIR", help=out_help)
     g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if there is one)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
-                   help="precision of the weights (default: float16 on a GPU, as the reference; float32 on CPU)")
+                   help="precision of the weights (default: float16 on a GPU, as the reference; float32 on CPU). "
+                        "PixArt-Σ's SDXL VAE overflows float16: it decodes in float32 in a float16 run")
     g.add_argument("--encode-batch", type=int, default=1, metavar="N",
                    help="texts through T5 at once (1: the reference's exact kernels; more is faster on long "
                         "queues, within fp16 rounding)")
     g.add_argument("--denoise-batch", type=int, default=1, metavar="N",
-                   help="images denoised at once when size, steps and cfg match (1)")
+                   help="images denoised at once when size, steps, cfg and sampler match (1)")
     g.add_argument("--vram-budget", metavar="SIZE",
                    help="GPU memory the whole process may use, CUDA context included: 1.5GiB, 6GB, 800MiB, or "
                         "auto (what the GPU has free). Components that do not fit stream their weights. "
                         "Default: no limit, everything that fits stays on the GPU")
     g.add_argument("--text-encoder-on-cpu", dest="encode_on_cpu", action="store_true",
                    help="run T5 on the CPU: no GPU memory for it at all, but slow")
+    g.add_argument("--text-encoder-8bit", dest="text_encoder_8bit", action="store_true",
+                   help="load T5 in 8 bits, diffusers' bitsandbytes recipe: T5-XXL takes ~7.4 GiB of GPU memory "
+                        "instead of ~10.7, loaded straight onto the GPU, never streamed. Embeddings and images "
+                        "deviate from 16-bit ones (BENCHMARKS.md, Precision). CUDA only; needs "
+                        "pip install 'pixart-lowvram[8bit]'")
     g.add_argument("--no-embed-cache", dest="embed_cache", action="store_const", const=None, default="default",
                    help="do not share prompt embeddings across runs (default: ~/.cache/pixart-lowvram/embeds)")
     g.add_argument("--force", action="store_true", help="redo everything instead of resuming")
@@ -130,7 +138,8 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pixart-lowvram", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Run PixArt-alpha text-to-image on small GPUs at full 16-bit quality. The queue runs in "
+        description="Run PixArt text-to-image models (PixArt-α 1024 and 512, PixArt-Σ, PixArt-LCM, PixArt-α DMD: "
+                    "the kind is read from the model folder) on small GPUs at full 16-bit quality. The queue runs in "
                     "stages, one model component in memory at a time: encode every prompt (T5), denoise every "
                     "image (DiT), decode every image (VAE).")
     from . import __version__  # noqa: PLC0415

@@ -18,20 +18,22 @@ from .streaming import load_text_encoder_streamed, micro_batch_blocks
 GROUP = 32  # texts through T5 together (their hidden states are all alive at once)
 
 
-def _load(info: ModelInfo, plan: StagePlan, dtype: torch.dtype, device: torch.device, micro: int):
-    if plan.placement == "streamed":
+def _load(info: ModelInfo, plan: StagePlan, dtype: torch.dtype, device: torch.device, micro: int,
+          eight_bit: bool):
+    if plan.placement == "streamed" and not eight_bit:  # the planner keeps an 8-bit T5 resident
         return load_text_encoder_streamed(info.path / "text_encoder", dtype, device, micro_batch=micro,
                                           ahead=plan.ahead)
-    model = load_text_encoder(info, dtype, device)
+    model = load_text_encoder(info, dtype, device, eight_bit=eight_bit)
     micro_batch_blocks(model.encoder.block, micro)
     return model, None
 
 
 def encode_texts(info: ModelInfo, texts: dict[str, str], *, folder: RunFolder, device: torch.device,
                  dtype: torch.dtype, batch_size: int, reporter: Reporter, checkpoint, plan: StagePlan,
-                 cache=None, loaded=lambda: None) -> int:
+                 cache=None, eight_bit: bool = False, loaded=lambda: None) -> int:
     """Encode `texts` (key -> text), writing embeds/<key>.safetensors for each (and to the shared `cache`
-    folder, if given). Returns how many were made. The text encoder lives only inside this function."""
+    folder, if given). Returns how many were made. The text encoder lives only inside this function.
+    `eight_bit`: T5 in 8 bits (bitsandbytes, resident on the GPU: the planner never streams it)."""
     keys = list(texts)
     if plan.placement == "cpu":
         # fp16 matrix products are slow or missing on CPUs: compute in fp32, store at the run's dtype
@@ -41,7 +43,7 @@ def encode_texts(info: ModelInfo, texts: dict[str, str], *, folder: RunFolder, d
     with reporter.bar("load text encoder", total=2, unit="part", transient=True) as bar:
         tokenizer = load_tokenizer(info)
         bar.update()
-        text_encoder, streamer = _load(info, plan, compute_dtype, device, batch_size)
+        text_encoder, streamer = _load(info, plan, compute_dtype, device, batch_size, eight_bit)
         bar.update()
     pipe = make_pipeline(info, tokenizer=tokenizer, text_encoder=text_encoder)
     loaded()

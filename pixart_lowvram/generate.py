@@ -22,7 +22,8 @@ from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory, Problem, QueueError, UsageError
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
-from .models import DEFAULT_MODEL, ModelInfo, caption_cleaning, component_sizes, resolve_model, vae_dtype
+from .models import (DEFAULT_MODEL, ModelInfo, bitsandbytes_available, caption_cleaning, component_sizes,
+                     resolve_model, vae_dtype)
 from .placement import CUDA_CONTEXT, Plan, format_plan, make_plan, parse_size
 from .reporting import Reporter
 from .run import EmbeddingCache, Item, RunFolder, digest, expand
@@ -45,6 +46,9 @@ class Settings:
     allow_pickle: bool = False  # load pickled .bin weights (they can run code when loaded) if no safetensors
     vram_budget: str | int | None = None  # whole-process GPU memory: bytes, "1.5GiB", "auto"; None: unconstrained
     encode_on_cpu: bool = False  # T5 on the CPU: no VRAM for the encoder, slow
+    # T5 in 8 bits, diffusers' bitsandbytes recipe (CUDA only): ~7.4 GiB instead of ~10.7 for T5-XXL, loaded
+    # shard by shard onto the GPU; embeddings deviate (BENCHMARKS.md, "Precision")
+    text_encoder_8bit: bool = False
     embed_cache: str | Path | None = "default"  # prompt embeddings shared across runs; None: off
 
 
@@ -85,6 +89,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UsageError(f"--dtype {name!r}: choose float16, bfloat16 or float32")
     return DTYPES[name]
+
+
+def check_text_encoder_8bit(device: torch.device, encode_on_cpu: bool) -> None:
+    """--text-encoder-8bit can work here: a CUDA GPU, bitsandbytes installed, T5 not asked onto the CPU."""
+    if device.type != "cuda":
+        raise UsageError(f"--text-encoder-8bit needs a CUDA GPU (bitsandbytes' 8-bit layers run only there); this "
+                         f"run is on the {device.type.upper()}, where T5 runs in float32 without it")
+    if encode_on_cpu:
+        raise UsageError("--text-encoder-8bit and --text-encoder-on-cpu exclude each other: choose one")
+    if not bitsandbytes_available():
+        raise UsageError("--text-encoder-8bit needs bitsandbytes: pip install 'pixart-lowvram[8bit]'")
 
 
 def binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
@@ -196,6 +211,8 @@ class _Queue:
         self.stop = stop or threading.Event()
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        if settings.text_encoder_8bit:
+            check_text_encoder_8bit(self.device, settings.encode_on_cpu)
         for label, value in (("encode batch", settings.encode_batch), ("denoise batch", settings.denoise_batch)):
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"{label} must be a positive integer, not {value!r}")
@@ -241,7 +258,8 @@ class _Queue:
         drawn = previous.get("drawn_seeds", {}) if not self.settings.force else {}
         self.items, remembered = expand(self.jobs, self.info.defaults, drawn)
         self.drawn_seeds = {**drawn, **remembered}
-        self.texts = assign_keys(self.items, self.info, self.dtype, self.settings.encode_on_cpu)
+        self.texts = assign_keys(self.items, self.info, self.dtype, self.settings.encode_on_cpu,
+                                 self.settings.text_encoder_8bit)
         self.left_alone = self.removed_images(previous)
         if self.left_alone:
             names = ", ".join(p.name for p in self.left_alone[:5]) + (", ..." if len(self.left_alone) > 5 else "")
@@ -301,12 +319,13 @@ class _Queue:
     def make_plan(self, texts: int, items: list[Item]) -> Plan:
         from .encode import GROUP  # noqa: PLC0415
 
-        sizes = component_sizes(self.info, self.dtype)
+        sizes = component_sizes(self.info, self.dtype, self.settings.text_encoder_8bit)
         binned = [binned_size(self.info, it.width, it.height) for it in items] or [
             binned_size(self.info, it.width, it.height) for it in self.items]
         return make_plan(self.budget, sizes, binned, texts=max(1, min(texts, GROUP)),
                          encode_batch=self.settings.encode_batch, denoise_batch=self.settings.denoise_batch,
-                         context=self.context, encode_on_cpu=self.settings.encode_on_cpu)
+                         context=self.context, encode_on_cpu=self.settings.encode_on_cpu,
+                         text_encoder_8bit=self.settings.text_encoder_8bit)
 
     def stage(self, name: str, count: int, work) -> None:
         """Run one stage under a meter, then release its component; a stage with nothing to do loads nothing."""
@@ -371,7 +390,7 @@ class _Queue:
                           checkpoint=self.checkpoint, loaded=lambda: self.meter.loaded())
             self.stage("encode", len(todo_texts), lambda: encode_texts(
                 self.info, todo_texts, batch_size=self.settings.encode_batch, plan=self.plan["encode"],
-                cache=self.cache, **common))
+                cache=self.cache, eight_bit=self.settings.text_encoder_8bit, **common))
             self.stage("denoise", len(todo_latents), lambda: denoise_items(
                 self.info, todo_latents, batch_size=self.plan["denoise"].batch, embed_shape=self.embed_shape(),
                 plan=self.plan["denoise"], **common))
@@ -400,7 +419,8 @@ class _Queue:
                       "pipeline": self.info.pipeline_class, "identity": self.info.identity},
             "settings": {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                          "encode_batch": self.settings.encode_batch, "denoise_batch": self.settings.denoise_batch,
-                         "max_sequence_length": self.info.max_sequence_length},
+                         "max_sequence_length": self.info.max_sequence_length,
+                         "text_encoder_8bit": self.settings.text_encoder_8bit},
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "memory_source": self.probe.source if self.probe else None,
             "vram_budget": self.budget,

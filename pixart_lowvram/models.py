@@ -317,9 +317,29 @@ def load_tokenizer(info: ModelInfo):
     return _load(info, "tokenizer")
 
 
-def load_text_encoder(info: ModelInfo, dtype: torch.dtype, device: torch.device):
+def load_text_encoder(info: ModelInfo, dtype: torch.dtype, device: torch.device, eight_bit: bool = False):
     # transformers keeps T5's `wo` layers in fp32 (_keep_in_fp32_modules) as the reference pipeline does.
+    if eight_bit:
+        return _load(info, "text_encoder", **text_encoder_8bit_kwargs(dtype, device)).eval()
     return _load(info, "text_encoder", dtype=dtype, use_safetensors=True).to(device).eval()
+
+
+def text_encoder_8bit_kwargs(dtype: torch.dtype, device: torch.device) -> dict:
+    """`from_pretrained` arguments of diffusers' 8-bit T5 recipe (the PixArt-α docs, "under 8GB GPU VRAM"), in
+    transformers 5's spelling: a BitsAndBytesConfig in place of `load_in_8bit=True`. The shards load straight
+    onto the GPU (bitsandbytes' int8 layers cannot be moved with `.to`); every linear layer but the fp32 `wo`
+    ones becomes LLM.int8 (`wo` stays fp32, as transformers keeps it), the rest is in `dtype`."""
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return dict(dtype=dtype, use_safetensors=True, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                device_map={"": index})
+
+
+def bitsandbytes_available() -> bool:
+    import importlib.util  # noqa: PLC0415
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def load_transformer(info: ModelInfo, dtype: torch.dtype, device: torch.device):
@@ -395,14 +415,22 @@ def tensor_shapes(info: ModelInfo, component: str) -> dict[str, tuple[str, list[
     return shapes
 
 
-def _bytes_at(shapes: dict, itemsize: int, keep_fp32: tuple[str, ...] = ()) -> dict[str, int]:
+def _bytes_at(shapes: dict, itemsize: int, keep_fp32: tuple[str, ...] = (), int8=lambda name: False) -> dict[str, int]:
     out = {}
     for name, (_, shape) in shapes.items():
         numel = 1
         for d in shape:
             numel *= d
-        out[name] = numel * (4 if any(m in name.split(".") for m in keep_fp32) else itemsize)
+        if any(m in name.split(".") for m in keep_fp32):
+            out[name] = numel * 4
+        elif int8(name):
+            out[name] = numel + shape[0] * 4  # LLM.int8: a byte per weight, a float32 scale per output row
+        else:
+            out[name] = numel * itemsize
     return out
+
+
+_T5_INT8 = re.compile(r"encoder\.block\.\d+\.layer\.\d+\.(SelfAttention\.[qkvo]|DenseReluDense\.wi(_\d)?)\.weight")
 
 
 def _blocks(sizes: dict[str, int], prefix: str) -> tuple[int, int, int]:
@@ -419,17 +447,21 @@ def _blocks(sizes: dict[str, int], prefix: str) -> tuple[int, int, int]:
     return max(per_block.values(), default=0), other, len(per_block)
 
 
-def component_sizes(info: ModelInfo, dtype: torch.dtype):
+def component_sizes(info: ModelInfo, dtype: torch.dtype, text_encoder_8bit: bool = False):
     """The planner's input: each component's bytes at `dtype`, from the headers alone."""
     shapes = {c: tensor_shapes(info, c) for c in ("text_encoder", "transformer", "vae")}
-    return sizes_from_shapes(shapes, info.configs, dtype, info.max_sequence_length)
+    return sizes_from_shapes(shapes, info.configs, dtype, info.max_sequence_length, text_encoder_8bit)
 
 
-def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype: torch.dtype, max_tokens: int = 120):
+def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype: torch.dtype, max_tokens: int = 120,
+                      text_encoder_8bit: bool = False):
+    """Bytes of each component as loaded. With `text_encoder_8bit`, T5's attention and wi layers count a byte a
+    weight (its fp32 `wo` layers stay fp32: T5-XXL is ~7.4 GiB so, against ~10.7 GiB in float16)."""
     from .placement import Sizes  # noqa: PLC0415
 
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    t5 = _bytes_at(shapes["text_encoder"], itemsize, T5_FP32_MODULES)
+    t5 = _bytes_at(shapes["text_encoder"], itemsize, T5_FP32_MODULES,
+                   int8=_T5_INT8.fullmatch if text_encoder_8bit else (lambda name: False))
     dit = _bytes_at(shapes["transformer"], itemsize)
     vae = _bytes_at(shapes["vae"], itemsize)
     t5_block, t5_other, _ = _blocks(t5, "encoder.block")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 # No test reads or writes the user's cache (shared prompt embeddings, the demo model), not even session fixtures.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="pixart-lowvram-test-cache-")
@@ -28,12 +30,22 @@ def reference_pipeline(tiny_model):
     return pipe
 
 
-def reference_image(pipe, *, prompt, negative_prompt="", width, height, cfg=4.5, steps=20, seed):
-    import numpy as np
-
+def reference_image(pipe, *, prompt, negative_prompt="", width=None, height=None, cfg=4.5, steps=20, seed,
+                    **usage):
+    """The plain pipeline's image for one seed; `usage` passes what a model's reference usage adds (timesteps)."""
     image = pipe(prompt, negative_prompt=negative_prompt, width=width, height=height, guidance_scale=cfg,
-                 num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+                 num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed), **usage).images[0]
     return np.asarray(image)
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
 @pytest.fixture(autouse=True)

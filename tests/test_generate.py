@@ -6,26 +6,15 @@ import gc
 import json
 import weakref
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import reference_image
+from conftest import max_diff, pixels, reference_image
 from pixart_lowvram import decode, denoise, encode
 from pixart_lowvram.generate import Settings, run_queue
 from pixart_lowvram.jobs import Job, jobs_from_options, parse_queue
 
 CPU32 = dict(device="cpu", dtype="float32")
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape
-    return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
 CASES = [
