@@ -450,20 +450,23 @@ def _blocks(sizes: dict[str, int], prefix: str) -> tuple[int, int, int]:
 def component_sizes(info: ModelInfo, dtype: torch.dtype, text_encoder_8bit: bool = False):
     """The planner's input: each component's bytes at `dtype`, from the headers alone."""
     shapes = {c: tensor_shapes(info, c) for c in ("text_encoder", "transformer", "vae")}
-    return sizes_from_shapes(shapes, info.configs, dtype, info.max_sequence_length, text_encoder_8bit)
+    return sizes_from_shapes(shapes, info.configs, dtype, info.max_sequence_length, text_encoder_8bit,
+                             vae_dtype=vae_dtype(info, dtype))
 
 
 def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype: torch.dtype, max_tokens: int = 120,
-                      text_encoder_8bit: bool = False):
+                      text_encoder_8bit: bool = False, vae_dtype: torch.dtype | None = None):
     """Bytes of each component as loaded. With `text_encoder_8bit`, T5's attention and wi layers count a byte a
-    weight (its fp32 `wo` layers stay fp32: T5-XXL is ~7.4 GiB so, against ~10.7 GiB in float16)."""
+    weight (its fp32 `wo` layers stay fp32: T5-XXL is ~7.4 GiB so, against ~10.7 GiB in float16). The VAE counts
+    at `vae_dtype` (default: `dtype`), its weights and its activations."""
     from .placement import Sizes  # noqa: PLC0415
 
     itemsize = torch.tensor([], dtype=dtype).element_size()
+    vae_itemsize = torch.tensor([], dtype=vae_dtype or dtype).element_size()
     t5 = _bytes_at(shapes["text_encoder"], itemsize, T5_FP32_MODULES,
                    int8=_T5_INT8.fullmatch if text_encoder_8bit else (lambda name: False))
     dit = _bytes_at(shapes["transformer"], itemsize)
-    vae = _bytes_at(shapes["vae"], itemsize)
+    vae = _bytes_at(shapes["vae"], vae_itemsize)
     t5_block, t5_other, _ = _blocks(t5, "encoder.block")
     # The token embedding is one tensor stored under one or both of its tied names.
     tied = [n for name, n in t5.items() if name in ("shared.weight", "encoder.embed_tokens.weight")]
@@ -478,4 +481,5 @@ def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype: 
         vae=sum(vae.values()), transformer_blocks=dit_blocks, text_tokens=max_tokens, text_dim=int(te["d_model"]),
         text_ff=int(te["d_ff"]), dit_width=int(tr["num_attention_heads"]) * int(tr["attention_head_dim"]),
         dit_patch=int(tr.get("patch_size", 2)),
-        vae_scale=2 ** (len(configs["vae"]["block_out_channels"]) - 1), dtype_bytes=itemsize)
+        vae_scale=2 ** (len(configs["vae"]["block_out_channels"]) - 1), dtype_bytes=itemsize,
+        vae_dtype_bytes=vae_itemsize)

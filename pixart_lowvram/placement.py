@@ -47,6 +47,7 @@ class Sizes:
     dit_patch: int = 2
     vae_scale: int = 8
     dtype_bytes: int = 2
+    vae_dtype_bytes: int = 0  # the VAE's, where it decodes in another dtype (Σ's SDXL VAE in float32); 0: dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _dit_activations(s: Sizes, size: tuple[int, int], batch: int) -> int:
 
 
 def _vae_activations(s: Sizes, side_w: int, side_h: int) -> int:
-    return int(side_w * side_h * VAE_BYTES_PER_PIXEL * s.dtype_bytes / 2)
+    return int(side_w * side_h * VAE_BYTES_PER_PIXEL * (s.vae_dtype_bytes or s.dtype_bytes) / 2)
 
 
 def _peak(context: int, tensors: int) -> int:

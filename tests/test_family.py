@@ -157,6 +157,17 @@ def test_only_an_sdxl_vae_that_needs_it_is_upcast(family):
     assert vae_dtype(fp16_fix, torch.float16) == torch.float16  # the "fp16-fix" VAE says it is safe
 
 
+def test_the_planner_counts_sigmas_vae_in_float32_in_a_float16_run(family):
+    sigma, alpha = resolve_model(family["tiny-sigma"]), resolve_model(family["tiny"])
+    sigma16, sigma32 = models.component_sizes(sigma, torch.float16), models.component_sizes(sigma, torch.float32)
+    assert sigma16.vae == sigma32.vae and sigma16.vae_dtype_bytes == 4
+    assert sigma16.transformer * 2 == sigma32.transformer  # the rest stays in float16
+    assert models.component_sizes(alpha, torch.float16).vae_dtype_bytes == 2
+    images = [(1024, 1024)]
+    assert (make_plan(None, sigma16, images)["decode"].estimate
+            > make_plan(None, dataclasses.replace(sigma16, vae_dtype_bytes=2), images)["decode"].estimate)
+
+
 # -- samplers --------------------------------------------------------------------------------------------------------
 
 # Each sampler as a diffusers user swaps it in: pipe.scheduler = X.from_config(pipe.scheduler.config, ...).
