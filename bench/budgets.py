@@ -28,11 +28,26 @@ ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3
 
 
-def sh(args: list[str], log: Path) -> float:
+OURS = {"unconstrained": ("pixart-lowvram, unconstrained", None, None),
+        "8GiB": ("pixart-lowvram --vram-budget 8GiB", "8GiB", None),
+        "1.5GiB": ("pixart-lowvram --vram-budget 1.5GiB", "1.5GiB", None),
+        "capped": ("pixart-lowvram, emulated 2 GB card (torch capped at 1 GiB, --vram-budget 1.6GiB)", "1.6GiB", 1.0)}
+ANCHORS = {"gpu": "diffusers PixArtAlphaPipeline, all on GPU",
+           "model-offload": "diffusers, enable_model_cpu_offload",
+           "group-offload": "diffusers, group offloading (block level, streams) + VAE tiling",
+           "sequential-offload": "diffusers, enable_sequential_cpu_offload"}
+
+
+def sh(args: list[str], log: Path, timeout: float | None = None) -> float | None:
+    """Run a command, its output to `log`; its wall time, or None where it ran past `timeout` (killed)."""
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except subprocess.TimeoutExpired:
+            print(f"{' '.join(args)}: not finished after {timeout:.0f} s")
+            return None
     seconds = time.perf_counter() - start
     tail = log.read_text()[-2500:]
     print(tail)
@@ -52,7 +67,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="/tmp/pixart-xl-random")
     parser.add_argument("--queue", default="examples/seed-queue.toml")
-    parser.add_argument("--skip", nargs="*", default=[], help="anchor modes to leave out (e.g. sequential-offload)")
+    parser.add_argument("--rows", nargs="*", default=list(OURS) + list(ANCHORS),
+                        help=f"which rows to run (default: all): {', '.join(list(OURS) + list(ANCHORS))}; the "
+                             "unconstrained run always runs (its items and seeds are everyone's)")
+    parser.add_argument("--anchor-timeout", type=float, default=240,
+                        help="seconds an anchor may take before it is recorded as not finished")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/pixart-budgets")
@@ -68,34 +87,31 @@ def main() -> None:
     # install, a read-only site-packages), the first process to import them would pay for compiling them.
     # Compile once, before timing anything, as an installed environment would have them.
     os.environ.setdefault("PYTHONPYCACHEPREFIX", "/tmp/pixart-bench-pycache")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # set in some containers: every process would compile again
     sh([py, "-c", "import torch, transformers.models.t5.modeling_t5; from diffusers import PixArtAlphaPipeline; "
                   "import pixart_lowvram.generate, pixart_lowvram.streaming, pixart_lowvram.vae_strips"],
        args.out / "warm-imports.log")
 
-    anchors = {"gpu": "diffusers PixArtAlphaPipeline, all on GPU",
-               "model-offload": "diffusers, enable_model_cpu_offload",
-               "sequential-offload": "diffusers, enable_sequential_cpu_offload",
-               "group-offload": "diffusers, group offloading (block level, streams) + VAE tiling"}
     base = work / "unconstrained"
     rows: list[dict] = []
 
     def reference(mode: str, tag: str = "") -> dict:
         ref_dir = work / f"reference-{mode}{tag}"
         wall = sh([py, "bench/reference_pipeline.py", args.model, str(base), str(ref_dir), "--mode", mode],
-                  args.out / f"reference-{mode}{tag}.log")
+                  args.out / f"reference-{mode}{tag}.log", timeout=None if mode == "gpu" else args.anchor_timeout)
+        row = {"method": ANCHORS[mode] + (" (again, after the others)" if tag else ""), "budget": None,
+               "wall_s": wall, "folder": str(ref_dir), "reference": True, "mode": mode}
+        if wall is None:
+            return {**row, "note": f"not finished after {args.anchor_timeout:.0f} s"}
         ref = json.loads((ref_dir / "reference.json").read_text())
-        return {"method": anchors[mode] + (" (again, after the others)" if tag else ""), "budget": None,
-                "wall_s": wall, "torch_peak": ref["torch_peak"], "nvml_peak": ref["nvml_peak"],
-                "rss_peak": ref["rss_peak"], "pipeline_s": ref["wall_seconds"], "folder": str(ref_dir),
-                "reference": True}
+        return {**row, "torch_peak": ref["torch_peak"], "nvml_peak": ref["nvml_peak"], "rss_peak": ref["rss_peak"],
+                "pipeline_s": ref["wall_seconds"]}
 
     def keep(row: dict) -> None:  # a row at a time, so a run cut short still leaves what it measured
         rows.append(row)
         (args.out / "rows-partial.json").write_text(json.dumps(rows, indent=2, default=str))
 
-    ways = [("pixart-lowvram, unconstrained", None, None), ("pixart-lowvram --vram-budget 8GiB", "8GiB", None),
-            ("pixart-lowvram --vram-budget 1.5GiB", "1.5GiB", None),
-            ("pixart-lowvram, emulated 2 GB card (torch capped at 1 GiB, --vram-budget 1.6GiB)", "1.6GiB", 1.0)]
+    ways = [OURS[name] for name in OURS if name == "unconstrained" or name in args.rows]
     for label, budget, cap in ways:
         out = work / (budget or "unconstrained") if cap is None else work / "capped"
         out.mkdir(exist_ok=True)
@@ -118,15 +134,17 @@ def main() -> None:
     # The baseline runs twice, after our rows and at the very end; the faster run is the one ratios divide by.
     keep(reference("gpu"))
     for mode in ("model-offload", "group-offload", "sequential-offload"):
-        if mode not in args.skip:
+        if mode in args.rows:
             keep(reference(mode))
     keep(reference("gpu", tag="-again"))
     ref_dir = work / "reference-gpu"
-    baseline = min(r["wall_s"] for r in rows if r["method"].startswith(anchors["gpu"]))
+    baseline = min(r["wall_s"] for r in rows if r.get("mode") == "gpu")
     rows.sort(key=lambda r: not r.get("reference"))  # the anchors first
 
     names = [it["id"] for it in next(r for r in rows if "items" in r)["items"]]
     for row in rows:
+        if row["wall_s"] is None:
+            continue
         folder = Path(row["folder"])
         own = (lambda n: folder / f"{n}.png") if row.get("reference") else (lambda n: folder / "images" / f"{n}.png")
         row["max_diff_vs_unconstrained"] = max(diff(own(n), base / "images" / f"{n}.png") for n in names)
@@ -135,11 +153,14 @@ def main() -> None:
         row.pop("items", None)
 
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "queue": args.queue,
-              "command": "python bench/budgets.py --out OUT", "baseline_wall_s": baseline, "rows": rows}
+              "command": "python bench/budgets.py --out OUT" + (f" --rows {' '.join(args.rows)}" if args.rows else ""), "baseline_wall_s": baseline, "rows": rows}
     (args.out / "latest.json").write_text(json.dumps(result, indent=2))
     lines = ["| method | budget | wall s | ratio | torch peak GiB | NVML peak GiB | host RSS GiB | max px diff vs unconstrained | vs plain pipeline |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r["wall_s"] is None:
+            lines.append(f"| {r['method']} | - | {r['note']} | | | | | | |")
+            continue
         lines.append(f"| {r['method']} | {r['budget'] or '-'} | {r['wall_s']:.1f} | {r['ratio']:.2f} | "
                      f"{r['torch_peak'] / GiB:.2f} | {r['nvml_peak'] / GiB:.2f} | {r['rss_peak'] / GiB:.2f} | "
                      f"{r['max_diff_vs_unconstrained']} | {r['max_diff_vs_pipeline']} |")

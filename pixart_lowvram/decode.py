@@ -54,9 +54,10 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
     pipe = make_pipeline(info, vae=vae)
     loaded()
     dtype_name = str(dtype).removeprefix("torch.")
-    # PNGs are compressed and written on a thread (PIL's encoder and the file writes let go of the GIL) while
-    # the GPU decodes the next image; whatever stops the loop, the images already decoded are written first.
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="png-writer")
+    # PNGs are compressed and written on threads (PIL's zlib encoder and the file writes let go of the GIL)
+    # while the GPU decodes the next images: a 1024x1024 PNG takes longer to compress than to decode. Whatever
+    # stops the loop, the images already decoded are written first.
+    writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="png-writer")
     written: list[Future] = []
     try:
         with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():

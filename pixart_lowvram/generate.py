@@ -67,8 +67,10 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device, with its index where it is a GPU ("cuda" -> "cuda:0"): tensors report theirs so, and a
+    comparison with an index-less device would never be equal."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as exc:
@@ -78,6 +80,8 @@ def resolve_device(name: str) -> torch.device:
             raise UsageError(f"--device {name!r}: this torch sees no CUDA GPU (torch {torch.__version__})")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name!r}: there are {torch.cuda.device_count()} CUDA GPU(s)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     elif device.type != "cpu":
         raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
     return device

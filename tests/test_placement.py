@@ -167,8 +167,8 @@ def test_encode_on_cpu_is_honoured_at_any_budget(xl_sizes):
 
 
 def test_t5_falls_back_to_the_cpu_when_one_block_does_not_fit(xl_sizes):
-    # one T5 block (0.44 GiB) plus the CUDA context is about 1.2 GiB; the streamed DiT needs less
-    plan = seed_plan(xl_sizes, gib(1.15))
+    # one T5 block (0.44 GiB) plus the CUDA context and reserve is about 1.35 GiB; the streamed DiT needs less
+    plan = seed_plan(xl_sizes, gib(1.3))
     assert plan["encode"].placement == "cpu" and "CPU" in plan["encode"].note
     assert plan["denoise"].placement == "streamed"
 
@@ -208,10 +208,10 @@ def test_format_plan_names_each_stage_and_the_budget(xl_sizes):
 
 
 def test_a_small_image_whose_whole_decode_does_not_fit_raises_plan_error(xl_sizes):
-    # a 256x256 image: the streamed DiT fits in 0.9 GiB, the whole VAE decode (about 1.04 GiB) does not, and
-    # beside the context and the VAE's weights less than the least a strip decode needs is left
+    # a 256x256 image: the streamed DiT fits in 1 GiB (0.93 GiB), the whole VAE decode does not, and beside
+    # the context, the reserve and the VAE's weights less than the least a strip decode needs is left
     with pytest.raises(PlanError, match="decode.*strips"):
-        make_plan(gib(0.9), xl_sizes, [(256, 256)])
+        make_plan(gib(1.0), xl_sizes, [(256, 256)])
 
 
 # -- every plan fits its budget ------------------------------------------------------------------------------------
