@@ -22,7 +22,7 @@ from pixart_lowvram.errors import QueueError, UsageError
 from pixart_lowvram.generate import Settings, assign_keys, run_queue
 from pixart_lowvram.jobs import Job, jobs_from_options
 from pixart_lowvram.models import ModelInfo, resolve_model, sizes_from_shapes, vae_dtype
-from pixart_lowvram.placement import GiB, PlanError, make_plan
+from pixart_lowvram.placement import GiB, PlanError, format_plan, make_plan
 from pixart_lowvram.random_model import empty_models, make_random_model, preset_config
 from pixart_lowvram.run import expand
 
@@ -73,6 +73,14 @@ def test_each_kind_is_detected_from_its_folder_with_its_reference_defaults(famil
     assert info.kind.timesteps == ((400,) if kind == "dmd" else None)
 
 
+def preset_info(preset: str) -> ModelInfo:
+    """What resolve_model would read from a preset's folder, from its configs alone (nothing is built)."""
+    spec = preset_config(preset)
+    return ModelInfo(source=preset, path=None, pipeline_class=spec.pipeline, classes={"scheduler": spec.scheduler},
+                     configs={"text_encoder": spec.text_encoder, "transformer": spec.transformer, "vae": spec.vae,
+                              "scheduler": {"_class_name": spec.scheduler, **spec.scheduler_config}})
+
+
 @pytest.mark.parametrize("preset, kind, size, bins", [
     ("xl", "alpha", 1024, alpha_bins.ASPECT_RATIO_1024_BIN),
     ("xl-512", "alpha", 512, alpha_bins.ASPECT_RATIO_512_BIN),
@@ -82,10 +90,7 @@ def test_each_kind_is_detected_from_its_folder_with_its_reference_defaults(famil
     ("xl-dmd", "dmd", 512, alpha_bins.ASPECT_RATIO_512_BIN),
 ])
 def test_full_size_presets_are_the_real_checkpoints_kinds_and_sizes(preset, kind, size, bins):
-    spec = preset_config(preset)  # configs only: nothing is built
-    info = ModelInfo(source=preset, path=None, pipeline_class=spec.pipeline, classes={"scheduler": spec.scheduler},
-                     configs={"text_encoder": spec.text_encoder, "transformer": spec.transformer, "vae": spec.vae,
-                              "scheduler": {"_class_name": spec.scheduler, **spec.scheduler_config}})
+    info = preset_info(preset)
     assert (info.kind.name, info.default_size) == (kind, size)
     assert info.resolution_bins is bins
     assert info.max_sequence_length == (300 if kind == "sigma" else 120)
@@ -117,6 +122,24 @@ def test_each_kind_makes_the_reference_pipelines_image(family, preset, tmp_path)
     ours = pixels(result.images[result.items[0].id])
     assert ours.shape == expected.shape
     assert max_diff(ours, expected) <= 1
+
+
+@pytest.mark.parametrize("preset, budget", [("xl", 1.5), ("xl-512", 1.5), ("xl-sigma", 1.5), ("xl-lcm", 1.5),
+                                            ("xl-dmd", 1.5), ("xl-sigma-2k", 2.5)])
+def test_every_kind_at_full_size_plans_within_a_small_budget(preset, budget):
+    """The real shapes (meta device, nothing allocated) at each model's default size, in float16. Σ 2K's 2048 px
+    images need ~2.1 GiB: the DiT's activations alone are ~1.2 GiB there."""
+    info = preset_info(preset)
+    shapes = {name: {k: ("F16", list(p.shape)) for k, p in model.state_dict().items()}
+              for name, model in empty_models(preset_config(preset)).items()}
+    sizes = sizes_from_shapes(shapes, info.configs, torch.float16, info.max_sequence_length,
+                              vae_dtype=vae_dtype(info, torch.float16))
+    plan = make_plan(int(budget * GiB), sizes, [generate.binned_size(info, info.default_size, info.default_size)],
+                     texts=4)
+    assert all(stage.estimate <= budget * GiB for stage in plan.stages.values()), format_plan(plan)
+    if preset == "xl-sigma-2k":
+        with pytest.raises(PlanError, match="too small to denoise 2048x2048"):
+            make_plan(2 * GiB, sizes, [(2048, 2048)], texts=4)
 
 
 # -- PixArt-Σ's VAE in a float16 run ---------------------------------------------------------------------------------
@@ -268,7 +291,12 @@ def test_8bit_without_bitsandbytes_says_what_to_install(tiny_model, tmp_path, mo
 def test_8bit_loads_t5_with_the_diffusers_recipe(tiny_model, monkeypatch):
     """BitsAndBytesConfig(load_in_8bit=True) straight onto the GPU, never `.to()` (int8 layers cannot move)."""
     calls = []
-    monkeypatch.setattr(models, "_load", lambda info, component, **kwargs: calls.append(kwargs) or torch.nn.Linear(1, 1))
+
+    def load(info, component, **kwargs):
+        calls.append(kwargs)
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(models, "_load", load)
     models.load_text_encoder(resolve_model(tiny_model), torch.float16, torch.device("cuda", 1), eight_bit=True)
     (kwargs,) = calls
     assert kwargs["quantization_config"].load_in_8bit and kwargs["device_map"] == {"": 1}
