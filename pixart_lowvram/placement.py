@@ -27,6 +27,9 @@ FRAGMENTATION = 1.10  # what the caching allocator holds over what tensors use, 
 VAE_BYTES_PER_PIXEL = 2560  # fp16 SD-VAE decode activations per output pixel (2.42 GiB at 1024x1024, measured)
 DIT_ACTIVATION_FACTOR = 16  # live hidden-state-sized tensors in a DiT block (0.27 GiB at 1024x1024, measured)
 TILES = (1024, 768, 512, 384, 256)  # tile sides for VAEs that cannot decode in strips, largest first
+# Strips of many sizes fragment the allocator's pool more than whole layers do: reserved over allocated was 1.26
+# to 1.45 in the strip decode of the 1.5 GiB and capped runs (BENCHMARKS.md), 1.1 elsewhere.
+STRIP_FRAGMENTATION = 1.5
 MIN_STRIP_ROOM = 64 * MiB  # strip decoding: a few rows of the largest layer, the image, the small layers whole
 
 
@@ -188,11 +191,13 @@ def _plan_decode(s: Sizes, fits, context: int, size: tuple[int, int], budget: in
     whole = _peak(context, s.vae + _vae_activations(s, w, h))
     if fits(whole):
         return StagePlan("decode", "whole", estimate=whole)
-    room = int((budget - context - RESERVE) / FRAGMENTATION) - s.vae
+    room = int((budget - context - RESERVE - s.vae) / STRIP_FRAGMENTATION)
+    least = context + RESERVE + s.vae + int(MIN_STRIP_ROOM * STRIP_FRAGMENTATION)
     if room < MIN_STRIP_ROOM:
         raise PlanError(f"a VRAM budget of {format_size(budget)} is too small to decode {w}x{h} images: even in "
-                        f"strips it needs at least {format_size(_peak(context, s.vae + MIN_STRIP_ROOM))}")
-    return StagePlan("decode", "strips", estimate=_peak(context, s.vae + room), room=room, tile=tile_for(s, room),
+                        f"strips it needs at least {format_size(least)}")
+    estimate = context + RESERVE + s.vae + int(room * STRIP_FRAGMENTATION)
+    return StagePlan("decode", "strips", estimate=estimate, room=room, tile=tile_for(s, room),
                      note="exact: whole-image GroupNorm statistics, one-row halos")
 
 
