@@ -376,25 +376,33 @@ def test_dit_streamed_from_the_files_equals_from_pretrained(tiny_model):
         streamer.close()
 
 
+def override_plan(monkeypatch, **stages: StagePlan) -> None:
+    """Make the queue plan these stages as given (the planner would not choose them on a CPU)."""
+    from pixart_lowvram import generate
+    from pixart_lowvram.placement import Plan
+
+    original = generate._Queue.make_plan
+
+    def make_plan(self, *args, **kwargs):
+        plan = original(self, *args, **kwargs)
+        return Plan(plan.budget, plan.context, {**plan.stages, **stages})
+
+    monkeypatch.setattr(generate._Queue, "make_plan", make_plan)
+
+
+ONE_JOB = dict(prompt="a lighthouse at dusk", seed=5, steps=3, width=256, height=256)
+
+
 def test_denoise_streams_from_the_files_when_ram_is_short(tiny_model, tmp_path, monkeypatch):
     """A machine without the RAM to pin the DiT still runs a streamed plan, and makes the same latents."""
     from pixart_lowvram import denoise
     from pixart_lowvram.generate import Settings, run_queue
     from pixart_lowvram.jobs import jobs_from_options
-    from pixart_lowvram.placement import Plan
 
-    jobs = jobs_from_options("a lighthouse at dusk", seed=5, steps=3, width=256, height=256)
+    jobs = jobs_from_options(**ONE_JOB)
     settings = Settings(model=tiny_model, device="cpu", dtype="float32", embed_cache=None)
-    streamed = StagePlan("denoise", "streamed", estimate=0, ahead=1, resident_blocks=0)
-
-    def plan_with_streamed_dit(self, *args, **kwargs):
-        plan = original(self, *args, **kwargs)
-        return Plan(plan.budget, plan.context, {**plan.stages, "denoise": streamed})
-
-    from pixart_lowvram import generate
-    original = generate._Queue.make_plan
+    override_plan(monkeypatch, denoise=StagePlan("denoise", "streamed", estimate=0, ahead=1, resident_blocks=0))
     used = []
-    monkeypatch.setattr(generate._Queue, "make_plan", plan_with_streamed_dit)
     real = denoise.load_transformer_streamed_from_files
     monkeypatch.setattr(denoise, "load_transformer_streamed_from_files",
                         lambda *a, **k: used.append(1) or real(*a, **k))
@@ -408,3 +416,30 @@ def test_denoise_streams_from_the_files_when_ram_is_short(tiny_model, tmp_path, 
     plenty = sorted((tmp_path / "plenty" / "latents").glob("*.safetensors"))
     assert [p.name for p in short] == [p.name for p in plenty] and len(short) == 1
     assert torch.equal(load_file(short[0])["latents"], load_file(plenty[0])["latents"])
+
+
+@pytest.mark.parametrize("denoise_placement", ["resident", "streamed"])
+def test_the_dit_preloaded_while_t5_streams_makes_the_same_image(tiny_model, reference_pipeline, tmp_path,
+                                                                 monkeypatch, denoise_placement):
+    """Where T5 streams, the DiT is read into host memory during the encode stage; the denoise stage takes it
+    over (and is its only owner: released with the stage), and the image is the reference pipeline's."""
+    import weakref
+
+    from conftest import max_diff, pixels, reference_image
+    from pixart_lowvram import denoise
+    from pixart_lowvram.generate import Settings, run_queue
+    from pixart_lowvram.jobs import jobs_from_options
+
+    override_plan(monkeypatch, encode=StagePlan("encode", "streamed", estimate=0, ahead=1),
+                  denoise=StagePlan("denoise", denoise_placement, estimate=0, ahead=1))
+    taken = []
+    real_take = denoise.Preload.take
+    monkeypatch.setattr(denoise.Preload, "take",
+                        lambda self, *a: taken.append(weakref.ref(r := real_take(self, *a))) or r)
+    result = run_queue(jobs_from_options(**ONE_JOB), tmp_path / "run",
+                       Settings(model=tiny_model, device="cpu", dtype="float32", embed_cache=None))
+    assert len(taken) == 1 and taken[0]() is None  # taken once, and gone with its stage
+    [image] = result.images.values()
+    expected = reference_image(reference_pipeline, prompt=ONE_JOB["prompt"], width=256, height=256, steps=3,
+                               seed=ONE_JOB["seed"])
+    assert max_diff(pixels(image), expected) <= 1
