@@ -358,7 +358,9 @@ def transformer_from_weights(info: ModelInfo, weights: dict[str, torch.Tensor], 
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelError(f"{info.path / 'transformer'}: weights do not match the config ({exc})") from exc
-    return model.to(dtype).eval()
+    # Only the weights take `dtype`: buffers stay as the model computes them (the positional embedding in float32),
+    # as from_pretrained leaves them; converting them too moved images by 2/255 in float16 on the GPU.
+    return model.eval()
 
 
 def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:

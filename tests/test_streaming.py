@@ -443,3 +443,23 @@ def test_the_dit_preloaded_while_t5_streams_makes_the_same_image(tiny_model, ref
     expected = reference_image(reference_pipeline, prompt=ONE_JOB["prompt"], width=256, height=256, steps=3,
                                seed=ONE_JOB["seed"])
     assert max_diff(pixels(image), expected) <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_dit_built_from_preloaded_weights_is_from_pretrained_s(tiny_model, dtype):
+    """Tensor for tensor, parameters and buffers, values and dtypes (a float16 positional embedding instead of
+    from_pretrained's float32 one moved GPU images by 2/255)."""
+    from pixart_lowvram.denoise import _read_weights
+    from pixart_lowvram.models import load_transformer, transformer_from_weights
+
+    info = resolve_model(tiny_model)
+    expected = load_transformer(info, dtype, torch.device("cpu"))
+    files = sorted((Path(tiny_model) / "transformer").glob("*.safetensors"))
+    built = transformer_from_weights(info, _read_weights(files, dtype), dtype)
+    for kind in ("parameters", "buffers"):
+        want = dict(getattr(expected, f"named_{kind}")())
+        got = dict(getattr(built, f"named_{kind}")())
+        assert want.keys() == got.keys(), kind
+        for name, tensor in want.items():
+            assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), (kind, name)
+    assert not built.training
