@@ -222,5 +222,5 @@ def format_plan(plan: Plan) -> str:
         if st.stage in ("encode", "denoise"):
             how += f", batch {st.batch}"
         estimate = "on the CPU" if st.placement == "cpu" else f"~{format_size(st.estimate)} peak"
-        lines.append(f"  {st.stage:<8} {how:<40} {estimate}" + (f"  [{st.note}]" if st.note else ""))
+        lines.append(f"  {st.stage:<8} {how:<46} {estimate}" + (f"  [{st.note}]" if st.note else ""))
     return "\n".join(lines)
