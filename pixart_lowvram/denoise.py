@@ -40,7 +40,11 @@ class Preload:
 
     def take(self, info: ModelInfo, dtype: torch.dtype):
         future, self._future = self._future, None
-        return transformer_from_weights(info, future.result(), dtype)
+        try:
+            weights = future.result()
+        except Exception:  # noqa: BLE001 - a file that cannot be read: the regular load says which, and how
+            return load_transformer(info, dtype, torch.device("cpu"))
+        return transformer_from_weights(info, weights, dtype)
 
 
 def _read_weights(files: list, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -463,3 +463,23 @@ def test_a_dit_built_from_preloaded_weights_is_from_pretrained_s(tiny_model, dty
         for name, tensor in want.items():
             assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), (kind, name)
     assert not built.training
+
+
+def test_a_preload_that_fails_leaves_the_load_to_the_stage(tiny_model, tmp_path, monkeypatch):
+    """The thread that reads the DiT early hides nothing: where it fails, the denoise stage loads the model as it
+    would have without it (and reports, naming the file, whatever is wrong with it)."""
+    from pixart_lowvram import denoise
+    from pixart_lowvram.generate import Settings, run_queue
+    from pixart_lowvram.jobs import jobs_from_options
+
+    def unreadable(files, dtype):
+        raise OSError(f"{files[0]}: Input/output error")
+
+    loads = []
+    real_load = denoise.load_transformer
+    monkeypatch.setattr(denoise, "_read_weights", unreadable)
+    monkeypatch.setattr(denoise, "load_transformer", lambda *a: loads.append(a[2]) or real_load(*a))
+    override_plan(monkeypatch, encode=StagePlan("encode", "streamed", estimate=0, ahead=1))
+    result = run_queue(jobs_from_options(**ONE_JOB), tmp_path / "run",
+                       Settings(model=tiny_model, device="cpu", dtype="float32", embed_cache=None))
+    assert loads == [torch.device("cpu")] and result.made["denoise"] == 1
