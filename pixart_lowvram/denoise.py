@@ -108,7 +108,7 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
                 transformer, streamer = load_transformer_streamed_from_files(
                     info.path / "transformer", dtype, device, ahead=plan.ahead, resident=plan.resident_blocks)
         else:
-            transformer = on_host().to(device) if preloaded is not None else load_transformer(info, dtype, device)
+            transformer = on_host().to(device)
         bar.update()
     pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
     loaded()
