@@ -91,6 +91,10 @@ def main() -> None:
     sh([py, "-c", "import torch, transformers.models.t5.modeling_t5; from diffusers import PixArtAlphaPipeline; "
                   "import pixart_lowvram.generate, pixart_lowvram.streaming, pixart_lowvram.vae_strips"],
        args.out / "warm-imports.log")
+    # The first GPU process on a fresh machine ran 10 to 20% slower than later ones in every call (the baseline
+    # runs twice to show it): one untimed run first, so no timed row is the first.
+    sh(cli + ["run", args.queue, "--model", args.model, "--out", str(work / "warm-up"), "--no-embed-cache", "-q",
+              "--force"], args.out / "warm-up.log")
 
     base = work / "unconstrained"
     rows: list[dict] = []
