@@ -5,14 +5,12 @@ starting noise and for the noise a stochastic sampler adds at each step, so its 
 batch it lands in or on the device."""
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import groupby
 
 import torch
 
 from .memory import available_ram
-from .models import (ModelInfo, component_sizes, load_scheduler, load_transformer, make_pipeline,
-                     transformer_from_weights)
+from .models import ModelInfo, component_sizes, load_scheduler, load_transformer, make_pipeline
 from .placement import StagePlan
 from .reporting import Reporter
 from .run import Item, RunFolder
@@ -24,46 +22,6 @@ def pinned_dit_fits_in_ram(info: ModelInfo, dtype: torch.dtype) -> bool:
     with room to spare; where it cannot, its blocks stream from the files (issue 3: never fail for want of RAM)."""
     free = available_ram()
     return free is None or 2 * component_sizes(info, dtype).transformer <= free * 0.8
-
-
-class Preload:
-    """The DiT's weights read into host memory on a thread while T5 streams through the GPU (the host's cores and
-    RAM are mostly idle then), so its loading (0.5 to 1.8 s measured, BENCHMARKS.md) leaves the denoise stage.
-    The thread reads tensors only: the model itself is built on the main thread, in `take()`, because building
-    modules on two threads at once is not safe (accelerate and transformers patch torch globally while they
-    build). `take()` hands the model over once and keeps no reference: the stage is its only owner."""
-
-    def __init__(self, files: list, dtype: torch.dtype):
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preload-transformer")
-        self._future: Future | None = pool.submit(_read_weights, files, dtype)
-        pool.shutdown(wait=False)  # the thread ends with the read
-
-    def take(self, info: ModelInfo, dtype: torch.dtype):
-        future, self._future = self._future, None
-        try:
-            weights = future.result()
-        except Exception:  # noqa: BLE001 - a file that cannot be read: the regular load says which, and how
-            return load_transformer(info, dtype, torch.device("cpu"))
-        return transformer_from_weights(info, weights, dtype)
-
-
-def _read_weights(files: list, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file  # noqa: PLC0415
-
-    weights = {}
-    for path in files:
-        weights.update((name, t.to(dtype) if t.is_floating_point() else t) for name, t in load_file(path).items())
-    return weights
-
-
-def preload_transformer(info: ModelInfo, dtype: torch.dtype, plan: StagePlan) -> Preload | None:
-    """Start reading the DiT's weights (see Preload), where the denoise stage will want them in host memory.
-    Called only where T5 streams: a resident T5 holds its ~10 GiB in host memory while it loads, and the DiT on
-    top would raise the run's host RSS peak. Nothing of it reaches the GPU before the denoise stage."""
-    files = sorted((info.path / "transformer").glob("*.safetensors"))
-    if not files or (plan.placement == "streamed" and not pinned_dit_fits_in_ram(info, dtype)):
-        return None
-    return Preload(files, dtype)
 
 
 def group_key(item: Item) -> tuple:
@@ -81,15 +39,8 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
                   dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter, checkpoint,
-                  plan: StagePlan, loaded=lambda: None, preloaded: Preload | None = None) -> int:
-    """Denoise `items`, writing latents/<key>.safetensors for each. `preloaded`: the DiT being read into host
-    memory already (see `preload_transformer`)."""
-
-    def on_host():
-        if preloaded is not None:
-            return preloaded.take(info, dtype)
-        return load_transformer(info, dtype, torch.device("cpu"))
-
+                  plan: StagePlan, loaded=lambda: None) -> int:
+    """Denoise `items`, writing latents/<key>.safetensors for each."""
     with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
         scheduler = load_scheduler(info)  # replaced by each batch's own sampler, fresh
         bar.update()
@@ -98,8 +49,8 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
             # Measured (BENCHMARKS.md): diffusers' group offloading ran this stage 3.3x slower than resident at
             # 1.5 GiB (18.1 s vs 5.5 s); our streamer keeps what fits on the GPU, the other blocks pinned in RAM
             # (one buffer each), and overlaps each block's copy with the compute of the ones before.
-            if preloaded is not None or pinned_dit_fits_in_ram(info, dtype):
-                transformer = on_host()
+            if pinned_dit_fits_in_ram(info, dtype):
+                transformer = load_transformer(info, dtype, torch.device("cpu"))
                 streamer = stream_blocks_from_host(transformer, "transformer_blocks", device, ahead=plan.ahead,
                                                    resident=plan.resident_blocks)
             else:
@@ -108,7 +59,7 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
                 transformer, streamer = load_transformer_streamed_from_files(
                     info.path / "transformer", dtype, device, ahead=plan.ahead, resident=plan.resident_blocks)
         else:
-            transformer = on_host().to(device)
+            transformer = load_transformer(info, dtype, device)
         bar.update()
     pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
     loaded()

@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .decode import decode_items
-from .denoise import denoise_items, preload_transformer
+from .denoise import denoise_items
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory, Problem, QueueError, UsageError
 from .jobs import Job
@@ -392,19 +392,12 @@ class _Queue:
                 f"[{self.info.name}, {self.device}, {str(self.dtype).removeprefix('torch.')}]")
             common = dict(folder=self.folder, device=self.device, dtype=self.dtype, reporter=self.reporter,
                           checkpoint=self.checkpoint, loaded=lambda: self.meter.loaded())
-            preload = {}
-
-            def t5_loaded():  # the DiT's weights are read while T5 streams (denoise.Preload)
-                self.meter.loaded()
-                if todo_latents and self.plan["encode"].placement == "streamed":
-                    preload["dit"] = preload_transformer(self.info, self.dtype, self.plan["denoise"])
-
             self.stage("encode", len(todo_texts), lambda: encode_texts(
                 self.info, todo_texts, batch_size=self.settings.encode_batch, plan=self.plan["encode"],
-                cache=self.cache, eight_bit=self.settings.text_encoder_8bit, **{**common, "loaded": t5_loaded}))
+                cache=self.cache, eight_bit=self.settings.text_encoder_8bit, **common))
             self.stage("denoise", len(todo_latents), lambda: denoise_items(
                 self.info, todo_latents, batch_size=self.plan["denoise"].batch, embed_shape=self.embed_shape(),
-                plan=self.plan["denoise"], preloaded=preload.pop("dit", None), **common))
+                plan=self.plan["denoise"], **common))
             self.stage("decode", len(todo_images), lambda: decode_items(
                 self.info, todo_images, latent_shape=self.latent_shape, plan=self.plan["decode"], **common))
             images = {it.id: self.folder.image_path(it) for it in self.items}

@@ -346,23 +346,6 @@ def load_transformer(info: ModelInfo, dtype: torch.dtype, device: torch.device):
     return _load(info, "transformer", torch_dtype=dtype, use_safetensors=True).to(device).eval()
 
 
-def transformer_from_weights(info: ModelInfo, weights: dict[str, torch.Tensor], dtype: torch.dtype):
-    """The DiT from weights already read into memory (denoise.Preload): what `load_transformer(info, dtype,
-    cpu)` gives, built empty from its config and given the tensors (every one of them, shapes checked)."""
-    from accelerate import init_empty_weights  # noqa: PLC0415
-
-    cls = _class_of(info, "transformer")
-    with init_empty_weights():  # parameters on meta; buffers (the positional embedding) computed as usual
-        model = cls.from_config(info.configs["transformer"])
-    try:
-        model.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelError(f"{info.path / 'transformer'}: weights do not match the config ({exc})") from exc
-    # Only the weights take `dtype`: buffers stay as the model computes them (the positional embedding in float32),
-    # as from_pretrained leaves them; converting them too moved images by 2/255 in float16 on the GPU.
-    return model.eval()
-
-
 def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
     """The dtype the VAE decodes in, for a run in `dtype`.
 
