@@ -117,30 +117,21 @@ def index_safetensors(files: list[Path]) -> dict[str, Stored]:
     return index
 
 
-READ_CHUNK = 32 * 1024**2  # a tensor is read in pieces of this size, in parallel
 READ_THREADS = 4  # page cache -> pinned memory: 5.5 GB/s with one thread, 15 with 4 (bench/stream_profile.py)
 
 
-def read_into(stored: Stored, out: torch.Tensor, pool: ThreadPoolExecutor | None = None) -> None:
+def read_into(stored: Stored, out: torch.Tensor) -> None:
     """Fill a CPU uint8 tensor (pinned or not) with a tensor's bytes, with plain reads: the page cache serves
-    them and nothing is mapped into this process, so host RSS does not grow by the model's size. With a `pool`,
-    pieces of the tensor are read in parallel (os.preadv releases the GIL): one thread copies far slower from
-    the page cache than the bus moves."""
+    them and nothing is mapped into this process, so host RSS does not grow by the model's size. os.preadv lets
+    go of the GIL: the streamer reads a block's tensors on several threads at once."""
     view = memoryview(out.numpy()).cast("B")
     with open(stored.path, "rb", buffering=0) as f:
-        def piece(begin: int, end: int) -> None:
-            done = begin
-            while done < end:
-                n = os.preadv(f.fileno(), [view[done:end]], stored.start + done)
-                if n <= 0:
-                    raise OSError(f"{stored.path}: unexpected end of file")
-                done += n
-
-        if pool is None or stored.nbytes <= READ_CHUNK:
-            return piece(0, stored.nbytes)
-        for future in [pool.submit(piece, b, min(b + READ_CHUNK, stored.nbytes))
-                       for b in range(0, stored.nbytes, READ_CHUNK)]:
-            future.result()
+        done = 0
+        while done < stored.nbytes:
+            n = os.preadv(f.fileno(), [view[done:stored.nbytes]], stored.start + done)
+            if n <= 0:
+                raise OSError(f"{stored.path}: unexpected end of file")
+            done += n
 
 
 def load_tensor(stored: Stored, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -336,23 +336,6 @@ def test_streamed_dit_equals_the_resident_one_step_after_step(tiny_model, reside
         streamer.close()
 
 
-def test_read_into_with_a_pool_reads_every_piece(tmp_path, monkeypatch):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from safetensors.torch import save_file
-
-    from pixart_lowvram import streaming
-
-    monkeypatch.setattr(streaming, "READ_CHUNK", 1000)  # many pieces, the last one short
-    tensor = torch.randn(3, 1777)
-    save_file({"a": torch.zeros(5), "t": tensor}, tmp_path / "w.safetensors")
-    stored = index_safetensors([tmp_path / "w.safetensors"])["t"]
-    out = torch.empty(stored.nbytes, dtype=torch.uint8)
-    with ThreadPoolExecutor(3) as pool:
-        streaming.read_into(stored, out, pool)
-    assert torch.equal(out.view(torch.float32).view(3, 1777), tensor)
-
-
 def test_dit_streamed_from_the_files_equals_from_pretrained(tiny_model):
     """Where RAM cannot hold the DiT pinned, its blocks come from the files at every step: same outputs."""
     from diffusers import PixArtTransformer2DModel
