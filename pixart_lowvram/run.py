@@ -177,7 +177,18 @@ class RunFolder:
             self._lock_file = None
             raise RunFolderError(f"{self.path}: another pixart-lowvram run is using this folder") from exc
         self._check_writable()
+        self._remove_leftovers()
         return self
+
+    def _remove_leftovers(self) -> None:
+        """Half-written temporaries of a run that was killed (`_atomic` names them .NAME.RANDOM.tmp): never taken
+        for artifacts, but they would pile up. Only with the lock held: no other run is writing them."""
+        for folder in (self.path, self.embeds, self.latents, self.images):
+            for leftover in folder.glob(".*.tmp"):
+                try:
+                    leftover.unlink()
+                except OSError:
+                    pass  # removed meanwhile, or not ours to remove: harmless either way
 
     def close(self) -> None:
         if self._lock_file is not None:
@@ -310,11 +321,17 @@ class EmbeddingCache:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{key}.", suffix=".tmp")
+        except OSError:
+            return  # a cache that cannot be written only costs a later run an encode
+        try:
             with os.fdopen(fd, "wb") as f:
                 f.write(source.read_bytes())
             os.replace(tmp, self.file(key))
         except OSError:
-            pass  # a cache that cannot be written only costs a later run an encode
+            try:
+                os.unlink(tmp)  # a full disk, say: leave no partial file behind
+            except OSError:
+                pass
 
     def restore(self, key: str, shapes: dict, folder: RunFolder) -> bool:
         """Copy a valid cached embedding into the run folder; False if there is none."""

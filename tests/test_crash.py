@@ -241,6 +241,7 @@ def test_killed_anywhere_the_same_command_finishes_with_the_same_images(
         assert items(run)[DRAWN]["seed"] == reference["drawn_seed"]
 
     run_again(children, cmd)
+    assert temp_files(run) == [], "the rerun removed the temporaries the kill left"
 
     if manifest_survives:
         assert items(run)[DRAWN]["seed"] == reference["drawn_seed"], "the rerun reuses the recorded seed"

@@ -251,3 +251,25 @@ def test_two_runs_cannot_share_a_folder(tiny_model, tmp_path):
     with run.RunFolder(tmp_path / "run"):
         with pytest.raises(RunFolderError, match="another pixart-lowvram run"):
             run_queue(queue('prompt = "a"'), tmp_path / "run", Settings(model=tiny_model, **CPU32))
+
+
+def test_an_embedding_cache_that_cannot_be_written_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A full disk while storing a cached embedding costs a later run an encode, and leaves nothing behind."""
+    import errno
+
+    from pixart_lowvram.run import EmbeddingCache
+
+    source = tmp_path / "embed.safetensors"
+    source.write_bytes(b"x" * 1000)
+    cache = EmbeddingCache(tmp_path / "cache")
+    real_replace = os.replace
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    cache.store("k", source)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert list((tmp_path / "cache").iterdir()) == []
+    cache.store("k", source)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["k.safetensors"]
