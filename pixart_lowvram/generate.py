@@ -141,7 +141,7 @@ def check_jobs(jobs: list[Job], info: ModelInfo) -> None:
                 problems.append(Problem(f"{kind.title} runs exactly {len(kind.timesteps)} step(s) (at timestep "
                                         f"{', '.join(map(str, kind.timesteps))}), not {steps}", field="steps",
                                         hint="leave steps out", **where))
-            elif not (takes_timesteps(sampler, info.scheduler_class) and one_step_ok):
+            if not (takes_timesteps(sampler, info.scheduler_class) and one_step_ok):  # both, where both are wrong
                 fits = [n for n in NAMES if SAMPLERS[n].returns_denoised and takes_timesteps(n, info.scheduler_class)]
                 problems.append(Problem(f"{kind.title} needs a sampler that starts at its fixed timestep and returns "
                                         f"the denoised sample, not {sampler!r}", field="sampler",

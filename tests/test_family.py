@@ -242,11 +242,14 @@ def test_what_a_model_cannot_run_is_refused_before_its_weights_load(family, tmp_
     monkeypatch.setattr(generate, "denoise_items", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(generate, "encode_texts", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(QueueError) as error:
-        run_queue([Job(index=1, prompt="a", sampler="dpm-solver"), Job(index=2, prompt="b", steps=4)],
+        run_queue([Job(index=1, prompt="a", sampler="dpm-solver"), Job(index=2, prompt="b", steps=4),
+                   Job(index=3, prompt="c", steps=4, sampler="dpm-solver")],
                   tmp_path / "dmd", Settings(model=family["tiny-dmd"], **CPU32))
     text = str(error.value)
     assert "job 1, field 'sampler': PixArt-α DMD needs a sampler that starts at its fixed timestep" in text
     assert "job 2, field 'steps': PixArt-α DMD runs exactly 1 step(s)" in text
+    # every problem of a job at once, not the first one only
+    assert "job 3, field 'steps'" in text and "job 3, field 'sampler'" in text
     with pytest.raises(QueueError, match="sampler 'lcm' cannot run 60 steps"):
         run_queue([Job(index=1, prompt="a", steps=60)], tmp_path / "lcm", Settings(model=family["tiny-lcm"], **CPU32))
     assert not (tmp_path / "dmd").exists() and not (tmp_path / "lcm").exists()
