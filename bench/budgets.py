@@ -8,8 +8,9 @@ whole process and its ratio to the baseline's, torch peak, whole-process NVML pe
 pixel difference to the unconstrained run and to the baseline. The page cache is warmed first, so no row pays
 for the first read of the weights from disk.
 
-    python bench/budgets.py --out OUT_DIR [--model DIR]
-Writes OUT_DIR/latest.json and OUT_DIR/table.md.
+    python bench/budgets.py --out OUT_DIR [--model DIR] [--rows ...] [--write-benchmarks]
+Writes OUT_DIR/latest.json and OUT_DIR/table.md; with --write-benchmarks also bench/results/latest.json and the
+table in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from markdown_sections import replace_marked  # noqa: E402
 GiB = 1024**3
 
 
@@ -70,6 +73,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=list(OURS) + list(ANCHORS),
                         help=f"which rows to run (default: all): {', '.join(list(OURS) + list(ANCHORS))}; the "
                              "unconstrained run always runs (its items and seeds are everyone's)")
+    parser.add_argument("--write-benchmarks", action="store_true",
+                        help="also put the table into BENCHMARKS.md (between its budgets-table markers) and the "
+                             "results into bench/results/latest.json")
     parser.add_argument("--anchor-timeout", type=float, default=240,
                         help="seconds an anchor may take before it is recorded as not finished")
     args = parser.parse_args()
@@ -170,6 +176,11 @@ def main() -> None:
                      f"{r['max_diff_vs_unconstrained']} | {r['max_diff_vs_pipeline']} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.write_benchmarks:
+        (ROOT / "bench" / "results" / "latest.json").write_text(json.dumps(result, indent=2))
+        head = (f"Latest run (`bench/results/latest.json`): `{result['command']}` on {result['gpu']}, torch "
+                f"{result['torch']}; ratios divide by the faster baseline run, {baseline:.1f} s:")
+        replace_marked(ROOT / "BENCHMARKS.md", "budgets-table", head + "\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

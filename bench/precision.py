@@ -45,7 +45,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from markdown_sections import replace_section  # noqa: E402
 from pixart_lowvram.errors import UsageError  # noqa: E402
 from pixart_lowvram.generate import Settings, check_text_encoder_8bit, resolve_device, run_queue  # noqa: E402
 from pixart_lowvram.jobs import Job  # noqa: E402
@@ -174,14 +176,6 @@ def section(report: dict) -> str:
     ])
 
 
-def write_benchmarks(path: Path, text: str) -> None:
-    """Replace the "## Precision" section (up to the next "## " heading) or append it."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Precision\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda m: text + "\n", old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model folder (or hub id)")
@@ -266,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     print(f"raw results: {args.out / 'precision.json'}; images in {work}", file=sys.stderr)
     if args.write_benchmarks:
-        write_benchmarks(args.benchmarks, text)
+        replace_section(args.benchmarks, "Precision", text)
         print(f"wrote the Precision section of {args.benchmarks}", file=sys.stderr)
     return report
 

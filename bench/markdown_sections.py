@@ -1,0 +1,24 @@
+"""Writing measured tables into BENCHMARKS.md: a whole "## " section, or the part between two markers (so that
+what was written by hand around a table stays)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def replace_section(path: Path, heading: str, text: str) -> None:
+    """Replace the section `## heading` (up to the next "## " heading) with `text`, or append it."""
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda m: text + "\n", old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    path.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def replace_marked(path: Path, name: str, text: str) -> None:
+    """Replace what lies between `<!-- name:begin -->` and `<!-- name:end -->` with `text`."""
+    old = path.read_text(encoding="utf-8")
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(old):
+        raise SystemExit(f"{path}: no {begin} ... {end} to write between")
+    path.write_text(pattern.sub(lambda m: f"{begin}\n{text.strip()}\n{end}", old, count=1), encoding="utf-8")
