@@ -22,12 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from markdown_sections import replace_marked  # noqa: E402
+from benchlib import max_pixel_diff, replace_marked  # noqa: E402
 GiB = 1024**3
 
 
@@ -57,12 +55,6 @@ def sh(args: list[str], log: Path, timeout: float | None = None) -> float | None
     if proc.returncode:
         raise SystemExit(f"{' '.join(args)} failed ({proc.returncode})")
     return seconds
-
-
-def diff(a: Path, b: Path) -> int:
-    x = np.asarray(Image.open(a).convert("RGB")).astype(int)
-    y = np.asarray(Image.open(b).convert("RGB")).astype(int)
-    return int(np.abs(x - y).max())
 
 
 def main() -> None:
@@ -157,8 +149,8 @@ def main() -> None:
             continue
         folder = Path(row["folder"])
         own = (lambda n: folder / f"{n}.png") if row.get("reference") else (lambda n: folder / "images" / f"{n}.png")
-        row["max_diff_vs_unconstrained"] = max(diff(own(n), base / "images" / f"{n}.png") for n in names)
-        row["max_diff_vs_pipeline"] = max(diff(own(n), ref_dir / f"{n}.png") for n in names)
+        row["max_diff_vs_unconstrained"] = max(max_pixel_diff(own(n), base / "images" / f"{n}.png") for n in names)
+        row["max_diff_vs_pipeline"] = max(max_pixel_diff(own(n), ref_dir / f"{n}.png") for n in names)
         row["ratio"] = row["wall_s"] / baseline
         row.pop("items", None)
 

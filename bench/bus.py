@@ -5,7 +5,6 @@ copy takes less time than the block before it computes.
     python bench/bus.py
 """
 import json
-import time
 
 import torch
 

@@ -22,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from benchlib import max_pixel_diff  # noqa: E402
+
 GiB = 1024**3
 
 
@@ -35,15 +38,6 @@ def sh(args: list[str], log: Path) -> float:
     if proc.returncode:
         raise SystemExit(f"{' '.join(args)} failed ({proc.returncode})")
     return seconds
-
-
-def max_pixel_diff(a: Path, b: Path) -> int:
-    import numpy as np
-    from PIL import Image
-
-    x = np.asarray(Image.open(a).convert("RGB")).astype(int)
-    y = np.asarray(Image.open(b).convert("RGB")).astype(int)
-    return int(np.abs(x - y).max())
 
 
 def embed_relative_errors(a: Path, b: Path) -> dict[str, float]:

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from markdown_sections import replace_section  # noqa: E402
+from benchlib import replace_section  # noqa: E402
 from pixart_lowvram.errors import UsageError  # noqa: E402
 from pixart_lowvram.generate import Settings, check_text_encoder_8bit, resolve_device, run_queue  # noqa: E402
 from pixart_lowvram.jobs import Job  # noqa: E402

@@ -71,8 +71,6 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(0), "rows": [],
                "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     print("PYTORCH_CUDA_ALLOC_CONF", results["PYTORCH_CUDA_ALLOC_CONF"])
-    cpu_model = PixArtTransformer2DModel.from_pretrained(args.model / "transformer", torch_dtype=torch.float16)
-    block_bytes = sum(p.numel() * 2 for p in cpu_model.transformer_blocks[0].parameters())
 
     def record(label, ms, before, moved=None, **extra):
         after = alloc_counts(device)

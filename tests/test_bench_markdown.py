@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from markdown_sections import replace_marked, replace_section  # noqa: E402
+from benchlib import replace_marked, replace_section  # noqa: E402
 
 
 def test_replace_marked_keeps_the_text_around_the_markers(tmp_path):

@@ -1,5 +1,5 @@
-"""Writing measured tables into BENCHMARKS.md: a whole "## " section, or the part between two markers (so that
-what was written by hand around a table stays)."""
+"""What the bench scripts share: comparing their images, and writing measured tables into BENCHMARKS.md (a whole
+"## " section, or the part between two markers, so that what was written by hand around a table stays)."""
 from __future__ import annotations
 
 import re
@@ -22,3 +22,13 @@ def replace_marked(path: Path, name: str, text: str) -> None:
     if not pattern.search(old):
         raise SystemExit(f"{path}: no {begin} ... {end} to write between")
     path.write_text(pattern.sub(lambda m: f"{begin}\n{text.strip()}\n{end}", old, count=1), encoding="utf-8")
+
+
+def max_pixel_diff(a: Path, b: Path) -> int:
+    """The largest difference of any channel of any pixel between two images, on 0-255."""
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    x = np.asarray(Image.open(a).convert("RGB")).astype(int)
+    y = np.asarray(Image.open(b).convert("RGB")).astype(int)
+    return int(np.abs(x - y).max())
