@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import PixartError
 from .memory import format_bytes
 from .reporting import Bar, Reporter
+from .samplers import NAMES as SAMPLER_NAMES
 
 EXAMPLES = """\
 examples:
@@ -32,8 +33,9 @@ QUEUE_HELP = """\
 A queue file is TOML, JSON or JSONL. Each job has a `prompt` and optionally negative_prompt, width, height,
 seed, cfg (guidance scale), steps, sampler, count (images with seeds seed, seed+1, ...) and name (the image's
 file name). What a job leaves out follows the model's reference usage (PixArt-α and Σ: 20 steps, cfg 4.5;
-PixArt-LCM: 4 steps, cfg 0; DMD: one step, cfg 1). Samplers: dpm-solver (the default), sa-solver, euler, euler-a,
-ddim, lcm, ddpm. A `defaults` table applies to every job. Example (TOML):
+PixArt-LCM: 4 steps, cfg 0; DMD: one step, cfg 1).
+Samplers: {samplers} (the first is PixArt-α's and Σ's own).
+A `defaults` table applies to every job. Example (TOML):
 
   [defaults]
   steps = 20
@@ -44,6 +46,7 @@ ddim, lcm, ddpm. A `defaults` table applies to every job. Example (TOML):
   seed = 1152753
   cfg = 5
 """
+QUEUE_HELP = QUEUE_HELP.replace("{samplers}", ", ".join(SAMPLER_NAMES))
 
 
 class _TqdmBar(Bar):
@@ -129,7 +132,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int,
                    help="denoising steps (default: the model's: 20 for PixArt-α and Σ, 4 for LCM, 1 for DMD)")
     g.add_argument("--sampler", metavar="NAME",
-                   help="dpm-solver, sa-solver, euler, euler-a, ddim, lcm or ddpm (default: the model's own "
+                   help=f"{', '.join(SAMPLER_NAMES)} (default: the model's own "
                         "scheduler: dpm-solver for PixArt-α and Σ, lcm for LCM, ddpm for DMD)")
     g.add_argument("--count", type=int, help="how many images, with seeds seed, seed+1, ... (default: 1)")
     g.add_argument("--name", help="file name of the image (default: from the prompt)")
