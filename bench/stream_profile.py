@@ -1,6 +1,6 @@
 """Where the streamed DiT's time goes, and how fast T5's weights come off the page cache.
 
-The DiT of MODEL (loaded once on the CPU) runs 20 steps at 1024x1024 with guidance (batch 2), fp16, by itself
+The DiT of MODEL runs 20 steps at 1024x1024 with guidance (batch 2), fp16, by itself
 (no pipeline, no scheduler), in several ways: resident, and streamed with some blocks kept and some moved ahead,
 with and without a torch memory cap and the NVML sampling thread. For each: ms per step, what crossed the bus,
 and the caching allocator's retries and cudaMalloc/cudaFree calls (each a possible device-wide stall). Then the
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pixart_lowvram import memory  # noqa: E402
-from pixart_lowvram.streaming import index_safetensors, read_into, stream_blocks_from_host  # noqa: E402
+from pixart_lowvram.streaming import index_safetensors, load_transformer_streamed, read_into  # noqa: E402
 
 STEPS = 20
 
@@ -92,10 +92,12 @@ def main() -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     for resident, ahead, cap_gib, sampler in [(5, 2, None, False), (0, 2, None, False), (5, 1, None, False),
                                               (5, 2, None, True), (5, 2, 0.9, True)]:
-        model = PixArtTransformer2DModel.from_pretrained(args.model / "transformer", torch_dtype=torch.float16)
         if cap_gib:
             torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
-        streamer = stream_blocks_from_host(model, "transformer_blocks", device, ahead=ahead, resident=resident)
+        start = time.perf_counter()
+        model, streamer = load_transformer_streamed(args.model / "transformer", torch.float16, device, ahead=ahead,
+                                                    resident=resident)
+        load_s = time.perf_counter() - start
         stop = threading.Event()
         probe = memory.GpuMemoryProbe(device) if sampler else None
         thread = None
@@ -116,7 +118,8 @@ def main() -> None:
             thread.join()
         record(f"streamed, {resident} kept, {ahead} ahead" + (f", torch capped at {cap_gib} GiB" if cap_gib else "")
                + (f", NVML sampler every {memory._SAMPLE_SECONDS * 1000:g} ms" if sampler else ""),
-               ms, before, moved, resident=resident, ahead=ahead, cap_gib=cap_gib, sampler=sampler)
+               ms, before, moved, resident=resident, ahead=ahead, cap_gib=cap_gib, sampler=sampler,
+               load_s=round(load_s, 2))
         streamer.close()
         del model, streamer
         torch.cuda.set_per_process_memory_fraction(1.0)

@@ -35,7 +35,7 @@ def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, 
 
 def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
                  dtype: torch.dtype, latent_shape, reporter: Reporter, checkpoint, plan: StagePlan,
-                 loaded=lambda: None) -> int:
+                 loaded=lambda *components: None) -> int:
     with reporter.bar("load VAE", total=1, unit="part", transient=True) as bar:
         vae = load_vae(info, vae_dtype(info, dtype), device)  # float32 for Σ's SDXL VAE in a float16 run
         strips = None
@@ -52,7 +52,7 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
                 vae.tile_latent_min_size = plan.tile // info.vae_scale_factor
         bar.update()
     pipe = make_pipeline(info, vae=vae)
-    loaded()
+    loaded(vae)
     dtype_name = str(dtype).removeprefix("torch.")
     # PNGs are compressed and written on threads (PIL's zlib encoder and the file writes let go of the GIL)
     # while the GPU decodes the next images: a 1024x1024 PNG takes longer to compress than to decode. Whatever

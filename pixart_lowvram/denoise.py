@@ -14,14 +14,14 @@ from .models import ModelInfo, component_sizes, load_scheduler, load_transformer
 from .placement import StagePlan
 from .reporting import Reporter
 from .run import Item, RunFolder
-from .streaming import load_transformer_streamed_from_files, stream_blocks_from_host
+from .streaming import load_transformer_streamed
 
 
 def pinned_dit_fits_in_ram(info: ModelInfo, dtype: torch.dtype) -> bool:
-    """Whether RAM can hold the DiT twice over (from_pretrained's copy while it is packed into pinned buffers)
-    with room to spare; where it cannot, its blocks stream from the files (issue 3: never fail for want of RAM)."""
+    """Whether RAM can hold the DiT's blocks pinned (read from the files straight into their buffers), with room
+    to spare; where it cannot, they stream from the files at every step (issue 3: never fail for want of RAM)."""
     free = available_ram()
-    return free is None or 2 * component_sizes(info, dtype).transformer <= free * 0.8
+    return free is None or component_sizes(info, dtype).transformer <= free * 0.8
 
 
 def group_key(item: Item) -> tuple:
@@ -39,7 +39,7 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
                   dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter, checkpoint,
-                  plan: StagePlan, loaded=lambda: None) -> int:
+                  plan: StagePlan, loaded=lambda *components: None) -> int:
     """Denoise `items`, writing latents/<key>.safetensors for each."""
     with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
         scheduler = load_scheduler(info)  # replaced by each batch's own sampler, fresh
@@ -49,20 +49,18 @@ def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devi
             # Measured (BENCHMARKS.md): diffusers' group offloading ran this stage 3.3x slower than resident at
             # 1.5 GiB (18.1 s vs 5.5 s); our streamer keeps what fits on the GPU, the other blocks pinned in RAM
             # (one buffer each), and overlaps each block's copy with the compute of the ones before.
-            if pinned_dit_fits_in_ram(info, dtype):
-                transformer = load_transformer(info, dtype, torch.device("cpu"))
-                streamer = stream_blocks_from_host(transformer, "transformer_blocks", device, ahead=plan.ahead,
-                                                   resident=plan.resident_blocks)
-            else:
+            hold = pinned_dit_fits_in_ram(info, dtype)
+            if not hold:
                 reporter.info("not enough free RAM to hold the transformer's blocks pinned: streaming them from "
                               "the weights files at every step instead (slower)")
-                transformer, streamer = load_transformer_streamed_from_files(
-                    info.path / "transformer", dtype, device, ahead=plan.ahead, resident=plan.resident_blocks)
+            transformer, streamer = load_transformer_streamed(info.path / "transformer", dtype, device,
+                                                              ahead=plan.ahead, resident=plan.resident_blocks,
+                                                              hold_in_ram=hold)
         else:
             transformer = load_transformer(info, dtype, device)
         bar.update()
     pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
-    loaded()
+    loaded(transformer)
     done = 0
     steps = reporter.bar("denoise", total=sum(it.steps for it in items), unit="step")  # image-steps
     for batch in batches(items, batch_size):

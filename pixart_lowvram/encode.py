@@ -30,7 +30,7 @@ def _load(info: ModelInfo, plan: StagePlan, dtype: torch.dtype, device: torch.de
 
 def encode_texts(info: ModelInfo, texts: dict[str, str], *, folder: RunFolder, device: torch.device,
                  dtype: torch.dtype, batch_size: int, reporter: Reporter, checkpoint, plan: StagePlan,
-                 cache=None, eight_bit: bool = False, loaded=lambda: None) -> int:
+                 cache=None, eight_bit: bool = False, loaded=lambda *components: None) -> int:
     """Encode `texts` (key -> text), writing embeds/<key>.safetensors for each (and to the shared `cache`
     folder, if given). Returns how many were made. The text encoder lives only inside this function.
     `eight_bit`: T5 in 8 bits (bitsandbytes, resident on the GPU: the planner never streams it)."""
@@ -46,7 +46,7 @@ def encode_texts(info: ModelInfo, texts: dict[str, str], *, folder: RunFolder, d
         text_encoder, streamer = _load(info, plan, compute_dtype, device, batch_size, eight_bit)
         bar.update()
     pipe = make_pipeline(info, tokenizer=tokenizer, text_encoder=text_encoder)
-    loaded()
+    loaded(text_encoder)
     try:
         with reporter.bar("encode", total=len(keys), unit="text") as bar, torch.inference_mode():
             for start in range(0, len(keys), GROUP):

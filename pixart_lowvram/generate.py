@@ -344,7 +344,7 @@ class _Queue:
             self.checkpoint()
             with meter:
                 made = work()
-                release(self.device)
+                release(self.device, meter.components)
         except torch.OutOfMemoryError as exc:
             release(self.device)
             self.stages.append(meter.stats)
@@ -391,7 +391,7 @@ class _Queue:
                 f"to encode, {len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
                 f"[{self.info.name}, {self.device}, {str(self.dtype).removeprefix('torch.')}]")
             common = dict(folder=self.folder, device=self.device, dtype=self.dtype, reporter=self.reporter,
-                          checkpoint=self.checkpoint, loaded=lambda: self.meter.loaded())
+                          checkpoint=self.checkpoint, loaded=lambda *components: self.meter.loaded(*components))
             self.stage("encode", len(todo_texts), lambda: encode_texts(
                 self.info, todo_texts, batch_size=self.settings.encode_batch, plan=self.plan["encode"],
                 cache=self.cache, eight_bit=self.settings.text_encoder_8bit, **common))

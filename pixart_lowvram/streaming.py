@@ -9,11 +9,13 @@ stream while the previous block computes, and every text of the queue passes thr
 block is needed: T5's weights cross the bus once per queue. Blocks run the texts in micro-batches of the size
 the reference uses (one), so the embeddings are bit-identical to an unstreamed run.
 
-The DiT (denoise), small and needed at every step, streams with diffusers' own group offloading.
+The DiT (denoise), needed at every step, streams through the same streamer, its blocks read from the files once
+into pinned buffers that stay in RAM (or, where RAM is short, from the files at every step).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -102,6 +104,9 @@ class Stored:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
 
 def index_safetensors(files: list[Path]) -> dict[str, Stored]:
     index = {}
@@ -151,19 +156,21 @@ class BlockStreamer:
     while one computes; host reads run further ahead on a thread, into a ring of `ahead + 2` pinned buffers."""
 
     def __init__(self, units: list[nn.Module],
-                 params: list[dict[str, tuple[tuple[nn.Module, str], Stored, torch.dtype]]],
-                 device: torch.device, ahead: int = 1, cyclic: bool = False):
+                 params: list[dict[str, tuple[tuple[nn.Module, str], Stored | torch.Tensor, torch.dtype]]],
+                 device: torch.device, ahead: int = 1, cyclic: bool = False, hold: bool = False):
         self.units, self.params, self.device, self.ahead = units, params, device, ahead
         # cyclic: the units run again and again (the DiT, at every step): the last one prefetches the first ones
         self.cyclic = cyclic
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
+        # hold: every unit's weights stay in RAM, one pinned buffer each, read once; else units whose weights are
+        # in the files are read at each use into a ring of pinned buffers
         sizes = [sum(_aligned(s.nbytes) for _, s, _ in p.values() if isinstance(s, Stored)) for p in params]
-        slots = ahead + 2 if max(sizes, default=0) else 0  # blocks held in RAM need no ring
+        slots = ahead + 2 if max(sizes, default=0) and not hold else 0
         self.slots = [torch.empty(max(sizes), dtype=torch.uint8, pin_memory=self.cuda) for _ in range(slots)]
         self.slot_free: list[torch.cuda.Event | None] = [None] * len(self.slots)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-read")  # one block after another
-        self.io = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="weights-io") if slots else None
+        self.io = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="weights-io")
         self.reads: dict[int, Future] = {}
         self.ready: dict[int, torch.cuda.Event | None] = {}
         self.on_device: dict[int, list[torch.Tensor]] = {}
@@ -172,21 +179,27 @@ class BlockStreamer:
             self.handles.append(unit.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
             self.handles.append(unit.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
         self.bytes_moved = 0
-        self.flat = {i: self._pack(p) for i, p in enumerate(params)
-                     if p and not any(isinstance(src, Stored) for _, src, _ in p.values())}
+        self.flat = self._pack([i for i, p in enumerate(params) if p and (hold or not any(
+            isinstance(src, Stored) for _, src, _ in p.values()))])
         self._schedule_read(0)  # the first block's bytes while the rest of the model is set up
 
-    def _pack(self, params: dict) -> tuple[torch.Tensor, list[tuple[int, int, torch.dtype, tuple]]]:
-        """A block held in RAM as one pinned buffer: one allocation and one copy per block on the way in."""
-        layout, total = [], 0
-        for _, src, dtype in params.values():
-            nbytes = src.numel() * src.element_size()
-            layout.append((total, nbytes, dtype, tuple(src.shape)))
-            total += _aligned(nbytes)
-        flat = torch.empty(total, dtype=torch.uint8, pin_memory=self.cuda)
-        for (offset, nbytes, dtype, shape), (_, src, _) in zip(layout, params.values()):
-            flat[offset:offset + nbytes].view(dtype).view(shape).copy_(src)
-        return flat, layout
+    def _pack(self, units: list[int]) -> dict[int, tuple[torch.Tensor, list[tuple[int, int, torch.dtype, tuple]]]]:
+        """Units held in RAM, one pinned buffer each (one allocation and one copy per unit on the way in), in the
+        dtype they compute in; from the files, their tensors are read on the I/O threads, all side by side."""
+        flat, pending = {}, []
+        for i in units:
+            layout, total = [], 0
+            for _, src, dtype in self.params[i].values():
+                nbytes = src.numel() * dtype.itemsize
+                layout.append((total, nbytes, dtype, tuple(src.shape)))
+                total += _aligned(nbytes)
+            buffer = torch.empty(total, dtype=torch.uint8, pin_memory=self.cuda)
+            for (offset, nbytes, dtype, shape), (_, src, _) in zip(layout, self.params[i].values()):
+                pending.append(self.io.submit(_fill, buffer[offset:offset + nbytes], dtype, shape, src))
+            flat[i] = (buffer, layout)
+        for job in pending:
+            job.result()
+        return flat
 
     # host side
     def _read(self, i: int) -> int:
@@ -285,8 +298,7 @@ class BlockStreamer:
         for h in self.handles:
             h.remove()
         self.pool.shutdown(wait=True)
-        if self.io is not None:
-            self.io.shutdown(wait=True)
+        self.io.shutdown(wait=True)
         self.slots.clear()
         self.flat.clear()
         self.on_device.clear()
@@ -296,6 +308,17 @@ def _set(owner: tuple[nn.Module, str], tensor: torch.Tensor) -> None:
     """Put `tensor` in place of a parameter (a meta placeholder cannot take another device's data in place)."""
     module, leaf = owner
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _fill(out: torch.Tensor, dtype: torch.dtype, shape: tuple, src: Stored | torch.Tensor) -> None:
+    """Put a tensor's values, in `dtype`, into the uint8 buffer `out`: read straight into it from the file where
+    the stored dtype is already the one wanted, else converted on the way (as from_pretrained converts)."""
+    if isinstance(src, Stored) and src.dtype == dtype:
+        read_into(src, out)
+        return
+    if isinstance(src, Stored):
+        src = load_tensor(src, src.dtype, torch.device("cpu"))
+    out.view(dtype).view(shape).copy_(src)
 
 
 def _aligned(n: int) -> int:
@@ -384,14 +407,19 @@ def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.d
     return model, streamer
 
 
-# -- the DiT, streamed from pinned host memory ---------------------------------------------------------------------
+# -- the DiT, streamed ------------------------------------------------------------------------------------------
 
-def load_transformer_streamed_from_files(folder: Path, dtype: torch.dtype, device: torch.device, *, ahead: int = 2,
-                                        resident: int = 0):
-    """The DiT for a machine whose RAM cannot hold its streamed blocks pinned (see denoise.py): built empty, its
-    first `resident` blocks and everything outside the blocks loaded onto `device`, the other blocks read from the
-    safetensors files at every step (the page cache serves them while it can) through a small pinned ring.
-    Returns (model, streamer); the model computes what `from_pretrained(torch_dtype=dtype)` gives."""
+def load_transformer_streamed(folder: Path, dtype: torch.dtype, device: torch.device, *, ahead: int = 2,
+                              resident: int = 0, hold_in_ram: bool = True):
+    """The DiT built empty, its first `resident` blocks and everything outside the blocks loaded onto `device`,
+    the other blocks streamed, `ahead + 1` at a time (at every step the last block prefetches the first ones of
+    the next step). Returns (model, streamer); the model computes what `from_pretrained(torch_dtype=dtype)` gives.
+
+    hold_in_ram: each streamed block is read from the safetensors files once, on several threads, into one
+    pinned buffer that stays in RAM (the ~1.2 GiB of PixArt-XL's blocks are needed at every step: reading them
+    from the files each time would cost more). Without it (a machine whose RAM cannot hold them, see denoise.py)
+    the blocks are read from the files at every step (the page cache serves them while it can) through a small
+    pinned ring."""
     from accelerate import init_empty_weights  # noqa: PLC0415
     from diffusers import PixArtTransformer2DModel  # noqa: PLC0415
 
@@ -411,42 +439,8 @@ def load_transformer_streamed_from_files(folder: Path, dtype: torch.dtype, devic
                                  device, first=resident)
     for module in model.modules():
         for leaf, buf in list(module._buffers.items()):
-            if buf is not None:
+            if buf is not None:  # as computed: from_pretrained leaves them so (the positional embedding in float32)
                 module._buffers[leaf] = buf.to(device)
-    streamer = BlockStreamer(list(model.transformer_blocks)[resident:], per_unit, device, ahead=ahead, cyclic=True)
+    streamer = BlockStreamer(list(model.transformer_blocks)[resident:], per_unit, device, ahead=ahead, cyclic=True,
+                             hold=hold_in_ram)
     return model, streamer
-
-
-def stream_blocks_from_host(model: nn.Module, blocks_attr: str, device: torch.device, ahead: int = 2,
-                            resident: int = 0) -> BlockStreamer:
-    """`model`, loaded on the CPU by from_pretrained, runs on `device` with its first `resident` blocks kept there
-    and the others streamed, `ahead + 1` at a time: everything outside the blocks moves to the device; each
-    streamed block's weights go to one pinned host buffer and come in on a side stream while the block before
-    computes. Used for the DiT, whose ~1.2 GiB are needed at every step: reading them from the files each step
-    would cost more than keeping them in RAM."""
-    blocks = getattr(model, blocks_attr)
-    setattr(model, blocks_attr, nn.ModuleList())  # move the rest without the blocks
-    model.to(device)
-    setattr(model, blocks_attr, blocks)
-    for block in list(blocks)[:resident]:
-        block.to(device)
-    units = list(blocks)[resident:]
-    per_unit = []
-    for unit in units:
-        params = {}
-        for name, param in list(unit.named_parameters()):
-            path, _, leaf = name.rpartition(".")
-            params[name] = ((unit.get_submodule(path) if path else unit, leaf), param.data, param.dtype)
-        for name, buf in list(unit.named_buffers()):  # buffers, if a block has any, stay on the device
-            path, _, leaf = name.rpartition(".")
-            (unit.get_submodule(path) if path else unit)._buffers[leaf] = buf.to(device)
-        per_unit.append(params)
-    # cyclic: at every step the last block prefetches the first ones of the next step
-    streamer = BlockStreamer(units, per_unit, device, ahead=ahead, cyclic=True)  # packs blocks into pinned memory
-    for params in per_unit:
-        for owner, src, dtype in params.values():
-            _set(owner, torch.empty(src.shape, dtype=dtype, device="meta"))
-        for name in params:
-            owner, _, dtype = params[name]
-            params[name] = (owner, torch.empty(params[name][1].shape, dtype=dtype, device="meta"), dtype)
-    return streamer

@@ -313,3 +313,25 @@ def test_a_png_that_lost_its_last_bytes_is_not_taken_for_finished(reference, tmp
     torn.write_bytes(whole_png.read_bytes()[:-lost])
     assert folder.png_is_done(whole_png, key)
     assert not folder.png_is_done(torn, key)
+
+
+def test_a_png_checked_once_is_not_decoded_again_until_it_changes(reference, tmp_path, monkeypatch):
+    """The manifest is written after every stage, with each image's state: a PNG this folder wrote or already
+    checked is not decoded again, unless the file changed since (then it is checked afresh)."""
+    key = items(reference["run"])["map"]["image_key"]
+    png = tmp_path / "map.png"
+    shutil.copy(reference["run"] / "images" / "map.png", png)
+    folder = RunFolder(tmp_path)
+    reads = []
+    real = RunFolder._read_png_key
+    monkeypatch.setattr(RunFolder, "_read_png_key", staticmethod(lambda path: reads.append(path) or real(path)))
+    assert folder.png_is_done(png, key) and folder.png_is_done(png, key)
+    assert len(reads) == 1
+    png.write_bytes(png.read_bytes()[:-12])  # torn by someone else: its size and time change
+    assert not folder.png_is_done(png, key)
+    assert len(reads) == 2
+    folder.write_png(png, Image.open(reference["run"] / "images" / "map.png"), {"pixart_lowvram": f'{{"key": "{key}"}}'})
+    assert folder.png_is_done(png, key) and not folder.png_is_done(png, "another key")
+    assert len(reads) == 2  # what it wrote, it knows
+    png.unlink()
+    assert not folder.png_is_done(png, key)
