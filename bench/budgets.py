@@ -8,7 +8,7 @@ whole process and its ratio to the baseline's, torch peak, whole-process NVML pe
 pixel difference to the unconstrained run and to the baseline. The page cache is warmed first, so no row pays
 for the first read of the weights from disk.
 
-    python bench/budgets.py --out OUT_DIR [--model DIR] [--rows ...] [--write-benchmarks]
+    python bench/budgets.py --out OUT_DIR [--model DIR] [--rows ...] [--repeat N] [--write-benchmarks]
 Writes OUT_DIR/latest.json and OUT_DIR/table.md; with --write-benchmarks also bench/results/latest.json and the
 table in BENCHMARKS.md.
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +59,20 @@ def sh(args: list[str], log: Path, timeout: float | None = None) -> float | None
     return seconds
 
 
+def merge(runs: list[dict]) -> dict:
+    """One row from a way's runs: the median wall time (and the stages of the run that took it), the highest
+    peaks (a budget is a promise every run keeps), every run's wall time and folder."""
+    done = [r for r in runs if r["wall_s"] is not None]
+    if not done:
+        return runs[0]
+    middle = sorted(done, key=lambda r: r["wall_s"])[(len(done) - 1) // 2]
+    row = {**middle, "wall_s": statistics.median(r["wall_s"] for r in done),
+           "walls_s": [r["wall_s"] for r in runs], "folders": [r["folder"] for r in done]}
+    for key in ("torch_peak", "nvml_peak", "rss_peak"):
+        row[key] = max(r[key] for r in done)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -68,6 +84,9 @@ def main() -> None:
     parser.add_argument("--write-benchmarks", action="store_true",
                         help="also put the table into BENCHMARKS.md (between its budgets-table markers) and the "
                              "results into bench/results/latest.json")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of the baseline and the budget rows, interleaved; each row reports its median "
+                             "wall time (the machines varied by up to 20%% between runs of one call)")
     parser.add_argument("--anchor-timeout", type=float, default=240,
                         help="seconds an anchor may take before it is recorded as not finished")
     args = parser.parse_args()
@@ -89,34 +108,30 @@ def main() -> None:
     sh([py, "-c", "import torch, transformers.models.t5.modeling_t5; from diffusers import PixArtAlphaPipeline; "
                   "import pixart_lowvram.generate, pixart_lowvram.streaming, pixart_lowvram.vae_strips"],
        args.out / "warm-imports.log")
-    # The first GPU process on a fresh machine ran 10 to 20% slower than later ones in every call (the baseline
-    # runs twice to show it): one untimed run first, so no timed row is the first.
+    # The first GPU process on a fresh machine ran 10 to 20% slower than later ones in every call: one untimed run
+    # first, so no timed row is the first.
     sh(cli + ["run", args.queue, "--model", args.model, "--out", str(work / "warm-up"), "--no-embed-cache", "-q",
               "--force"], args.out / "warm-up.log")
 
     base = work / "unconstrained"
-    rows: list[dict] = []
 
     def reference(mode: str, tag: str = "") -> dict:
         ref_dir = work / f"reference-{mode}{tag}"
         wall = sh([py, "bench/reference_pipeline.py", args.model, str(base), str(ref_dir), "--mode", mode],
                   args.out / f"reference-{mode}{tag}.log", timeout=None if mode == "gpu" else args.anchor_timeout)
-        row = {"method": ANCHORS[mode] + (" (again, after the others)" if tag else ""), "budget": None,
-               "wall_s": wall, "folder": str(ref_dir), "reference": True, "mode": mode}
+        row = {"method": ANCHORS[mode], "budget": None, "wall_s": wall, "folder": str(ref_dir), "reference": True,
+               "mode": mode}
         if wall is None:
             return {**row, "note": f"not finished after {args.anchor_timeout:.0f} s"}
         ref = json.loads((ref_dir / "reference.json").read_text())
         return {**row, "torch_peak": ref["torch_peak"], "nvml_peak": ref["nvml_peak"], "rss_peak": ref["rss_peak"],
                 "pipeline_s": ref["wall_seconds"]}
 
-    def keep(row: dict) -> None:  # a row at a time, so a run cut short still leaves what it measured
-        rows.append(row)
-        (args.out / "rows-partial.json").write_text(json.dumps(rows, indent=2, default=str))
-
-    ways = [OURS[name] for name in OURS if name == "unconstrained" or name in args.rows]
-    for label, budget, cap in ways:
-        out = work / (budget or "unconstrained") if cap is None else work / "capped"
-        out.mkdir(exist_ok=True)
+    def ours(name: str, tag: str = "") -> dict:
+        label, budget, cap = OURS[name]
+        out = work / f"{name}{tag}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
         if out != base:  # same items and drawn seeds as the unconstrained run
             (out / "run.json").write_text((base / "run.json").read_text())
         argv = ["run", args.queue, "--model", args.model, "--out", str(out), "--no-embed-cache", "-q"]
@@ -126,44 +141,66 @@ def main() -> None:
         wall = sh(cmd, args.out / f"{out.name}.log")
         manifest = json.loads((out / "run.json").read_text())
         stages = manifest["stages"]
-        keep({"method": label, "budget": budget, "torch_cap_gib": cap, "wall_s": wall, "stages": stages,
-                     "plan": manifest.get("plan"),
-                     "torch_peak": max(s["torch_peak"] or 0 for s in stages),
-                     "nvml_peak": max(s["nvml_peak"] or 0 for s in stages),
-                     "rss_peak": max(s["rss_peak"] or 0 for s in stages),
-                     "items": manifest["items"], "folder": str(out)})
+        return {"method": label, "budget": budget, "torch_cap_gib": cap, "wall_s": wall, "stages": stages,
+                "plan": manifest.get("plan"),
+                "torch_peak": max(s["torch_peak"] or 0 for s in stages),
+                "nvml_peak": max(s["nvml_peak"] or 0 for s in stages),
+                "rss_peak": max(s["rss_peak"] or 0 for s in stages),
+                "items": manifest["items"], "folder": str(out)}
 
-    # The baseline runs twice, after our rows and at the very end; the faster run is the one ratios divide by.
-    keep(reference("gpu"))
+    runs: dict[str, list[dict]] = {}  # row name -> its runs, one a round
+
+    def keep(name: str, run: dict) -> None:  # a run at a time, so a call cut short still leaves what it measured
+        runs.setdefault(name, []).append(run)
+        (args.out / "runs-partial.json").write_text(json.dumps(runs, indent=2, default=str))
+
+    # The unconstrained run once (its items and drawn seeds are everyone's); then, --repeat times over, a round of
+    # the other rows and the baseline, interleaved, so that a slow spell of the machine falls on all of them.
+    keep("unconstrained", ours("unconstrained"))
+    for r in range(args.repeat):
+        tag = f"-{r + 1}"
+        for name in OURS:
+            if name != "unconstrained" and name in args.rows:
+                keep(name, ours(name, tag))
+        keep("gpu", reference("gpu", tag))
     for mode in ("model-offload", "group-offload", "sequential-offload"):
         if mode in args.rows:
-            keep(reference(mode))
-    keep(reference("gpu", tag="-again"))
-    ref_dir = work / "reference-gpu"
-    baseline = min(r["wall_s"] for r in rows if r.get("mode") == "gpu")
+            keep(mode, reference(mode))
+    rows = [merge(r) for r in runs.values()]
+    ref_dir = Path(runs["gpu"][0]["folder"])
+    baseline = next(r for r in rows if r.get("mode") == "gpu")["wall_s"]
     rows.sort(key=lambda r: not r.get("reference"))  # the anchors first
 
     names = [it["id"] for it in next(r for r in rows if "items" in r)["items"]]
     for row in rows:
         if row["wall_s"] is None:
             continue
-        folder = Path(row["folder"])
-        own = (lambda n: folder / f"{n}.png") if row.get("reference") else (lambda n: folder / "images" / f"{n}.png")
-        row["max_diff_vs_unconstrained"] = max(max_pixel_diff(own(n), base / "images" / f"{n}.png") for n in names)
-        row["max_diff_vs_pipeline"] = max(max_pixel_diff(own(n), ref_dir / f"{n}.png") for n in names)
+
+        def png(folder: Path, name: str, reference: bool = bool(row.get("reference"))) -> Path:
+            return folder / f"{name}.png" if reference else folder / "images" / f"{name}.png"
+
+        folders = [Path(f) for f in row["folders"]]  # every run's images, not only the median one's
+        row["max_diff_vs_unconstrained"] = max(max_pixel_diff(png(f, n), base / "images" / f"{n}.png")
+                                               for f in folders for n in names)
+        row["max_diff_vs_pipeline"] = max(max_pixel_diff(png(f, n), ref_dir / f"{n}.png") for f in folders
+                                          for n in names)
         row["ratio"] = row["wall_s"] / baseline
         row.pop("items", None)
 
+    command = ("python bench/budgets.py --out OUT" + (f" --rows {' '.join(args.rows)}" if args.rows else "")
+               + (f" --repeat {args.repeat}" if args.repeat > 1 else ""))
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "queue": args.queue,
-              "command": "python bench/budgets.py --out OUT" + (f" --rows {' '.join(args.rows)}" if args.rows else ""), "baseline_wall_s": baseline, "rows": rows}
+              "command": command, "repeat": args.repeat, "baseline_wall_s": baseline, "rows": rows}
     (args.out / "latest.json").write_text(json.dumps(result, indent=2))
-    lines = ["| method | budget | wall s | ratio | torch peak GiB | NVML peak GiB | host RSS GiB | max px diff vs unconstrained | vs plain pipeline |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | budget | wall s (median) | ratio | every run, s | torch peak GiB | NVML peak GiB | "
+             "host RSS GiB | max px diff vs unconstrained | vs plain pipeline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["wall_s"] is None:
-            lines.append(f"| {r['method']} | - | {r['note']} | | | | | | |")
+            lines.append(f"| {r['method']} | - | {r['note']} | | | | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['budget'] or '-'} | {r['wall_s']:.1f} | {r['ratio']:.2f} | "
+        every = ", ".join(f"{w:.1f}" if w is not None else "-" for w in r["walls_s"])
+        lines.append(f"| {r['method']} | {r['budget'] or '-'} | {r['wall_s']:.1f} | {r['ratio']:.2f} | {every} | "
                      f"{r['torch_peak'] / GiB:.2f} | {r['nvml_peak'] / GiB:.2f} | {r['rss_peak'] / GiB:.2f} | "
                      f"{r['max_diff_vs_unconstrained']} | {r['max_diff_vs_pipeline']} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
@@ -171,7 +208,8 @@ def main() -> None:
     if args.write_benchmarks:
         (ROOT / "bench" / "results" / "latest.json").write_text(json.dumps(result, indent=2))
         head = (f"Latest run (`bench/results/latest.json`): `{result['command']}` on {result['gpu']}, torch "
-                f"{result['torch']}; ratios divide by the faster baseline run, {baseline:.1f} s:")
+                f"{result['torch']}; wall times are medians over the rounds, ratios divide by the baseline's, "
+                f"{baseline:.1f} s; peaks and pixel differences are the worst of every run:")
         replace_marked(ROOT / "BENCHMARKS.md", "budgets-table", head + "\n\n" + "\n".join(lines))
 
 

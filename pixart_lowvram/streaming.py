@@ -122,7 +122,9 @@ def index_safetensors(files: list[Path]) -> dict[str, Stored]:
     return index
 
 
-READ_THREADS = 4  # page cache -> pinned memory: 5.5 GB/s with one thread, 15 with 4 (bench/stream_profile.py)
+# page cache -> pinned memory on the H100 machines: 5.5 GB/s with one thread, 15.4 with 4, 22.6 with 8
+# (bench/stream_profile.py); with 4 the encode stage still waited 0.5 s on reads (bench/profile.sh)
+READ_THREADS = min(8, os.cpu_count() or 1)
 
 
 def read_into(stored: Stored, out: torch.Tensor) -> None:
@@ -179,6 +181,12 @@ class BlockStreamer:
             self.handles.append(unit.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
             self.handles.append(unit.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
         self.bytes_moved = 0
+        # what stands in for a unit's weights while it is not on the device (made once: a run swaps them
+        # ~50,000 times, and making them anew cost ~0.3 s of the main thread's time a run)
+        self.meta = [[nn.Parameter(torch.empty(src.shape, dtype=dtype, device="meta"), requires_grad=False)
+                      for _, src, dtype in p.values()] for p in params]
+        for i in range(len(units)):
+            self._unplace(i)
         self.flat = self._pack([i for i, p in enumerate(params) if p and (hold or not any(
             isinstance(src, Stored) for _, src, _ in p.values()))])
         self._schedule_read(0)  # the first block's bytes while the rest of the model is set up
@@ -287,9 +295,12 @@ class BlockStreamer:
         for (owner, _, _), tensor in zip(self.params[i].values(), self.on_device[i]):
             _set(owner, tensor)
 
+    def _unplace(self, i: int) -> None:
+        for (module, leaf), placeholder in zip((owner for owner, _, _ in self.params[i].values()), self.meta[i]):
+            module._parameters[leaf] = placeholder
+
     def _after(self, i: int) -> None:
-        for owner, src, dtype in self.params[i].values():
-            _set(owner, torch.empty(src.shape, dtype=dtype, device="meta"))
+        self._unplace(i)
         del self.on_device[i]
         if i == len(self.units) - 1 and not self.cyclic:
             self.ready.clear()
