@@ -85,8 +85,8 @@ def main() -> None:
                         help="also put the table into BENCHMARKS.md (between its budgets-table markers) and the "
                              "results into bench/results/latest.json")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds of the baseline and the budget rows, interleaved; each row reports its median "
-                             "wall time (the machines varied by up to 20%% between runs of one call)")
+                        help="rounds of the baseline and the 8GiB and 1.5GiB rows, interleaved; each row reports its "
+                             "median wall time (the machines varied by up to 20%% between runs of one call)")
     parser.add_argument("--anchor-timeout", type=float, default=240,
                         help="seconds an anchor may take before it is recorded as not finished")
     args = parser.parse_args()
@@ -155,12 +155,13 @@ def main() -> None:
         (args.out / "runs-partial.json").write_text(json.dumps(runs, indent=2, default=str))
 
     # The unconstrained run once (its items and drawn seeds are everyone's); then, --repeat times over, a round of
-    # the other rows and the baseline, interleaved, so that a slow spell of the machine falls on all of them.
+    # the budget rows and the baseline, interleaved, so that a slow spell of the machine falls on all of them.
+    # The emulated card's target is to complete under its cap: it runs in the first round only.
     keep("unconstrained", ours("unconstrained"))
     for r in range(args.repeat):
         tag = f"-{r + 1}"
         for name in OURS:
-            if name != "unconstrained" and name in args.rows:
+            if name != "unconstrained" and name in args.rows and (name != "capped" or r == 0):
                 keep(name, ours(name, tag))
         keep("gpu", reference("gpu", tag))
     for mode in ("model-offload", "group-offload", "sequential-offload"):

@@ -127,18 +127,30 @@ def index_safetensors(files: list[Path]) -> dict[str, Stored]:
 READ_THREADS = min(8, os.cpu_count() or 1)
 
 
-def read_into(stored: Stored, out: torch.Tensor) -> None:
-    """Fill a CPU uint8 tensor (pinned or not) with a tensor's bytes, with plain reads: the page cache serves
-    them and nothing is mapped into this process, so host RSS does not grow by the model's size. os.preadv lets
-    go of the GIL: the streamer reads a block's tensors on several threads at once."""
+def read_into(stored: Stored, out: torch.Tensor, lo: int = 0, hi: int | None = None) -> None:
+    """Fill bytes lo..hi (default: all) of a CPU uint8 tensor (pinned or not) holding a tensor's bytes, with plain
+    reads: the page cache serves them and nothing is mapped into this process, so host RSS does not grow by the
+    model's size. os.preadv lets go of the GIL: the streamer reads pieces of a block on several threads at once."""
+    hi = stored.nbytes if hi is None else hi
     view = memoryview(out.numpy()).cast("B")
     with open(stored.path, "rb", buffering=0) as f:
-        done = 0
-        while done < stored.nbytes:
-            n = os.preadv(f.fileno(), [view[done:stored.nbytes]], stored.start + done)
+        done = lo
+        while done < hi:
+            n = os.preadv(f.fileno(), [view[done:hi]], stored.start + done)
             if n <= 0:
                 raise OSError(f"{stored.path}: unexpected end of file")
             done += n
+
+
+# Reads are split into pieces of at most this size, so that all the threads share a block's reads evenly: a T5
+# block is four 32 MB and three 80 MB tensors, read one tensor a thread it waited on the last big ones
+READ_PIECE = 16 * 2**20
+
+
+def read_pieces(pool: ThreadPoolExecutor, stored: Stored, out: torch.Tensor) -> list[Future]:
+    """Read a stored tensor's bytes into the CPU uint8 tensor `out` on `pool`'s threads, piece by piece."""
+    return [pool.submit(read_into, stored, out, lo, min(lo + READ_PIECE, stored.nbytes))
+            for lo in range(0, stored.nbytes, READ_PIECE)]
 
 
 def load_tensor(stored: Stored, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -189,6 +201,11 @@ class BlockStreamer:
             self._unplace(i)
         self.flat = self._pack([i for i, p in enumerate(params) if p and (hold or not any(
             isinstance(src, Stored) for _, src, _ in p.values()))])
+        # held units on the device: buffers, the free ones, which unit is in which, the units' parameter views
+        self.buffers: list[torch.Tensor] = []
+        self.free_buffers: list[int] = []
+        self.buffer_of: dict[int, int] = {}
+        self.views: dict[tuple[int, int], list[nn.Parameter]] = {}
         self._schedule_read(0)  # the first block's bytes while the rest of the model is set up
 
     def _pack(self, units: list[int]) -> dict[int, tuple[torch.Tensor, list[tuple[int, int, torch.dtype, tuple]]]]:
@@ -203,7 +220,11 @@ class BlockStreamer:
                 total += _aligned(nbytes)
             buffer = torch.empty(total, dtype=torch.uint8, pin_memory=self.cuda)
             for (offset, nbytes, dtype, shape), (_, src, _) in zip(layout, self.params[i].values()):
-                pending.append(self.io.submit(_fill, buffer[offset:offset + nbytes], dtype, shape, src))
+                out = buffer[offset:offset + nbytes]
+                if isinstance(src, Stored) and src.dtype == dtype:  # straight from the file
+                    pending += read_pieces(self.io, src, out)
+                else:  # converted on the way, as from_pretrained converts
+                    pending.append(self.io.submit(_convert_into, out, dtype, shape, src))
             flat[i] = (buffer, layout)
         for job in pending:
             job.result()
@@ -217,7 +238,7 @@ class BlockStreamer:
         offset = 0
         pieces = []
         for _, stored, _ in self.params[i].values():  # the block's tensors, read side by side
-            pieces.append(self.io.submit(read_into, stored, self.slots[slot][offset:offset + stored.nbytes]))
+            pieces += read_pieces(self.io, stored, self.slots[slot][offset:offset + stored.nbytes])
             offset += _aligned(stored.nbytes)
         for piece in pieces:
             piece.result()
@@ -231,21 +252,35 @@ class BlockStreamer:
 
     # device side
     def _copy_flat(self, i: int) -> None:
+        """A held unit to the device, into one of `ahead + 1` device buffers made once and reused in turn, its
+        weights as parameters viewing that buffer, made the first time the unit lands in it: a DiT run moves
+        ~3,000 units, and making ~20 tensor views and parameters anew each time kept the main thread ~0.5 s
+        longer than the GPU's work (bench/profile.sh, 1.5 GiB)."""
         host, layout = self.flat[i]
+        slot = self.free_buffers.pop(0) if self.free_buffers else self._new_buffer()
+        gpu = self.buffers[slot]
         main = torch.cuda.current_stream(self.device) if self.cuda else None
-        gpu = torch.empty(host.numel(), dtype=torch.uint8, device=self.device)  # on the compute stream
         event = None
         if self.cuda:
-            self.side.wait_stream(main)
+            self.side.wait_stream(main)  # the unit that used this buffer before has been computed
             with torch.cuda.stream(self.side):
-                gpu.copy_(host, non_blocking=True)
+                gpu[:host.numel()].copy_(host, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self.side)
         else:
-            gpu.copy_(host)
+            gpu[:host.numel()].copy_(host)
         self.bytes_moved += host.numel()
         self.ready[i] = event
-        self.on_device[i] = [gpu[o:o + n].view(dtype).view(shape) for o, n, dtype, shape in layout]
+        if (i, slot) not in self.views:
+            self.views[(i, slot)] = [nn.Parameter(gpu[o:o + n].view(dtype).view(shape), requires_grad=False)
+                                     for o, n, dtype, shape in layout]
+        self.on_device[i] = self.views[(i, slot)]
+        self.buffer_of[i] = slot
+
+    def _new_buffer(self) -> int:
+        size = max(host.numel() for host, _ in self.flat.values())
+        self.buffers.append(torch.empty(size, dtype=torch.uint8, device=self.device))  # on the compute stream
+        return len(self.buffers) - 1
 
     def _copy(self, i: int) -> None:
         if i >= len(self.units) or i in self.on_device:
@@ -302,31 +337,33 @@ class BlockStreamer:
     def _after(self, i: int) -> None:
         self._unplace(i)
         del self.on_device[i]
+        if i in self.buffer_of:
+            self.free_buffers.append(self.buffer_of.pop(i))
         if i == len(self.units) - 1 and not self.cyclic:
             self.ready.clear()
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+        if self.cuda:
+            self.side.synchronize()  # copies still in flight (the next step's prefetch) before their memory goes
         self.pool.shutdown(wait=True)
         self.io.shutdown(wait=True)
         self.slots.clear()
         self.flat.clear()
         self.on_device.clear()
+        self.views.clear()
+        self.buffers.clear()
 
 
 def _set(owner: tuple[nn.Module, str], tensor: torch.Tensor) -> None:
     """Put `tensor` in place of a parameter (a meta placeholder cannot take another device's data in place)."""
     module, leaf = owner
-    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    module._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
 
 
-def _fill(out: torch.Tensor, dtype: torch.dtype, shape: tuple, src: Stored | torch.Tensor) -> None:
-    """Put a tensor's values, in `dtype`, into the uint8 buffer `out`: read straight into it from the file where
-    the stored dtype is already the one wanted, else converted on the way (as from_pretrained converts)."""
-    if isinstance(src, Stored) and src.dtype == dtype:
-        read_into(src, out)
-        return
+def _convert_into(out: torch.Tensor, dtype: torch.dtype, shape: tuple, src: Stored | torch.Tensor) -> None:
+    """Put a tensor's values, converted to `dtype`, into the uint8 buffer `out`."""
     if isinstance(src, Stored):
         src = load_tensor(src, src.dtype, torch.device("cpu"))
     out.view(dtype).view(shape).copy_(src)

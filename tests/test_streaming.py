@@ -334,30 +334,45 @@ def test_streamed_dit_equals_from_pretrained_step_after_step(tiny_model, residen
                 assert streamer.bytes_moved - moved == streamed_bytes + (prefetched if step == 0 else 0)
                 # between steps only the prefetched blocks are held
                 assert sorted(streamer.on_device) == list(range(ahead_held))
+        # held blocks land in device buffers made once: as many as blocks are ever there at once
+        assert len(streamer.buffers) == (ahead_held + 1 if hold else 0)
     finally:
         streamer.close()
 
 
-def test_streamed_dit_in_float16_equals_from_pretrained(tiny_model):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU runs it on the GPU machines
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hold", [True, False])
+def test_streamed_dit_in_float16_equals_from_pretrained(tiny_model, device, hold):
     """In a float16 run the streamed DiT has from_pretrained's dtypes (its positional-embedding buffer too) and
-    computes its outputs bit for bit."""
+    computes its outputs: bit for bit on the CPU; on a GPU (copies on a side stream, device buffers reused in turn)
+    within float16 rounding, over steps that reuse every buffer."""
     from diffusers import PixArtTransformer2DModel
 
     from pixart_lowvram.streaming import load_transformer_streamed
 
     folder = Path(tiny_model) / "transformer"
-    reference = PixArtTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float16).eval()
-    model, streamer = load_transformer_streamed(folder, torch.float16, torch.device("cpu"), ahead=1, resident=1)
+    device = torch.device(device)
+    reference = PixArtTransformer2DModel.from_pretrained(folder, torch_dtype=torch.float16).to(device).eval()
+    model, streamer = load_transformer_streamed(folder, torch.float16, device, ahead=1, resident=1, hold_in_ram=hold)
     try:
         assert {n: (b.dtype, b.shape) for n, b in model.named_buffers()} == {
             n: (b.dtype, b.shape) for n, b in reference.named_buffers()}
         assert all(torch.equal(b, dict(reference.named_buffers())[n]) for n, b in model.named_buffers())
         with torch.inference_mode():
-            for step, kwargs in enumerate(dit_inputs(reference)[:2]):
-                kwargs = {k: v.half() if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+            for step, kwargs in enumerate(dit_inputs(reference, steps=4)):
+                kwargs = {k: v.to(device, torch.float16) if torch.is_tensor(v) and k != "timestep" else v
                           for k, v in kwargs.items()}
-                kwargs["added_cond_kwargs"] = {k: v.half() for k, v in kwargs["added_cond_kwargs"].items()}
-                assert torch.equal(model(**kwargs)[0], reference(**kwargs)[0]), f"step {step}"
+                kwargs["timestep"] = kwargs["timestep"].to(device)
+                kwargs["added_cond_kwargs"] = {k: v.to(device, torch.float16)
+                                               for k, v in kwargs["added_cond_kwargs"].items()}
+                got, want = model(**kwargs)[0], reference(**kwargs)[0]
+                if device.type == "cpu":
+                    assert torch.equal(got, want), f"step {step}"
+                else:
+                    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3, msg=f"step {step}")
     finally:
         streamer.close()
 
@@ -447,3 +462,25 @@ def test_release_collects_a_component_held_in_a_cycle():
     del component
     release(torch.device("cpu"), [ref])
     assert ref() is None
+
+
+def test_tensors_read_in_pieces_on_several_threads_are_whole(tiny_model, monkeypatch):
+    """Reads are split into pieces shared by the I/O threads: the pieces (here 1000 bytes, so every tensor of the
+    tiny model spans several, with a short last one) put together every stored tensor exactly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pixart_lowvram import streaming
+
+    monkeypatch.setattr(streaming, "READ_PIECE", 1000)
+    folder = Path(tiny_model) / "text_encoder"
+    expected = load_file(next(folder.glob("*.safetensors")))
+    stored = index_safetensors(sorted(folder.glob("*.safetensors")))
+    assert max(s.nbytes for s in stored.values()) > 3 * 1000
+    with ThreadPoolExecutor(4) as pool:
+        for name, s in stored.items():
+            out = torch.full((s.nbytes,), 7, dtype=torch.uint8)
+            pieces = streaming.read_pieces(pool, s, out)
+            assert len(pieces) == -(-s.nbytes // 1000)
+            for piece in pieces:
+                piece.result()
+            assert torch.equal(out.view(s.dtype).reshape(s.shape), expected[name]), name
