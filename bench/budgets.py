@@ -204,6 +204,14 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['budget'] or '-'} | {r['wall_s']:.1f} | {r['ratio']:.2f} | {every} | "
                      f"{r['torch_peak'] / GiB:.2f} | {r['nvml_peak'] / GiB:.2f} | {r['rss_peak'] / GiB:.2f} | "
                      f"{r['max_diff_vs_unconstrained']} | {r['max_diff_vs_pipeline']} |")
+    lines += ["", "Per stage, the median run of each row (time s, of which loading / NVML peak GiB):", "",
+              "| way | encode | denoise | decode |", "|---|---|---|---|"]
+    for r in rows:
+        if r.get("stages"):
+            cells = {st["name"]: f"{st['seconds']:.2f} ({st.get('load_seconds') or 0:.2f}) / "
+                                 f"{(st.get('nvml_peak') or 0) / GiB:.2f}" for st in r["stages"]}
+            lines.append(f"| {r['method']} | {cells.get('encode', '-')} | {cells.get('denoise', '-')} | "
+                         f"{cells.get('decode', '-')} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.write_benchmarks:
