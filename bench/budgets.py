@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of the baseline and the 8GiB and 1.5GiB rows, interleaved; each row reports its "
                              "median wall time (the machines varied by up to 20%% between runs of one call)")
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="leave out the untimed first run (a quick check; the unconstrained row is then the "
+                             "first GPU process, 10 to 20%% slower)")
     parser.add_argument("--anchor-timeout", type=float, default=240,
                         help="seconds an anchor may take before it is recorded as not finished")
     args = parser.parse_args()
@@ -110,8 +113,9 @@ def main() -> None:
        args.out / "warm-imports.log")
     # The first GPU process on a fresh machine ran 10 to 20% slower than later ones in every call: one untimed run
     # first, so no timed row is the first.
-    sh(cli + ["run", args.queue, "--model", args.model, "--out", str(work / "warm-up"), "--no-embed-cache", "-q",
-              "--force"], args.out / "warm-up.log")
+    if not args.no_warm_up:
+        sh(cli + ["run", args.queue, "--model", args.model, "--out", str(work / "warm-up"), "--no-embed-cache",
+                  "-q", "--force"], args.out / "warm-up.log")
 
     base = work / "unconstrained"
 
@@ -189,7 +193,7 @@ def main() -> None:
         row.pop("items", None)
 
     command = ("python bench/budgets.py --out OUT" + (f" --rows {' '.join(args.rows)}" if args.rows else "")
-               + (f" --repeat {args.repeat}" if args.repeat > 1 else ""))
+               + (f" --repeat {args.repeat}" if args.repeat > 1 else "") + (" --no-warm-up" if args.no_warm_up else ""))
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "queue": args.queue,
               "command": command, "repeat": args.repeat, "baseline_wall_s": baseline, "rows": rows}
     (args.out / "latest.json").write_text(json.dumps(result, indent=2))
