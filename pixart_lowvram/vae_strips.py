@@ -29,8 +29,6 @@ from torch import nn
 # normalised float16 copy, the activation, the padded copy, the convolution's output (at 3.0 the strips went over
 # their room on the H100; at 6.0 the 1.5 GiB run's decode allocated 0.51 GiB against 0.52 planned)
 _WORK_FACTOR = 6.0
-# and, where strips cross the bus, the next strip coming in and the strips still going out (_Transfers)
-_IN_FLIGHT = 2.0
 
 
 def supports(vae) -> bool:
@@ -105,82 +103,30 @@ def _normalize(x: torch.Tensor, stats: _Stats, norm: nn.GroupNorm) -> torch.Tens
 
 
 class _HostRows:
-    """An NCHW activation held in pinned host memory as (H, N, C, W): rows lo..hi are one contiguous block."""
+    """An NCHW activation held in pinned host memory as (H, N, C, W): rows lo..hi are one contiguous block.
+    Copies go on the current stream, so they are ordered with the kernels around them without waiting."""
 
     def __init__(self, shape, dtype: torch.dtype):
         n, c, h, w = shape
         self.shape, self.dtype, self.device = torch.Size(shape), dtype, torch.device("cpu")
         self.data = torch.empty((h, n, c, w), dtype=dtype, pin_memory=True)
 
+    def rows(self, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+        return self.data[lo:hi].to(device, non_blocking=True).permute(1, 2, 0, 3)
 
-class _Transfers:
-    """Strips cross the bus while the GPU computes: the next strip of a host-held activation comes in on one side
-    stream, finished strips go out on another, each ordered against the compute stream with events (before this,
-    at 1.5 GiB, the strip decode took 0.54 s an image against 0.28 whole, its copies in line with its kernels).
-    At most `OUT_IN_FLIGHT` strips wait to go out, so that their memory stays within the room."""
-
-    OUT_IN_FLIGHT = 2
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.copy_in = torch.cuda.Stream(device) if self.cuda else None
-        self.copy_out = torch.cuda.Stream(device) if self.cuda else None
-        self.out_events: list = []
-
-    def strips(self, x, ranges: list[tuple[int, int]]):
-        """Rows lo..hi of `x` on the device, for each (lo, hi) of `ranges` in turn; from host memory, the next one
-        is already on its way while the caller computes with this one."""
-        if not (self.cuda and isinstance(x, _HostRows)):
-            for lo, hi in ranges:
-                yield _rows(x, lo, hi, self.device)
-            return
-        main = torch.cuda.current_stream(self.device)
-        self.copy_in.wait_stream(self.copy_out)  # the rows earlier layers sent out have landed
-
-        def fetch(lo: int, hi: int):
-            with torch.cuda.stream(self.copy_in):
-                rows = x.data[lo:hi].to(self.device, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self.copy_in)
-            return rows, done
-
-        coming = fetch(*ranges[0]) if ranges else None
-        for k in range(len(ranges)):
-            rows, done = coming
-            if k + 1 < len(ranges):
-                coming = fetch(*ranges[k + 1])
-            main.wait_event(done)
-            rows.record_stream(main)  # its memory is reused only once the compute has read it
-            yield rows.permute(1, 2, 0, 3)
-
-    def write(self, out, a: int, b: int, y: torch.Tensor) -> None:
-        """Rows a..b of `out` (on the device, or host rows) become `y`."""
-        if not isinstance(out, _HostRows):
-            out[:, :, a:b].copy_(y)
-            return
-        row_major = y.permute(2, 0, 1, 3).contiguous()
-        if not self.cuda:
-            out.data[a:b].copy_(row_major)
-            return
-        main = torch.cuda.current_stream(self.device)
-        if len(self.out_events) >= self.OUT_IN_FLIGHT:
-            main.wait_event(self.out_events.pop(0))  # the compute waits for the oldest strip to be out
-        ready = torch.cuda.Event()
-        ready.record(main)
-        with torch.cuda.stream(self.copy_out):
-            self.copy_out.wait_event(ready)
-            out.data[a:b].copy_(row_major, non_blocking=True)
-            sent = torch.cuda.Event()
-            sent.record(self.copy_out)
-        row_major.record_stream(self.copy_out)
-        self.out_events.append(sent)
+    def write(self, a: int, b: int, y: torch.Tensor) -> None:
+        self.data[a:b].copy_(y.permute(2, 0, 1, 3).contiguous(), non_blocking=True)
 
 
 def _rows(x, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-    if isinstance(x, _HostRows):
-        return x.data[lo:hi].to(device, non_blocking=True).permute(1, 2, 0, 3)
-    return x[:, :, lo:hi].to(device)
+    return x.rows(lo, hi, device) if isinstance(x, _HostRows) else x[:, :, lo:hi].to(device)
+
+
+def _write(out, a: int, b: int, y: torch.Tensor) -> None:
+    if isinstance(out, _HostRows):
+        out.write(a, b, y)
+    else:
+        out[:, :, a:b].copy_(y)
 
 
 class StripDecoder:
@@ -196,7 +142,6 @@ class StripDecoder:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.room = int(room)
         self.strips_used = 0  # layers that ran in strips (for tests and the report)
-        self.transfers = _Transfers(self.device)
 
     # -- storage ---------------------------------------------------------------------------------------------
     def _empty(self, shape, dtype, *, on_gpu: bool):
@@ -211,11 +156,10 @@ class StripDecoder:
             n *= s
         return n * torch.empty((), dtype=dtype).element_size()
 
-    def _rows(self, width: int, c_in: int, c_out: int, dtype, spare: int, crossing: bool = False) -> int:
-        """Rows per strip: as many as fit in what is left of the room (`crossing`: strips come from or go to host
-        memory, and the next one in and the last ones out are on the device too)."""
+    def _rows(self, width: int, c_in: int, c_out: int, dtype, spare: int) -> int:
+        """Rows per strip: as many as fit in what is left of the room."""
         item = torch.empty((), dtype=dtype).element_size()
-        per_row = width * (c_in + c_out) * item * (1 + _WORK_FACTOR + (_IN_FLIGHT if crossing else 0))
+        per_row = width * (c_in + c_out) * item * (1 + _WORK_FACTOR)
         return max(1, int(spare // per_row))
 
     # -- the walk --------------------------------------------------------------------------------------------
@@ -258,9 +202,9 @@ class StripDecoder:
     def _gather(self, x: torch.Tensor, groups: int) -> _Stats:
         stats = _Stats(groups)
         n, c, h, w = x.shape
-        rows = self._rows(w, c, 0, x.dtype, self.room, crossing=isinstance(x, _HostRows))
-        for strip in self.transfers.strips(x, [(a, min(a + rows, h)) for a in range(0, h, rows)]):
-            stats.add(strip)
+        rows = self._rows(w, c, 0, x.dtype, self.room)
+        for a in range(0, h, rows):
+            stats.add(_rows(x, a, min(a + rows, h), self.device))
         return stats
 
     def _spare(self, x: torch.Tensor, on_gpu: bool, c_out: int) -> int:
@@ -279,23 +223,22 @@ class StripDecoder:
             stats = self._gather(x, norm.num_groups)
         out = self._empty((n, c_out, h, w), x.dtype, on_gpu=on_gpu)
         out_stats = _Stats(next_groups) if next_groups else None
-        crossing = isinstance(x, _HostRows) or isinstance(out, _HostRows)
         rows = self._rows(w, c + (residual[1].shape[1] if residual else 0), c_out, x.dtype,
-                          self._spare(x, on_gpu, c_out), crossing)
-        owned = [(a, min(a + rows, h)) for a in range(0, h, rows)]
-        halo = [(max(a - 1, 0), min(b + 1, h)) for a, b in owned]  # the rows a 3x3 convolution reads
-        shortcuts = self.transfers.strips(residual[1], owned) if residual is not None else None
-        for (a, b), strip in zip(owned, self.transfers.strips(x, halo)):
-            y = _conv_rows(conv, act(_normalize(strip, stats, norm)), top=(a == 0), bottom=(b == h))
+                          self._spare(x, on_gpu, c_out))
+        for a in range(0, h, rows):
+            b = min(a + rows, h)
+            lo, hi = max(a - 1, 0), min(b + 1, h)
+            strip = act(_normalize(_rows(x, lo, hi, self.device), stats, norm))
+            y = _conv_rows(conv, strip, top=(a == 0), bottom=(b == h))
             if residual is not None:
-                resnet = residual[0]
-                shortcut = next(shortcuts)
+                resnet, inp = residual
+                shortcut = _rows(inp, a, b, self.device)
                 if resnet.conv_shortcut is not None:
                     shortcut = resnet.conv_shortcut(shortcut)
                 y = (shortcut + y) / resnet.output_scale_factor
             if out_stats is not None:
                 out_stats.add(y)
-            self.transfers.write(out, a, b, y)
+            _write(out, a, b, y)
         return out, out_stats
 
     def _upsample(self, up, x: torch.Tensor):
@@ -306,15 +249,14 @@ class StripDecoder:
         H, W = 2 * h, 2 * w
         keep = 2 * self._bytes((n, c, H, W), x.dtype) <= self.room // 2
         out = self._empty((n, c, H, W), x.dtype, on_gpu=keep)
-        rows = self._rows(W, c, c, x.dtype, self._spare(x, keep, 4 * c),
-                          isinstance(x, _HostRows) or isinstance(out, _HostRows))
+        rows = self._rows(W, c, c, x.dtype, self._spare(x, keep, 4 * c))
         rows += rows % 2
-        owned = [(a, min(a + rows, H)) for a in range(0, H, rows)]
-        halo = [(max(a - 1, 0), min(b + 1, H)) for a, b in owned]  # rows of the upsampled image the conv reads
-        sources = self.transfers.strips(x, [(lo // 2, (hi + 1) // 2) for lo, hi in halo])
-        for (a, b), (lo, hi), src in zip(owned, halo, sources):
+        for a in range(0, H, rows):
+            b = min(a + rows, H)
+            lo, hi = max(a - 1, 0), min(b + 1, H)  # rows of the upsampled image this strip's conv reads
+            src = _rows(x, lo // 2, (hi + 1) // 2, self.device)
             big = F.interpolate(src, scale_factor=2.0, mode="nearest")[:, :, lo - 2 * (lo // 2):][:, :, :hi - lo]
-            self.transfers.write(out, a, b, _conv_rows(up.conv, big, top=(a == 0), bottom=(b == H)))
+            _write(out, a, b, _conv_rows(up.conv, big, top=(a == 0), bottom=(b == H)))
         return out, None
 
 
