@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where does the wall time of a run go? py-spy recordings (sampled without pausing the process; wall clock:
-# --idle keeps the time a thread waits) of the plain pipeline and of pixart-lowvram runs (unconstrained, 8 GiB and 1.5 GiB budgets) on the xl
-# random model, each summarised by bench/spy_timeline.py. Needs py-spy (pip install py-spy).
+# --idle keeps the time a thread waits) of the plain pipeline and of pixart-lowvram runs (unconstrained and the
+# given budgets, default 8 GiB and 1.5 GiB) on the xl random model, each summarised by bench/spy_timeline.py.
+# Needs py-spy (pip install py-spy).
 #   bash bench/profile.sh OUT_DIR [MODEL_DIR] [BUDGET ...]
 set -eu
 out=$1; model=${2:-/tmp/pixart-xl-random}; shift $(( $# > 1 ? 2 : 1 ))

@@ -313,7 +313,7 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "generate": cmd_generate, "demo": 
 # Expandable segments let the caching allocator grow and shrink in place: less memory held back by fragmentation,
 # which matters under a budget. Pinned host memory (the streamed weights' buffers, the strip decoder's
 # activations) is allocated with malloc and registered with CUDA on 8 threads instead of cudaHostAlloc, which
-# pinned ~1.2 GB a second on the H100 machines (1 s of a run's T5 streaming set-up, bench/profile.sh).
+# pinned ~1.7 GiB a second on the H100 machines (1 GiB: 0.6 s, against 0.15 to 0.2 s so; BENCHMARKS.md).
 ALLOCATOR_SETTINGS = "expandable_segments:True,pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
 
 

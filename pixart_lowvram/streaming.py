@@ -14,6 +14,7 @@ into pinned buffers that stay in RAM (or, where RAM is short, from the files at 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -162,24 +163,25 @@ def load_tensor(stored: Stored, dtype: torch.dtype, device: torch.device) -> tor
 # -- the block streamer ------------------------------------------------------------------------------------------
 
 class BlockStreamer:
-    """Moves blocks' weights to `device` in turn, from the safetensors files through pinned buffers, or from
-    host tensors (pinned) kept in RAM for blocks needed again and again (the DiT, at every step).
+    """Moves blocks' weights to `device` in turn, from the safetensors files through a ring of pinned buffers, or
+    (`hold`) from pinned buffers read once and kept in RAM, for blocks needed again and again (the DiT, at every
+    step).
 
     Hooks on each unit: before it runs, its weights are on the device (copied on a side stream, waited for with
     an event: no device-wide synchronisation); after it ran, they are dropped. `ahead` more units are copied
     while one computes; host reads run further ahead on a thread, into a ring of `ahead + 2` pinned buffers."""
 
     def __init__(self, units: list[nn.Module],
-                 params: list[dict[str, tuple[tuple[nn.Module, str], Stored | torch.Tensor, torch.dtype]]],
+                 params: list[dict[str, tuple[tuple[nn.Module, str], Stored, torch.dtype]]],
                  device: torch.device, ahead: int = 1, cyclic: bool = False, hold: bool = False):
         self.units, self.params, self.device, self.ahead = units, params, device, ahead
         # cyclic: the units run again and again (the DiT, at every step): the last one prefetches the first ones
         self.cyclic = cyclic
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        # hold: every unit's weights stay in RAM, one pinned buffer each, read once; else units whose weights are
-        # in the files are read at each use into a ring of pinned buffers
-        sizes = [sum(_aligned(s.nbytes) for _, s, _ in p.values() if isinstance(s, Stored)) for p in params]
+        # hold: every unit's weights stay in RAM, one pinned buffer each, read once; else they are read from the
+        # files at each use into a ring of pinned buffers
+        sizes = [sum(_aligned(s.nbytes) for _, s, _ in p.values()) for p in params]
         slots = ahead + 2 if max(sizes, default=0) and not hold else 0
         self.slots = [torch.empty(max(sizes), dtype=torch.uint8, pin_memory=self.cuda) for _ in range(slots)]
         self.slot_free: list[torch.cuda.Event | None] = [None] * len(self.slots)
@@ -199,8 +201,7 @@ class BlockStreamer:
                       for _, src, dtype in p.values()] for p in params]
         for i in range(len(units)):
             self._unplace(i)
-        self.flat = self._pack([i for i, p in enumerate(params) if p and (hold or not any(
-            isinstance(src, Stored) for _, src, _ in p.values()))])
+        self.flat = self._pack([i for i, p in enumerate(params) if p] if hold else [])
         # held units on the device: buffers, the free ones, which unit is in which, the units' parameter views
         self.buffers: list[torch.Tensor] = []
         self.free_buffers: list[int] = []
@@ -221,7 +222,7 @@ class BlockStreamer:
             buffer = torch.empty(total, dtype=torch.uint8, pin_memory=self.cuda)
             for (offset, nbytes, dtype, shape), (_, src, _) in zip(layout, self.params[i].values()):
                 out = buffer[offset:offset + nbytes]
-                if isinstance(src, Stored) and src.dtype == dtype:  # straight from the file
+                if src.dtype == dtype:  # straight from the file
                     pending += read_pieces(self.io, src, out)
                 else:  # converted on the way, as from_pretrained converts
                     pending.append(self.io.submit(_convert_into, out, dtype, shape, src))
@@ -287,11 +288,11 @@ class BlockStreamer:
             return
         if i in self.flat:
             return self._copy_flat(i)
-        from_files = any(isinstance(src, Stored) for _, src, _ in self.params[i].values())
-        slot = None
-        if from_files:
-            self._schedule_read(i)
-            slot = self.reads.pop(i).result()
+        if not self.params[i]:  # nothing to move
+            self.ready[i], self.on_device[i] = None, []
+            return
+        self._schedule_read(i)
+        slot = self.reads.pop(i).result()
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         # Allocated on the compute stream, so a block's memory is reused by the next in stream order (one block
         # at a time really is one block); the copy stream first waits for the work queued before it.
@@ -299,19 +300,16 @@ class BlockStreamer:
         if self.cuda:
             self.side.wait_stream(main)
         offset = 0
-        with torch.cuda.stream(self.side) if self.cuda else _nullcontext():
+        with torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext():
             for gpu, (_, src, _) in zip(tensors, self.params[i].values()):
-                if isinstance(src, Stored):
-                    raw = self.slots[slot][offset:offset + src.nbytes]
-                    offset += _aligned(src.nbytes)
-                    src = raw.view(src.dtype).reshape(src.shape)
-                gpu.copy_(src, non_blocking=self.cuda)
-                self.bytes_moved += src.numel() * src.element_size()
+                raw = self.slots[slot][offset:offset + src.nbytes]
+                offset += _aligned(src.nbytes)
+                gpu.copy_(raw.view(src.dtype).reshape(src.shape), non_blocking=self.cuda)
+                self.bytes_moved += src.nbytes
             event = torch.cuda.Event() if self.cuda else None
             if event is not None:
                 event.record(self.side)
-        if slot is not None:
-            self.slot_free[slot] = event
+        self.slot_free[slot] = event
         self.ready[i] = event
         self.on_device[i] = tensors
 
@@ -362,23 +360,13 @@ def _set(owner: tuple[nn.Module, str], tensor: torch.Tensor) -> None:
     module._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
 
 
-def _convert_into(out: torch.Tensor, dtype: torch.dtype, shape: tuple, src: Stored | torch.Tensor) -> None:
-    """Put a tensor's values, converted to `dtype`, into the uint8 buffer `out`."""
-    if isinstance(src, Stored):
-        src = load_tensor(src, src.dtype, torch.device("cpu"))
-    out.view(dtype).view(shape).copy_(src)
+def _convert_into(out: torch.Tensor, dtype: torch.dtype, shape: tuple, src: Stored) -> None:
+    """Put a stored tensor's values, converted to `dtype`, into the uint8 buffer `out`."""
+    out.view(dtype).view(shape).copy_(load_tensor(src, src.dtype, torch.device("cpu")))
 
 
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- T5, streamed -------------------------------------------------------------------------------------------------
