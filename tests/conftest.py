@@ -1,7 +1,9 @@
 """Shared fixtures: one tiny random-weight PixArt model per test session, built in-process (no network)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -9,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-# No test reads or writes the user's cache (shared prompt embeddings, the demo model), not even session fixtures.
+# No test reads or writes the user's cache (shared prompt embeddings, the demo model), not even session fixtures;
+# the session's own cache goes when the session ends.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="pixart-lowvram-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 from pixart_lowvram.random_model import make_random_model
 
