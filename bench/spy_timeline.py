@@ -12,13 +12,13 @@ import argparse
 import json
 from collections import Counter, defaultdict
 
-# Functions that name a phase, outermost first: a sample belongs to the last of these on its stack.
+# Functions that name a phase: a sample belongs to the innermost of these on its stack.
 PHASES = ["main", "run_queue", "_Queue.__init__", "resolve_model", "check_jobs", "_Queue.prepare",
           "_Queue.pending_images", "_Queue.pending_latents", "_Queue.pending_texts", "_Queue.make_plan",
           "_Queue.write_manifest", "encode_texts", "denoise_items", "decode_items", "release",
-          "load_text_encoder_streamed", "load_text_encoder", "load_transformer", "stream_blocks_from_host",
+          "load_text_encoder_streamed", "load_text_encoder", "load_transformer", "load_transformer_streamed",
           "load_vae", "make_pipeline", "PixArtAlphaPipeline.encode_prompt", "PixArtAlphaPipeline.__call__",
-          "StripDecoder.decode", "run_reference", "from_pretrained", "DiffusionPipeline.from_pretrained"]
+          "StripDecoder.decode", "from_pretrained", "DiffusionPipeline.from_pretrained"]
 IMPORT = "_find_and_load"
 
 
