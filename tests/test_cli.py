@@ -70,3 +70,19 @@ def test_demo_runs_offline_and_resumes(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "-q"]) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == 3
+
+
+def test_the_command_returns_mains_code_and_leaves_the_libraries_objects_to_the_process_end(tiny_model, tmp_path):
+    """console_main (the installed command) runs main, then freezes what is alive out of the exit's collection."""
+    queue = tmp_path / "q.toml"
+    queue.write_text('[[jobs]]\nprompt = "a lighthouse"\n')
+    script = ("import gc, sys\nfrom pixart_lowvram import cli\n"
+              f"sys.argv = ['pixart-lowvram', 'plan', {str(queue)!r}, '--model', {tiny_model!r}, '--device', 'cpu']\n"
+              "before = gc.get_freeze_count()\ncode = cli.console_main()\n"
+              "print('frozen', before, gc.get_freeze_count() > 1000, 'code', code)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "frozen 0 True code 0" in result.stdout
+    bad = subprocess.run([sys.executable, "-c", script.replace("'plan'", "'plan', '--vram-budget', 'lots'")],
+                         capture_output=True, text=True)
+    assert "code 2" in bad.stdout and "--vram-budget" in bad.stderr
