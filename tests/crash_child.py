@@ -39,6 +39,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 STAGE_OF_FOLDER = {"embeds": "encode", "latents": "denoise", "images": "decode"}
@@ -117,8 +118,18 @@ def install_write_kill(stage: str, point: str, reached) -> None:
             return path.name == MANIFEST and running_stage() == stage
         return STAGE_OF_FOLDER.get(path.parent.name) == stage
 
+    one_at_a_time = threading.Lock()
+
     def atomic(self, path, write) -> None:
-        if not targeted(Path(path)) or not reached():
+        if not targeted(Path(path)):
+            return real_atomic(self, path, write)
+        # decode writes its PNGs on threads: counted and written one at a time here, so that when the N-th is
+        # reached exactly N-1 are whole (another thread's rename could otherwise slip in before the kill lands)
+        with one_at_a_time:
+            return kill_at(self, path, write)
+
+    def kill_at(self, path, write) -> None:
+        if not reached():
             return real_atomic(self, path, write)
         if kind == "renamed":
             real_atomic(self, path, write)
