@@ -69,7 +69,7 @@ def child(kind: str, argv: list[str]) -> None:
     marks["diffusers, transformers imported"] = time.time() - t0
     if kind == "ours":
         import pixart_lowvram.cli  # noqa: F401
-        from pixart_lowvram import decode, denoise, encode, generate, models, run, streaming
+        from pixart_lowvram import decode, denoise, encode, generate, run, streaming
         marks["pixart_lowvram imported"] = time.time() - t0
 
     cuda = torch.cuda.is_available()
@@ -116,7 +116,8 @@ def child(kind: str, argv: list[str]) -> None:
         for attr in ("__init__", "prepare", "pending_images", "pending_latents", "pending_texts", "make_plan",
                      "write_manifest"):
             timed(generate._Queue, attr)
-        for mod, attrs in ((generate, ["encode_texts", "denoise_items", "decode_items", "release"]),
+        for mod, attrs in ((generate, ["resolve_model", "check_jobs", "encode_texts", "denoise_items",
+                                       "decode_items", "release"]),
                            (encode, ["load_tokenizer", "load_text_encoder", "load_text_encoder_streamed",
                                      "make_pipeline"]),
                            (denoise, ["load_transformer", "load_transformer_streamed", "load_scheduler",
@@ -126,10 +127,7 @@ def child(kind: str, argv: list[str]) -> None:
                 timed(mod, attr, f"{mod.__name__.split('.')[-1]}.{attr}")
         for attr in ("write_tensors", "read_tensors", "write_png", "png_is_done"):
             timed(run.RunFolder, attr)
-        timed(models, "resolve_model")
-        timed(generate, "check_jobs")
         timed(streaming.BlockStreamer, "close")
-        generate.resolve_model = models.resolve_model
         sys.argv = ["pixart-lowvram", *argv]
         main = pixart_lowvram.cli.console_main  # as the command runs it
     else:
