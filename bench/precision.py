@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import replace_section  # noqa: E402
 from pixart_lowvram.errors import UsageError  # noqa: E402
-from pixart_lowvram.generate import Settings, check_text_encoder_8bit, resolve_device, run_queue  # noqa: E402
+from pixart_lowvram.generate import Settings, run_queue  # noqa: E402
+from pixart_lowvram.resolve import check_text_encoder_8bit, resolve_device  # noqa: E402
 from pixart_lowvram.jobs import Job  # noqa: E402
 from pixart_lowvram.models import resolve_model  # noqa: E402
 from pixart_lowvram.run import read_artifact  # noqa: E402

@@ -270,7 +270,7 @@ def cmd_run(args) -> int:
 
 def cmd_generate(args) -> int:
     from .jobs import jobs_from_options  # noqa: PLC0415
-    from .run import slugify  # noqa: PLC0415
+    from .items import slugify  # noqa: PLC0415
 
     jobs = jobs_from_options(args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                              height=args.height, seed=args.seed, cfg=args.cfg, steps=args.steps, count=args.count,

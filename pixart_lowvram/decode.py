@@ -9,7 +9,8 @@ import torch
 from .models import ModelInfo, load_vae, make_pipeline, sampler_label, vae_dtype
 from .placement import StagePlan
 from .reporting import Reporter
-from .run import Item, RunFolder
+from .items import Item
+from .run import RunFolder
 from .vae_strips import StripDecoder, supports
 
 

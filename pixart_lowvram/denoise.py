@@ -13,7 +13,8 @@ from .memory import available_ram
 from .models import ModelInfo, component_sizes, load_scheduler, load_transformer, make_pipeline
 from .placement import StagePlan
 from .reporting import Reporter
-from .run import Item, RunFolder
+from .items import Item
+from .run import RunFolder
 from .streaming import load_transformer_streamed
 
 

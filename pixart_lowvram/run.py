@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
-import random
-import re
 import stat
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,109 +25,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from .errors import RunFolderError, StorageError
-from .jobs import MAX_SEED, Job, JobDefaults
+from .items import Item
+from .jobs import MAX_SEED
 
 MANIFEST = "run.json"
 MANIFEST_VERSION = 1
 KEY_METADATA = "pixart_lowvram_key"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # every whole PNG ends with this IEND chunk
-
-
-def digest(*parts: object) -> str:
-    """A short stable hash of JSON-able parts."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def slugify(text: str, limit: int = 40) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug[:limit].rstrip("-") or "image"
-
-
-@dataclass
-class Item:
-    """One image to make: a job's copy with its seed fixed and its size resolved."""
-
-    id: str  # unique in the run, safe as a file stem
-    job_index: int
-    copy: int  # 0-based, < job.count
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    seed: int
-    cfg: float
-    steps: int
-    name: str | None
-    seed_was_drawn: bool
-    sampler: str = "dpm-solver"
-    prompt_key: str = ""
-    negative_key: str = ""
-    latent_key: str = ""
-    image_key: str = ""
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def _job_spec(job: Job, defaults: JobDefaults) -> dict:
-    """What a job asks for, independent of where it sits in the queue, with the model's defaults filled in. The
-    model's own sampler is left out, so specs (and the seeds drawn under them) stay those of versions before
-    samplers existed."""
-    spec = asdict(job)
-    spec.pop("index")
-    spec["cfg"] = float(defaults.cfg if job.cfg is None else job.cfg)
-    spec["steps"] = defaults.steps if job.steps is None else job.steps
-    if spec.pop("sampler") not in (None, defaults.sampler):
-        spec["sampler"] = job.sampler
-    return spec
-
-
-def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[int]],
-           rng: random.Random | None = None) -> tuple[list[Item], dict[str, list[int]]]:
-    """Jobs -> items, with the model's `defaults` for what a job leaves out. A job's seed gives seed, seed+1, ...
-    to its copies; a missing seed is drawn at random, and remembered under the job's spec in `drawn_seeds` (kept
-    in the manifest), so running the same queue again finds the same seeds. Identical jobs (the article's three
-    'supercar' jobs) are told apart by occurrence."""
-    rng = rng or random.SystemRandom()
-    seen: dict[str, int] = {}
-    items: list[Item] = []
-    remembered: dict[str, list[int]] = {}
-    for job in jobs:
-        spec = _job_spec(job, defaults)
-        spec_key = digest(spec)
-        occurrence = seen.get(spec_key, 0)
-        seen[spec_key] = occurrence + 1
-        slot = f"{spec_key}-{occurrence}"
-        if job.seed is not None:
-            seeds = [job.seed + k for k in range(job.count)]
-        else:
-            seeds = list(drawn_seeds.get(slot, []))[: job.count]
-            seeds += [rng.randrange(0, 2**32) for _ in range(job.count - len(seeds))]
-            remembered[slot] = seeds
-        for k, seed in enumerate(seeds):
-            assert 0 <= seed <= MAX_SEED
-            if job.name:
-                item_id = job.name if job.count == 1 else f"{job.name}-{k + 1}"
-            else:
-                item_id = f"{job.index:03d}-{slugify(job.prompt)}" + (f"-{k + 1}" if job.count > 1 else "")
-            items.append(Item(
-                id=item_id, job_index=job.index, copy=k, prompt=job.prompt, negative_prompt=job.negative_prompt,
-                width=job.width or defaults.size, height=job.height or defaults.size, seed=seed,
-                cfg=spec["cfg"], steps=spec["steps"], sampler=job.sampler or defaults.sampler, name=job.name,
-                seed_was_drawn=job.seed is None))
-    _make_ids_unique(items)
-    return items, remembered
-
-
-def _make_ids_unique(items: list[Item]) -> None:
-    # Job names are unique (validated), but a generated id can meet a name: number the later ones.
-    taken: set[str] = set()
-    for item in items:
-        base, n = item.id, 2
-        while item.id.lower() in taken:  # case-insensitive file systems
-            item.id = f"{base}~{n}"
-            n += 1
-        taken.add(item.id.lower())
 
 
 def read_artifact(path: Path, key: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:

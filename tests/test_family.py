@@ -19,12 +19,13 @@ from conftest import max_diff, pixels, reference_image
 from pixart_lowvram import decode, generate, models
 from pixart_lowvram.cli import main
 from pixart_lowvram.errors import QueueError, UsageError
-from pixart_lowvram.generate import Settings, assign_keys, run_queue
+from pixart_lowvram.generate import Settings, run_queue
+from pixart_lowvram.items import assign_keys, binned_size, expand
 from pixart_lowvram.jobs import Job, jobs_from_options
 from pixart_lowvram.models import ModelInfo, resolve_model, sizes_from_shapes, vae_dtype
 from pixart_lowvram.placement import GiB, PlanError, format_plan, make_plan
 from pixart_lowvram.random_model import empty_models, make_random_model, preset_config
-from pixart_lowvram.run import expand
+
 
 CPU32 = dict(device="cpu", dtype="float32", embed_cache=None)
 KINDS = ["tiny", "tiny-512", "tiny-sigma", "tiny-lcm", "tiny-dmd"]  # PixArt-α 1024, α 512, Σ, LCM, DMD
@@ -134,7 +135,7 @@ def test_every_kind_at_full_size_plans_within_a_small_budget(preset, budget):
               for name, model in empty_models(preset_config(preset)).items()}
     sizes = sizes_from_shapes(shapes, info.configs, torch.float16, info.max_sequence_length,
                               vae_dtype=vae_dtype(info, torch.float16))
-    plan = make_plan(int(budget * GiB), sizes, [generate.binned_size(info, info.default_size, info.default_size)],
+    plan = make_plan(int(budget * GiB), sizes, [binned_size(info, info.default_size, info.default_size)],
                      texts=4)
     assert all(stage.estimate <= budget * GiB for stage in plan.stages.values()), format_plan(plan)
     if preset == "xl-sigma-2k":

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pixart_lowvram import generate, run
 from pixart_lowvram.cli import main
-from pixart_lowvram.errors import Interrupted, ModelError
+from pixart_lowvram.errors import Interrupted
 from pixart_lowvram.generate import Settings, run_queue
 from pixart_lowvram.jobs import parse_queue
 from pixart_lowvram.reporting import Bar, Reporter
