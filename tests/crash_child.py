@@ -156,9 +156,8 @@ def install_write_kill(stage: str, point: str, reached) -> None:
 def pin_drawn_seeds(seed: int) -> None:
     import random
 
-    from pixart_lowvram import run
-
-    run.random.SystemRandom = lambda: random.Random(seed)
+    # items.expand draws missing seeds from random.SystemRandom(): this process's draws become reproducible
+    random.SystemRandom = lambda: random.Random(seed)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
