@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pixart_lowvram import generate
+from pixart_lowvram import resolve
 from pixart_lowvram.cli import main
 
 
@@ -32,7 +32,7 @@ def test_generate_makes_count_images_with_consecutive_seeds(tiny_model, tmp_path
 
 
 def test_a_bad_queue_is_reported_whole_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "resolve_model", lambda *a: pytest.fail("the model was touched"))
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a: pytest.fail("the model was touched"))
     queue = tmp_path / "q.json"
     queue.write_text(json.dumps({"jobs": [{"prompt": ""}, {"prompt": "ok", "stepz": 3}, {"prompt": "x", "width": 100}]}))
     code = main(["run", str(queue), "--out", str(tmp_path / "run")])
