@@ -10,12 +10,12 @@ from itertools import groupby
 import torch
 
 from .memory import available_ram
-from .models import ModelInfo, component_sizes, load_scheduler, load_transformer, make_pipeline
+from .models import (ModelInfo, component_sizes, load_scheduler, load_transformer, load_transformer_streamed,
+                     make_pipeline)
 from .placement import StagePlan
 from .reporting import Reporter
 from .items import Item
 from .run import RunFolder
-from .streaming import load_transformer_streamed
 
 
 def pinned_dit_fits_in_ram(info: ModelInfo, dtype: torch.dtype) -> bool:
