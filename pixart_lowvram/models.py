@@ -414,17 +414,17 @@ def _check_config(path: Path, component: str, config: dict, problems: FolderProb
     return ok
 
 
-def _check_repeats(path: Path, component: str, config: dict, stored: dict[str, Stored],
+def _check_repeats(folder: Path, component: str, config: dict, stored: dict[str, Stored],
                    problems: FolderProblems) -> bool:
-    ok = True
     for key, pattern in _REPEATS.get(component, ()):
         wanted = config[key] if key != "block_out_channels" else len(config[key])
         found = {m.group(1) for name in stored if (m := re.match(pattern, name))}
         if wanted != len(found):
-            problems.append(f"{path}: {key} {json.dumps(config[key])} asks for {wanted} blocks, the weights "
-                            f"files hold {len(found)}")
-            ok = False
-    return ok
+            problems.append(f"{folder}: cannot load {component}: its weights do not fit config.json ({key} "
+                            f"{json.dumps(config[key])} asks for {wanted} blocks, the weights files hold "
+                            f"{len(found)}); are they another model's?")
+            return False
+    return True
 
 
 def _empty_model(cls, config: dict) -> nn.Module:
@@ -519,7 +519,7 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, di
         configs[component] = config
         if stored is None or component not in classes:
             continue  # pickled weights have no header to compare: from_pretrained will say
-        if _check_repeats(config_path, component, config, stored, problems):
+        if _check_repeats(folder, component, config, stored, problems):
             _check_tensors(folder, component, classes[component], config, stored, problems)
     _cross_check(path, configs, problems)
     if "scheduler" in configs and "scheduler" in classes:
@@ -567,7 +567,8 @@ def _sentencepiece_size(path: Path) -> int:
         elif wire == 1:
             pos += 8
         elif wire == 2:
-            pos += varint()
+            length = varint()
+            pos += length
         elif wire == 5:
             pos += 4
         else:
