@@ -28,7 +28,7 @@ MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}  # the ref
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 # Only what the staged queue reads: safetensors weights, configs and tokenizer files, never pickled weights.
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
-                "scheduler/scheduler_config.json", "tokenizer/*"]
+                "*/*.safetensors.index.*.json", "scheduler/scheduler_config.json", "tokenizer/*"]
 
 
 @dataclass(frozen=True)
@@ -360,9 +360,17 @@ def _fits_pixart(component: str, cls) -> str | None:
         if not issubclass(cls, diffusers.SchedulerMixin):
             return "not a scheduler"
         return None if cls.__name__ in fitting else "a scheduler that does not fit PixArt's discrete timesteps"
-    base = {"text_encoder": transformers.T5EncoderModel, "transformer": diffusers.PixArtTransformer2DModel,
-            "vae": diffusers.AutoencoderKL}[component]
+    base = _network_class(component)
     return None if issubclass(cls, base) else f"not a {base.__name__}"
+
+
+def _network_class(component: str):
+    """The class the reference pipelines take for a network component (its subclasses serve too)."""
+    import diffusers  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    return {"text_encoder": transformers.T5EncoderModel, "transformer": diffusers.PixArtTransformer2DModel,
+            "vae": diffusers.AutoencoderKL}[component]
 
 
 def _check_index(path: Path, index: dict, problems: FolderProblems) -> dict[str, type]:
@@ -517,10 +525,11 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, di
         if not config_ok:
             continue
         configs[component] = config
-        if stored is None or component not in classes:
+        if stored is None:
             continue  # pickled weights have no header to compare: from_pretrained will say
         if _check_repeats(folder, component, config, stored, problems):
-            _check_tensors(folder, component, classes[component], config, stored, problems)
+            cls = classes.get(component) or _network_class(component)
+            _check_tensors(folder, component, cls, config, stored, problems)
     _cross_check(path, configs, problems)
     if "scheduler" in configs and "scheduler" in classes:
         try:
