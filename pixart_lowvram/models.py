@@ -486,12 +486,12 @@ def _cross_check(path: Path, configs: dict[str, dict], problems: FolderProblems)
                         f"VAE's latent_channels {vae['latent_channels']}")
 
 
-def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, dict[str, dict], dict[str, str]]:
+def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, dict[str, dict]]:
     """Everything that can be checked without loading a weight, all at once: model_index.json names a PixArt
     pipeline and fitting classes; each component's config has what the queue reads; its weights files are whole
     and hold every tensor its config implies, in its shape; the tokenizer covers the text encoder's vocabulary;
     the components fit one another; the scheduler builds. One ModelError lists every problem, each naming its
-    file. Returns (model_index.json, configs, component -> weights variant)."""
+    file. Returns (model_index.json, configs)."""
     problems = FolderProblems()
     index = read_json(path / "model_index.json")
     pipeline_class = index.get("_class_name")
@@ -500,7 +500,6 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, di
                          f"one (supported: {', '.join(SUPPORTED_PIPELINES)})")
     classes = _check_index(path / "model_index.json", index, problems)
     configs: dict[str, dict] = {}
-    variants: dict[str, str] = {}
     for component in COMPONENTS:
         folder = path / component
         if not folder.is_dir():
@@ -519,14 +518,12 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, di
         weights = problems.check(find_weights, folder, allow_pickle)
         if weights is None:
             continue
-        if weights.variant:
-            variants[component] = weights.variant
         stored = None if weights.pickled else problems.check(index_safetensors, weights.files)
         if not config_ok:
             continue
         configs[component] = config
         if stored is None:
-            continue  # pickled weights have no header to compare: from_pretrained will say
+            continue  # no headers to compare: pickled weights (from_pretrained will say), or damaged (said)
         if _check_repeats(folder, component, config, stored, problems):
             cls = classes.get(component) or _network_class(component)
             _check_tensors(folder, component, cls, config, stored, problems)
@@ -540,7 +537,7 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, di
     if (path / "tokenizer").is_dir() and "text_encoder" in configs:
         problems.check(check_tokenizer, path / "tokenizer", configs["text_encoder"]["vocab_size"])
     problems.raise_any()
-    return index, configs, variants
+    return index, configs
 
 
 # -- the tokenizer -------------------------------------------------------------------------------------------------
@@ -718,7 +715,7 @@ def resolve_model(source: str, allow_pickle: bool = False) -> ModelInfo:
     else:
         raise ModelError(f"{source}: no such model folder")
 
-    index, configs, _ = check_model_folder(path, allow_pickle)
+    index, configs = check_model_folder(path, allow_pickle)
     identity = {c: _component_identity(path / c, allow_pickle) for c in COMPONENTS}
     classes = {c: index[c][1] for c in COMPONENTS}
     return ModelInfo(source=source, path=path, pipeline_class=index["_class_name"], configs=configs,

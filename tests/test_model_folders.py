@@ -253,7 +253,7 @@ def test_every_problem_of_a_folder_is_named_at_once_and_the_cli_exits_2(model_co
     for culprit in ("model_index.json", "vae/config.json", VAE_WEIGHTS, "transformer: cannot load transformer"):
         assert str(model_copy / culprit) in err
     assert not (tmp_path / "run").exists()
-    assert time.perf_counter() - started < 30, "the billion layers were not built"
+    assert time.perf_counter() - started < 60, "the billion layers were not built"
 
 
 def test_a_transformer_config_with_null_additional_conditions_loads(model_copy):
