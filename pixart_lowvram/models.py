@@ -703,9 +703,10 @@ def _component_identity(folder: Path, allow_pickle: bool = False) -> str:
     return digest.hexdigest()[:32]
 
 
-def resolve_model(source: str, allow_pickle: bool = False) -> ModelInfo:
+def resolve_model(source: str, allow_pickle: bool = False, *, hash_weights: bool = True) -> ModelInfo:
     """Find the model (a local folder, or a hub id fetched to the cache), check it and read what it is, without
-    loading weights (`check_model_folder`)."""
+    loading weights (`check_model_folder`). hash_weights=False leaves `identity` empty: what a plan needs reads
+    only configs and headers, while the identity reads each weights file once (file_sha256)."""
     source = str(source)
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
@@ -716,7 +717,7 @@ def resolve_model(source: str, allow_pickle: bool = False) -> ModelInfo:
         raise ModelError(f"{source}: no such model folder")
 
     index, configs = check_model_folder(path, allow_pickle)
-    identity = {c: _component_identity(path / c, allow_pickle) for c in COMPONENTS}
+    identity = {c: _component_identity(path / c, allow_pickle) for c in COMPONENTS} if hash_weights else {}
     classes = {c: index[c][1] for c in COMPONENTS}
     return ModelInfo(source=source, path=path, pipeline_class=index["_class_name"], configs=configs,
                      identity=identity, allow_pickle=allow_pickle, classes=classes)

@@ -351,6 +351,12 @@ def test_a_whole_file_hash_is_read_once_and_again_after_a_change(tmp_path, monke
     assert file_sha256(weights) != first and len(reads) == 2
 
 
+def test_a_plan_can_read_a_model_without_reading_its_weights(tiny_model, monkeypatch):
+    monkeypatch.setattr(models, "file_sha256", lambda path: pytest.fail(f"read {path}"))
+    info = resolve_model(tiny_model, hash_weights=False)
+    assert info.identity == {} and models.component_sizes(info, torch.float16).transformer > 0
+
+
 def test_a_file_in_the_hugging_face_cache_takes_the_hubs_sha256(tmp_path, monkeypatch):
     """The hub cache's snapshot files link to blobs/<etag>; an LFS file's etag is its sha256."""
     sha = "0123456789abcdef" * 4
