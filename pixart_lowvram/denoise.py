@@ -10,10 +10,10 @@ from itertools import groupby
 import torch
 
 from .memory import available_ram
-from .models import ModelInfo, component_sizes, load_scheduler, load_transformer, make_pipeline
+from .models import (ModelInfo, component_sizes, load_scheduler, load_transformer, load_transformer_streamed,
+                     make_pipeline)
 from .items import Item, embed_shapes
 from .stage import StageContext
-from .streaming import load_transformer_streamed
 
 
 def pinned_dit_fits_in_ram(info: ModelInfo, dtype: torch.dtype) -> bool:

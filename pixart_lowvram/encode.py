@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .models import ModelInfo, caption_cleaning, load_text_encoder, load_tokenizer, make_pipeline
+from .models import (ModelInfo, caption_cleaning, load_text_encoder, load_text_encoder_streamed, load_tokenizer,
+                     make_pipeline)
 from .placement import StagePlan
 from .stage import StageContext
-from .streaming import load_text_encoder_streamed, micro_batch_blocks
+from .streaming import micro_batch_blocks
 
 GROUP = 32  # texts through T5 together (their hidden states are all alive at once)
 

@@ -13,15 +13,16 @@ from torch import nn
 
 from pixart_lowvram.encode import encode_texts
 from pixart_lowvram.stage import StageContext
-from pixart_lowvram.models import caption_cleaning, component_sizes, resolve_model
-from pixart_lowvram.placement import StagePlan
-from pixart_lowvram.run import RunFolder
-from pixart_lowvram.streaming import (
-    MicroBatched,
+from pixart_lowvram.models import (
+    caption_cleaning,
+    component_sizes,
     index_safetensors,
     load_text_encoder_streamed,
-    micro_batch_blocks,
+    resolve_model,
 )
+from pixart_lowvram.placement import StagePlan
+from pixart_lowvram.run import RunFolder
+from pixart_lowvram.streaming import MicroBatched, micro_batch_blocks
 
 TEXTS = ["a red cat", "pirate ship trapped in a cosmic maelstrom nebula, highly detailed, oil painting", ""]
 
@@ -312,7 +313,7 @@ def test_streamed_dit_equals_from_pretrained_step_after_step(tiny_model, residen
     step: held in RAM (read from the files once) or, where RAM is short, read from the files at every step."""
     from diffusers import PixArtTransformer2DModel
 
-    from pixart_lowvram.streaming import load_transformer_streamed
+    from pixart_lowvram.models import load_transformer_streamed
 
     folder = Path(tiny_model) / "transformer"
     reference = PixArtTransformer2DModel.from_pretrained(folder).eval()
@@ -351,7 +352,7 @@ def test_streamed_dit_in_float16_equals_from_pretrained(tiny_model, device, hold
     within float16 rounding, over steps that reuse every buffer."""
     from diffusers import PixArtTransformer2DModel
 
-    from pixart_lowvram.streaming import load_transformer_streamed
+    from pixart_lowvram.models import load_transformer_streamed
 
     folder = Path(tiny_model) / "transformer"
     device = torch.device(device)
