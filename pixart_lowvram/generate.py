@@ -82,7 +82,7 @@ def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None
 def plan_queue(jobs: list[Job], settings: Settings | None = None, reporter: Reporter | None = None) -> Plan:
     """The plan `run_queue` would follow for all of `jobs`: configs and safetensors headers are read, nothing
     is loaded or written, and no GPU is touched. What the plan assumes is told through `reporter`."""
-    resolved = resolve(jobs, settings or Settings())
+    resolved = resolve(jobs, settings or Settings(), hash_weights=False)
     reporter = reporter or Reporter()
     if resolved.budget == "auto":
         reporter.info("--vram-budget auto is what the GPU has free when a run starts: planned here without a limit")
@@ -90,8 +90,7 @@ def plan_queue(jobs: list[Job], settings: Settings | None = None, reporter: Repo
         reporter.info(f"planned for a GPU with this budget; on this machine the run would use the "
                       f"{resolved.device.type.upper()}, where --vram-budget does not apply")
     items, _ = expand(jobs, resolved.info.defaults, {})
-    texts = assign_keys(items, resolved.info, resolved.dtype, resolved.settings.encode_on_cpu,
-                        resolved.settings.text_encoder_8bit)
+    texts = {text for it in items for text in (it.prompt, it.negative_prompt)}
     return plan_run(resolved, items, len(texts))
 
 

@@ -50,11 +50,11 @@ class Resolved:
         return str(self.dtype).removeprefix("torch.")
 
 
-def resolve(jobs: list[Job], settings: Settings) -> Resolved:
+def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -> Resolved:
     """Resolve `settings` and the model, and check every input against them: raises the one problem found, or
     InputErrors with all of them (each keeps its own message). The options are checked first, all of them; the
     model folder only when they are sound, then the jobs against the model. Reads configs and safetensors
-    headers only."""
+    headers, and (`hash_weights`, what a run keys its artifacts with) each weights file once, its hash cached."""
     problems: list[PixartError] = []
 
     def attempt(check, *args):
@@ -74,7 +74,7 @@ def resolve(jobs: list[Job], settings: Settings) -> Resolved:
         budget = attempt(parse_size, budget)
     if problems:  # a run that cannot start does not fetch its model (a hub id downloads gigabytes)
         raise problems[0] if len(problems) == 1 else InputErrors(problems)
-    info = attempt(resolve_model, settings.model, settings.allow_pickle)
+    info = attempt(lambda: resolve_model(settings.model, settings.allow_pickle, hash_weights=hash_weights))
     if info is not None:
         attempt(check_jobs, jobs, info)
     if problems:
