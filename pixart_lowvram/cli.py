@@ -27,7 +27,8 @@ examples:
   pixart-lowvram make-random-model --preset xl ./pixart-xl-random
 
 Running the same command again resumes: finished embeddings, latents and images are kept and skipped.
-Exit codes: 0 done, 2 bad input (queue, options, model folder), 3 out of GPU memory, 130 interrupted.
+Exit codes: 0 done, 1 the run folder could not be written (disk full), 2 bad input (queue, options, model
+folder), 3 out of GPU memory, 4 some images not made (a component overflowed: see --upcast), 130 interrupted.
 """
 
 QUEUE_HELP = """\
@@ -48,6 +49,9 @@ A `defaults` table applies to every job. Example (TOML):
   cfg = 5
 """
 QUEUE_HELP = QUEUE_HELP.replace("{samplers}", ", ".join(SAMPLER_NAMES))
+
+
+EXIT_NON_FINITE = 4  # the run ended, but a component overflowed for some images: they are named, the rest is done
 
 
 class _TqdmBar(Bar):
@@ -113,6 +117,10 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                         "instead of ~10.7, loaded straight onto the GPU, never streamed. Embeddings and images "
                         "deviate from 16-bit ones (BENCHMARKS.md, Precision). CUDA only; needs "
                         "pip install 'pixart-lowvram[8bit]'")
+    g.add_argument("--upcast", type=_components, default=(), metavar="COMPONENT[,COMPONENT]",
+                   help="compute these components in float32 in a 16-bit run: text_encoder, transformer, vae. The "
+                        "fix when one overflows float16 (the run then ends with exit code 4 and names it); it "
+                        "applies to what is still to make, so a rerun with it redoes only the failed images")
     g.add_argument("--no-embed-cache", dest="embed_cache", action="store_const", const=None, default="default",
                    help="do not share prompt embeddings across runs (default: ~/.cache/pixart-lowvram/embeds)")
     g.add_argument("--force", action="store_true", help="redo everything instead of resuming")
@@ -120,6 +128,10 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                    help="load pickled .bin weights where a component has no safetensors (they can run code "
                         "when loaded: only for sources you trust)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the summary")
+
+
+def _components(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:
@@ -232,7 +244,9 @@ def _run(jobs, out: Path, settings, quiet: bool) -> int:
     print_summary(result, time.perf_counter() - start)
     if result.left_alone:
         print(f"{len(result.left_alone)} image(s) of jobs no longer in the queue were left in place.")
-    return 0
+    for failure in result.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return EXIT_NON_FINITE if result.failures else 0
 
 
 @contextlib.contextmanager

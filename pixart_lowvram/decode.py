@@ -6,7 +6,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .models import ModelInfo, load_vae, make_pipeline, sampler_label, vae_dtype
+from .models import ModelInfo, load_vae, make_pipeline, sampler_label
 from .items import Item, latent_shapes
 from .stage import StageContext
 from .vae_strips import StripDecoder, supports
@@ -36,7 +36,7 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
     """Decode `items`' latents, writing images/<id>.png for each. Returns how many were made."""
     info, folder, plan, reporter, device, dtype = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device, ctx.dtype
     with reporter.bar("load VAE", total=1, unit="part", transient=True) as bar:
-        vae = load_vae(info, vae_dtype(info, dtype), device)  # float32 for Σ's SDXL VAE in a float16 run
+        vae = load_vae(info, ctx.compute_dtype, device)  # float32 for Σ's SDXL VAE in a float16 run
         strips = None
         if plan.placement == "strips":
             if supports(vae):
@@ -69,6 +69,9 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
                 latents = stored["latents"][None].to(device, vae.dtype)
                 latents = latents / vae.config.scaling_factor
                 image = strips.decode(latents) if strips else vae.decode(latents, return_dict=False)[0]
+                bar.update()
+                if not ctx.finite(image, item.id):
+                    continue  # postprocess would clamp it to a black or grey image: none is written instead
                 # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
                 image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
                 picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
@@ -78,9 +81,8 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
                         future.result()  # a failed write (disk full) stops the stage here
                 written.append(writer.submit(folder.write_png, folder.image_path(item), picture,
                                              png_text(item, info, key=item.image_key, dtype=dtype_name)))
-                bar.update()
     finally:
         writer.shutdown(wait=True)
     for future in written:
         future.result()
-    return len(items)
+    return len(written)

@@ -38,7 +38,8 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> int:
     """Denoise `items`, writing latents/<key>.safetensors for each. Returns how many were made."""
-    info, folder, plan, reporter, device, dtype = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device, ctx.dtype
+    info, folder, plan, reporter, device = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device
+    dtype = ctx.compute_dtype  # the DiT's; the latents are stored in it
     embed_shape = embed_shapes(info)
     streamer = None
     steps = reporter.bar("denoise", total=sum(it.steps for it in items), unit="step")  # image-steps
@@ -92,9 +93,10 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> i
                     output_type="latent", callback=lambda *_: steps.update(len(batch)), callback_steps=1,
                 ).images
             for item, latent in zip(batch, latents):
-                folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent}, item.latent_key,
-                                     item=item.id)
-            done += len(batch)
+                if ctx.finite(latent, item.id):
+                    folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent},
+                                         item.latent_key, item=item.id)
+                    done += 1
     finally:
         steps.close()
         if streamer is not None:

@@ -40,7 +40,9 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
         # fp16 matrix products are slow or missing on CPUs: compute in fp32, store at the run's dtype
         device, compute_dtype = torch.device("cpu"), torch.float32
     else:
-        compute_dtype = dtype
+        compute_dtype = ctx.compute_dtype
+    # Stored in the run's dtype; an upcast T5's in float32, which its overflowing values may need
+    store = ctx.compute_dtype if ctx.compute_dtype != dtype else dtype
     streamer = None
     try:
         with reporter.bar("load text encoder", total=2, unit="part", transient=True) as bar:
@@ -58,7 +60,9 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
                     [texts[k] for k in group], do_classifier_free_guidance=False, device=device,
                     clean_caption=caption_cleaning(), max_sequence_length=info.max_sequence_length)
                 for i, key in enumerate(group):
-                    tensors = {"embeds": embeds[i].to(dtype), "mask": mask[i]}
+                    tensors = {"embeds": embeds[i].to(store), "mask": mask[i]}
+                    if not ctx.finite(tensors["embeds"], key):
+                        continue
                     folder.write_tensors(folder.embed_path(key), tensors, key, text=texts[key])
                     if cache is not None:
                         cache.store(key, folder.embed_path(key))
@@ -66,4 +70,4 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
     finally:
         if streamer is not None:
             streamer.close()
-    return len(keys)
+    return len(keys) - len(ctx.failed)

@@ -12,7 +12,7 @@ import torch
 
 from .errors import UsageError
 from .jobs import MAX_SEED, Job, JobDefaults
-from .models import ModelInfo, caption_cleaning, vae_dtype
+from .models import ModelInfo, caption_cleaning
 
 
 KEY_FORMAT = 2  # part of every artifact's key: a change to what keys hold makes every artifact new
@@ -133,12 +133,13 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
     An embedding: the tokenizer, T5, the dtype it is stored in, the token length, caption cleaning, where T5 ran
     (the CPU computes in float32) and whether in 8 bits. A latent: the DiT, the scheduler config, the dtype, both
     embeddings, and the item's size, steps, guidance, seed and sampler. An image: its latent, the VAE and the
-    dtype the VAE decodes in."""
+    run's dtype. Precision fallbacks (`Settings.upcast`, batch sizes) are not part of a key: they change rounding,
+    not what an artifact is, and apply to what is still to make."""
     dtype_name = str(dtype)
     encoder = (KEY_FORMAT, info.identity["tokenizer"], info.identity["text_encoder"], dtype_name,
                info.max_sequence_length, caption_cleaning(), "cpu-float32" if encode_on_cpu else "device",
                "int8" if text_encoder_8bit else "16-bit")
-    decoder = (KEY_FORMAT, info.identity["vae"], dtype_name, str(vae_dtype(info, dtype)))
+    decoder = (KEY_FORMAT, info.identity["vae"], dtype_name)
     texts: dict[str, str] = {}
     for item in items:
         item.prompt_key = digest("embed", encoder, item.prompt)

@@ -10,7 +10,7 @@ import torch
 
 from .errors import InputErrors, PixartError, Problem, QueueError, UsageError
 from .jobs import Job
-from .models import DEFAULT_MODEL, ModelInfo, bitsandbytes_available, resolve_model
+from .models import DEFAULT_MODEL, ModelInfo, bitsandbytes_available, resolve_model, vae_dtype
 from .placement import parse_size
 
 
@@ -33,6 +33,13 @@ class Settings:
     # shard by shard onto the GPU; embeddings deviate (BENCHMARKS.md, "Precision")
     text_encoder_8bit: bool = False
     embed_cache: str | Path | None = "default"  # prompt embeddings shared across runs; None: off
+    # components that compute in float32 in a 16-bit run, where their 16-bit values overflow (text_encoder,
+    # transformer, vae). A precision fallback, like the batch sizes: it applies to what is still to make and
+    # redoes nothing finished
+    upcast: tuple[str, ...] = ()
+
+
+UPCASTABLE = ("text_encoder", "transformer", "vae")
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,13 @@ class Resolved:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    def compute_dtype(self, component: str) -> torch.dtype:
+        """What `component` computes in: float32 where asked to upcast; the VAE as `vae_dtype` decides (Σ's SDXL
+        VAE in float32 in a float16 run); otherwise the run's dtype."""
+        if component in self.settings.upcast:
+            return torch.float32
+        return vae_dtype(self.info, self.dtype) if component == "vae" else self.dtype
 
 
 def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -> Resolved:
@@ -69,6 +83,7 @@ def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -
     if settings.text_encoder_8bit and device is not None:
         attempt(check_text_encoder_8bit, device, settings.encode_on_cpu)
     attempt(check_batches, settings)
+    attempt(check_upcast, settings)
     budget = settings.vram_budget
     if isinstance(budget, str):
         budget = attempt(parse_size, budget)
@@ -80,6 +95,13 @@ def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -
     if problems:
         raise problems[0] if len(problems) == 1 else InputErrors(problems)
     return Resolved(settings=settings, info=info, device=device, dtype=dtype, budget=budget)
+
+
+def check_upcast(settings: Settings) -> None:
+    unknown = [c for c in settings.upcast if c not in UPCASTABLE]
+    if unknown:
+        raise UsageError(f"--upcast {','.join(unknown)}: not a component that can compute in float32 (choose from "
+                         f"{', '.join(UPCASTABLE)})")
 
 
 def check_batches(settings: Settings) -> None:
