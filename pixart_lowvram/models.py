@@ -77,6 +77,9 @@ class ModelInfo:
     identity: dict[str, str] = field(default_factory=dict)  # component -> hash of what makes its output
     allow_pickle: bool = False  # the user allowed pickled .bin weights where a component has no safetensors
     classes: dict[str, str] = field(default_factory=dict)  # component -> class name, from model_index.json
+    # component -> its tensors as the safetensors headers give them (read once, when the folder is checked; for a
+    # hub model planned without its weights, read from the hub)
+    headers: dict[str, dict[str, Stored]] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -161,6 +164,57 @@ def _fetch(source: str, allow_pickle: bool) -> Path:
             f"could not get model {source!r} from the Hugging Face hub ({type(exc).__name__}: {exc}).\n"
             "  If it is already downloaded, set HF_HUB_OFFLINE=1; or pass a local folder with --model DIR;\n"
             "  or try the offline demo: pixart-lowvram demo") from exc
+
+
+def _weights_cached(source: str, allow_pickle: bool) -> Path | None:
+    """The local snapshot of a hub model if every file the queue reads is in the Hugging Face cache already."""
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 - only for hub ids
+
+    patterns = HUB_PATTERNS + (["*/*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not (wholly) in the cache: then it is fetched, or planned from the hub
+        return None
+
+
+def _fetch_without_weights(source: str) -> tuple[Path, dict[str, dict[str, Stored]]]:
+    """A hub model for a plan: its configs, tokenizer and index files in the cache, and each component's tensors
+    from the safetensors headers on the hub (HTTP range requests: huggingface_hub's
+    parse_safetensors_file_metadata), without downloading a weight."""
+    try:
+        from huggingface_hub import HfApi, snapshot_download  # noqa: PLC0415 - only for hub ids
+
+        path = Path(snapshot_download(source, allow_patterns=[p for p in HUB_PATTERNS if p != "*/*.safetensors"]))
+        api = HfApi()
+        names = api.list_repo_files(source)
+        headers: dict[str, dict[str, Stored]] = {}
+        for component in ("text_encoder", "transformer", "vae"):
+            files = _pick_weights([n.split("/", 1)[1] for n in names if n.startswith(component + "/")
+                                   and n.count("/") == 1])
+            tensors = headers.setdefault(component, {})
+            for name in files:
+                meta = api.parse_safetensors_file_metadata(source, f"{component}/{name}")
+                for key, t in meta.tensors.items():
+                    dtype = SAFETENSORS_DTYPES[t.dtype]
+                    tensors[key] = Stored(path / component / name, t.data_offsets[0],
+                                          t.data_offsets[1] - t.data_offsets[0], dtype, tuple(t.shape))
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all end the same way for the user
+        raise ModelError(f"could not read model {source!r} from the Hugging Face hub ({type(exc).__name__}: "
+                         f"{exc}).\n  Pass a local folder with --model DIR, or set HF_HUB_OFFLINE=1 if it is "
+                         "already downloaded") from exc
+    return path, headers
+
+
+def _pick_weights(names: list[str]) -> list[str]:
+    """Of a component's file names, the safetensors weights from_pretrained reads: the plain ones where there are
+    some, else one variant's (as find_weights chooses among files on disk)."""
+    groups: dict[str | None, list[str]] = {}
+    for name in names:
+        if match := _WEIGHTS_NAME.fullmatch(name):
+            groups.setdefault(match["variant"], []).append(name)
+    if not groups:
+        return []
+    return sorted(groups[min(groups, key=lambda v: (v is not None, v or ""))])
 
 
 def read_json(path: Path) -> dict:
@@ -486,13 +540,16 @@ def _cross_check(path: Path, configs: dict[str, dict], problems: FolderProblems)
                         f"VAE's latent_channels {vae['latent_channels']}")
 
 
-def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, dict[str, dict]]:
+def check_model_folder(path: Path, allow_pickle: bool = False, headers: dict[str, dict[str, Stored]] | None = None
+                       ) -> tuple[dict, dict[str, dict], dict[str, dict[str, Stored]]]:
     """Everything that can be checked without loading a weight, all at once: model_index.json names a PixArt
     pipeline and fitting classes; each component's config has what the queue reads; its weights files are whole
     and hold every tensor its config implies, in its shape; the tokenizer covers the text encoder's vocabulary;
     the components fit one another; the scheduler builds. One ModelError lists every problem, each naming its
-    file. Returns (model_index.json, configs)."""
+    file. `headers`: components' tensors read elsewhere (a hub model's, planned without its weights) instead of
+    their files. Returns (model_index.json, configs, each component's tensors)."""
     problems = FolderProblems()
+    tensors: dict[str, dict[str, Stored]] = {}
     index = read_json(path / "model_index.json")
     pipeline_class = index.get("_class_name")
     if pipeline_class not in SUPPORTED_PIPELINES:
@@ -515,10 +572,15 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, di
             configs[component] = config
             continue
         config_ok = _check_config(config_path, component, config, problems)
-        weights = problems.check(find_weights, folder, allow_pickle)
-        if weights is None:
-            continue
-        stored = None if weights.pickled else problems.check(index_safetensors, weights.files)
+        if headers is not None and component in headers:
+            stored = headers[component]
+        else:
+            weights = problems.check(find_weights, folder, allow_pickle)
+            if weights is None:
+                continue
+            stored = None if weights.pickled else problems.check(index_safetensors, weights.files)
+        if stored is not None:
+            tensors[component] = stored
         if not config_ok:
             continue
         configs[component] = config
@@ -537,7 +599,7 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, di
     if (path / "tokenizer").is_dir() and "text_encoder" in configs:
         problems.check(check_tokenizer, path / "tokenizer", configs["text_encoder"]["vocab_size"])
     problems.raise_any()
-    return index, configs
+    return index, configs, tensors
 
 
 # -- the tokenizer -------------------------------------------------------------------------------------------------
@@ -709,18 +771,23 @@ def resolve_model(source: str, allow_pickle: bool = False, *, hash_weights: bool
     only configs and headers, while the identity reads each weights file once (file_sha256)."""
     source = str(source)
     expanded = os.path.expanduser(source)
+    remote = None
     if os.path.isdir(expanded):
         path = Path(expanded).resolve()
     elif _looks_like_hub_id(source):
-        path = _fetch(source, allow_pickle)
+        path = _weights_cached(source, allow_pickle) if not hash_weights else None
+        if path is None and not hash_weights:
+            path, remote = _fetch_without_weights(source)  # a plan downloads no weights
+        elif path is None:
+            path = _fetch(source, allow_pickle)
     else:
         raise ModelError(f"{source}: no such model folder")
 
-    index, configs = check_model_folder(path, allow_pickle)
+    index, configs, headers = check_model_folder(path, allow_pickle, remote)
     identity = {c: _component_identity(path / c, allow_pickle) for c in COMPONENTS} if hash_weights else {}
     classes = {c: index[c][1] for c in COMPONENTS}
     return ModelInfo(source=source, path=path, pipeline_class=index["_class_name"], configs=configs,
-                     identity=identity, allow_pickle=allow_pickle, classes=classes)
+                     identity=identity, allow_pickle=allow_pickle, classes=classes, headers=headers)
 
 
 def _class_of(info: ModelInfo, component: str):
@@ -952,11 +1019,13 @@ T5_FP32_MODULES = ("wo",)  # transformers keeps these T5 layers in fp32 (T5PreTr
 
 def tensor_shapes(info: ModelInfo, component: str) -> dict[str, tuple[str, list[int]]]:
     """name -> (safetensors dtype, shape) for every tensor in a component's weights files."""
-    weights = info.weights(component)
-    if weights.pickled:
-        return {}
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    return {name: (names[s.dtype], list(s.shape)) for name, s in index_safetensors(weights.files).items()}
+    if component in info.headers:
+        stored = info.headers[component]
+    else:
+        weights = info.weights(component)
+        stored = {} if weights.pickled else index_safetensors(weights.files)
+    return {name: (names[s.dtype], list(s.shape)) for name, s in stored.items()}
 
 
 def _bytes_at(shapes: dict, itemsize: int, keep_fp32: tuple[str, ...] = (), int8=lambda name: False) -> dict[str, int]:
