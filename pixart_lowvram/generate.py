@@ -21,10 +21,10 @@ from .denoise import denoise_items
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory, UsageError
 from .jobs import Job
-from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
+from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release, resolve_host_budget
 from .items import Item, assign_keys, binned_size, expand
 from .models import DEFAULT_MODEL, component_sizes, resolve_model
-from .placement import CUDA_CONTEXT, Plan, format_plan, make_plan, parse_size
+from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, format_plan, make_plan, parse_size
 from .reporting import Reporter
 from .resolve import check_jobs, check_text_encoder_8bit, resolve_device, resolve_dtype
 from .run import EmbeddingCache, RunFolder
@@ -47,6 +47,9 @@ class Settings:
     # shard by shard onto the GPU; embeddings deviate (BENCHMARKS.md, "Precision")
     text_encoder_8bit: bool = False
     embed_cache: str | Path | None = "default"  # prompt embeddings shared across runs; None: off
+    # host RAM the whole process may hold (pinned buffers included): bytes, "16GiB", or "auto" (what the process
+    # holds plus what the machine has available, less placement.HOST_MARGIN); None: unconstrained
+    host_budget: str | int | None = "auto"
 
 
 @dataclass
@@ -85,6 +88,7 @@ class _Queue:
                 raise UsageError(f"{label} must be a positive integer, not {value!r}")
         budget = settings.vram_budget
         self.budget = parse_size(budget) if isinstance(budget, str) else budget
+        self.host_budget = resolve_host_budget(settings.host_budget)
         self.info = resolve_model(settings.model, allow_pickle=settings.allow_pickle)
         check_jobs(jobs, self.info)
         self.folder = RunFolder(out)
@@ -184,19 +188,19 @@ class _Queue:
         return left
 
     def make_plan(self, texts: int, items: list[Item]) -> Plan:
-        from .encode import GROUP  # noqa: PLC0415
-
         sizes = component_sizes(self.info, self.dtype, self.settings.text_encoder_8bit)
         binned = [binned_size(self.info, it.width, it.height) for it in items] or [
             binned_size(self.info, it.width, it.height) for it in self.items]
-        return make_plan(self.budget, sizes, binned, texts=max(1, min(texts, GROUP)),
+        return make_plan(self.budget, sizes, binned, texts=max(1, texts),
                          encode_batch=self.settings.encode_batch, denoise_batch=self.settings.denoise_batch,
                          context=self.context, encode_on_cpu=self.settings.encode_on_cpu,
-                         text_encoder_8bit=self.settings.text_encoder_8bit)
+                         text_encoder_8bit=self.settings.text_encoder_8bit,
+                         host_budget=self.host_budget if self.device.type == "cuda" else None)
 
     def stage(self, name: str, count: int, work) -> None:
         """Run one stage under a meter, then release its component; a stage with nothing to do loads nothing."""
-        meter = StageMeter(name, self.device, self.probe)
+        meter = StageMeter(name, self.device, self.probe, host_budget=self.host_budget,
+                           vram_budget=self.budget if isinstance(self.budget, int) else None)
         if count == 0:
             meter.stats.skipped = True
             self.stages.append(meter.stats)
@@ -228,7 +232,7 @@ class _Queue:
         reached = stats.nvml_peak or stats.torch_reserved_peak
         # A budget a little under what this run reached, or under the card, makes the planner stream or tile.
         basis = min(v for v in (reached, total) if v) if (reached or total) else None
-        hint = (f"--vram-budget {basis * 0.8 / 2**30:.1f}GiB" if basis else "--vram-budget SIZE")
+        hint = (f"--vram-budget {basis * OOM_HINT_SHARE / 2**30:.1f}GiB" if basis else "--vram-budget SIZE")
         if self.budget not in (None, "auto") and isinstance(self.budget, int):
             hint = f"a smaller --vram-budget than {format_bytes(self.budget)} (other programs may share the GPU)"
         return (f"the GPU ran out of memory in stage {stage} (torch peak {format_bytes(stats.torch_peak)}, "
@@ -291,6 +295,7 @@ class _Queue:
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "memory_source": self.probe.source if self.probe else None,
             "vram_budget": self.budget,
+            "host_budget": self.host_budget,
             "plan": ({name: dataclasses.asdict(st) for name, st in self.plan.stages.items()}
                      if getattr(self, "plan", None) else None),
             "versions": {"pixart_lowvram": __version__, "torch": torch.__version__,

@@ -42,6 +42,10 @@ MIN_STRIP_ROOM = 64 * MiB  # strip decoding: a few rows of the largest layer, th
 # what the estimate misses. A chosen margin, checked by measurement: at 1.5 GiB three blocks were kept and the
 # denoise stage peaked at 1.36 to 1.39 GiB NVML (BENCHMARKS.md).
 KEEP_SHARE = 0.7
+# After an out-of-memory error, the budget the message suggests: this share of the peak the run reached (or of
+# the card). A chosen step: the planner's estimates sit 5 to 10% over the measured peaks (BENCHMARKS.md), so a
+# fifth less makes it choose a smaller placement at once, without halving what the user gets.
+OOM_HINT_SHARE = 0.8
 
 # T5 (transformers' modeling_t5, read for 5.x): what is alive while a group of texts goes through the encoder.
 # Across the whole stack, per text of the group: the token embeddings (run dtype) and the hidden states between
@@ -107,7 +111,8 @@ class StagePlan:
     ahead: int = 0  # streamed: blocks moved to the GPU ahead of the one computing
     resident_blocks: int = 0  # streamed DiT: blocks that stay on the GPU (the budget's room to spare)
     hold_in_ram: bool = True  # streamed DiT: blocks pinned in RAM (False: read from the files at every step)
-    spill: int = 0  # decode in strips: bytes of activations waiting in a file instead of RAM (0: RAM)
+    spill: int = 0  # decode in strips: most bytes of activations waiting in files instead of RAM at once
+    pinned_limit: int | None = None  # decode in strips: pinned bytes a decode may request before it spills
     note: str = ""
 
 
@@ -183,7 +188,9 @@ def make_plan(budget: int | None, sizes: Sizes, image_sizes: list[tuple[int, int
     (`sizes` counted so) is resident or nothing: bitsandbytes' int8 layers are not streamed."""
     biggest = max(image_sizes, key=lambda wh: wh[0] * wh[1], default=(1024, 1024))
     fits = (lambda need: True) if budget is None else (lambda need: need <= budget)
-    host_fits = (lambda need: True) if host_budget is None else (lambda need: PROCESS_RSS + need <= host_budget)
+    # A stage that holds nothing beyond the process always fits: no slower placement would hold less.
+    host_fits = (lambda need: True) if host_budget is None else (
+        lambda need: need == 0 or PROCESS_RSS + need <= host_budget)
     stages = {"encode": _plan_encode(sizes, fits, host_fits, context, max(1, texts), encode_batch, encode_on_cpu,
                                      text_encoder_8bit, host_budget),
               "denoise": _plan_denoise(sizes, fits, host_fits, context, biggest, denoise_batch, budget),
@@ -233,11 +240,13 @@ def _plan_encode(s: Sizes, fits, host_fits, context: int, texts: int, micro: int
     ways = [("resident", 0, s.text_encoder, 0)] + ([] if eight_bit else [
         ("streamed", ahead, s.text_encoder_other + (1 + ahead) * s.text_encoder_block,
          (ahead + 2) * s.text_encoder_block + embedding) for ahead in (1, 0)])
-    least = None
+    least = short_of_ram = None
     for placement, ahead, weights, host in ways:
         # The placement is the one that fits one text at a time: a batch option never changes it.
         need = _peak(context, weights + _t5_activations(s, 1, 1))
         least = need
+        if fits(need) and not host_fits(host):
+            short_of_ram = host
         if not (fits(need) and host_fits(host)):
             continue
         batch = micro if fits(_peak(context, weights + _t5_activations(s, micro, micro))) else 1
@@ -250,6 +259,10 @@ def _plan_encode(s: Sizes, fits, host_fits, context: int, texts: int, micro: int
             notes.append(f"--encode-batch {micro} does not fit beside it: batch 1")
         return StagePlan("encode", placement, estimate=_peak(context, weights + _t5_activations(s, group, batch)),
                          batch=batch, group=group, ahead=ahead, host=host, note="; ".join(notes))
+    if short_of_ram is not None:
+        raise PlanError(f"streaming T5 needs ~{format_size(PROCESS_RSS + short_of_ram)} of host RAM (its pinned "
+                        f"blocks and token embedding table, the process included), more than the host budget of "
+                        f"{format_size(host_budget)}; on the CPU it would need more: raise --host-budget")
     return _encode_cpu(s, host_fits, texts, micro, host_budget,
                        f"even one T5 block at a time needs {format_size(least)}: T5 runs on the CPU")
 
@@ -307,17 +320,20 @@ def _plan_decode(s: Sizes, fits, host_fits, context: int, size: tuple[int, int],
                         f"strips it needs at least {format_size(least)}")
     estimate = context + RESERVE + s.vae + int(room * STRIP_FRAGMENTATION)
     item = s.vae_dtype_bytes or s.dtype_bytes
-    pinned = strip_host_bytes(s.vae_channels, s.vae_layers, w, h, item, room)
+    pinned, _ = strip_host_bytes(s.vae_channels, s.vae_layers, w, h, item, room)
     note = "exact: whole-image GroupNorm statistics, one-row halos"
     if host_fits(pinned):
         return StagePlan("decode", "strips", estimate=estimate, room=room, tile=tile_for(s, room), host=pinned,
                          note=note)
-    # Not enough RAM for the activations that wait off the GPU: they wait in a file in the run folder instead
-    # (memory-mapped: the kernel writes the pages back and drops them as RAM runs short; slower copies).
-    spilled = strip_host_bytes(s.vae_channels, s.vae_layers, w, h, item, room, spilled=True)
-    return StagePlan("decode", "strips", estimate=estimate, room=room, tile=tile_for(s, room), spill=spilled,
-                     note=f"{note}; {format_size(pinned)} of activations do not fit in RAM: up to "
-                          f"{format_size(spilled)} wait in a file in the run folder")
+    # Not enough RAM for all the activations that wait off the GPU: what RAM holds is pinned, the rest waits in
+    # files in the run folder (memory-mapped: the kernel writes their pages back and drops them as RAM runs
+    # short; their copies are slower).
+    limit = max(0, host_budget - PROCESS_RSS)  # host_fits failed, so there is a host budget
+    held, spilled = strip_host_bytes(s.vae_channels, s.vae_layers, w, h, item, room, pinned_limit=limit)
+    return StagePlan("decode", "strips", estimate=estimate, room=room, tile=tile_for(s, room), host=held,
+                     spill=spilled, pinned_limit=limit,
+                     note=f"{note}; {format_size(pinned)} of activations would not fit in RAM: up to "
+                          f"{format_size(spilled)} wait in files in the run folder")
 
 
 def tile_for(s: Sizes, room: int) -> int:

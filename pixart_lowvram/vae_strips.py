@@ -164,7 +164,8 @@ def _write(out, a: int, b: int, y: torch.Tensor) -> None:
 class StripDecoder:
     """Decodes latents exactly within `room` bytes of GPU memory for activations (weights not counted)."""
 
-    def __init__(self, vae, device: torch.device, room: int, spill_dir: str | os.PathLike | None = None):
+    def __init__(self, vae, device: torch.device, room: int, spill_dir: str | os.PathLike | None = None,
+                 pinned_limit: int | None = None):
         if not supports(vae):
             raise ValueError(f"{type(vae).__name__}: not a decoder that can be decoded in strips")
         self.vae = vae
@@ -173,14 +174,22 @@ class StripDecoder:
         if self.device.type == "cuda" and self.device.index is None:  # tensors name their GPU's index
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.room = int(room)
-        self.spill_dir = None if spill_dir is None else Path(spill_dir)  # activations off the GPU: a file, not RAM
+        # Activations that wait off the GPU are pinned in RAM, up to `pinned_limit` bytes a decode (counted as
+        # torch's allocator rounds them) where `spill_dir` is given; past it they wait in files there.
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self.pinned_limit = pinned_limit if spill_dir is not None else None
+        self._pinned = 0  # pinned bytes requested in this decode
         self.strips_used = 0  # layers that ran in strips (for tests and the report)
 
     # -- storage ---------------------------------------------------------------------------------------------
     def _empty(self, shape, dtype, *, on_gpu: bool):
         if on_gpu or self.device.type == "cpu":
             return torch.empty(shape, dtype=dtype, device=self.device)
-        return _HostRows(shape, dtype, self.spill_dir)
+        rounded = _pinned_size(self._bytes(shape, dtype))
+        if self.spill_dir is not None and (self.pinned_limit is None or self._pinned + rounded > self.pinned_limit):
+            return _HostRows(shape, dtype, self.spill_dir)
+        self._pinned += rounded
+        return _HostRows(shape, dtype)
 
     @staticmethod
     def _bytes(shape, dtype) -> int:
@@ -200,6 +209,7 @@ class StripDecoder:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """What `vae.decode(z).sample` computes (z already divided by the scaling factor)."""
         z = z.to(self.device)
+        self._pinned = 0
         vae, dec = self.vae, self.decoder
         if vae.post_quant_conv is not None:
             z = vae.post_quant_conv(z)
@@ -293,44 +303,54 @@ class StripDecoder:
         return out, None
 
 
+def _pinned_size(size: int) -> int:
+    """What torch's caching host allocator takes for a pinned block of `size` bytes: the next power of two."""
+    return 1 << max(0, (size - 1).bit_length())
+
+
 class _HostPool:
     """Host bytes as torch's caching host allocator holds them: each pinned block rounded up to a power of two,
-    freed blocks kept for reuse by a request of the same rounded size (never returned within the stage)."""
+    freed blocks kept for reuse by a request of the same rounded size (never returned within the stage). Blocks
+    past `pinned_limit` (counted as the decoder counts them, every pinned request of one decode) go to a file."""
 
-    def __init__(self, pinned: bool):
-        self.pinned = pinned
+    def __init__(self, pinned_limit: int | None):
+        self.limit = pinned_limit
         self.free: list[int] = []
-        self.held = self.alive = self.peak_alive = 0
+        self.counted = self.held = self.in_files = self.peak_in_files = 0
 
-    def alloc(self, size: int) -> int:
-        if self.pinned:
-            size = 1 << max(0, (size - 1).bit_length())
-            if size in self.free:
-                self.free.remove(size)
-            else:
-                self.held += size
-        self.alive += size
-        self.peak_alive = max(self.peak_alive, self.alive)
-        return size
+    def alloc(self, size: int) -> tuple[int, bool]:
+        rounded = _pinned_size(size)
+        if self.limit is not None and self.counted + rounded > self.limit:
+            self.in_files += size
+            self.peak_in_files = max(self.peak_in_files, self.in_files)
+            return size, False
+        self.counted += rounded
+        if rounded in self.free:
+            self.free.remove(rounded)
+        else:
+            self.held += rounded
+        return rounded, True
 
-    def release(self, size: int | None) -> None:
-        if size is not None:
-            self.alive -= size
-            if self.pinned:
+    def release(self, block: tuple[int, bool] | None) -> None:
+        if block is not None:
+            size, pinned = block
+            if pinned:
                 self.free.append(size)
+            else:
+                self.in_files -= size
 
 
 def host_bytes(channels: list[int] | tuple[int, ...], layers: int, width: int, height: int, itemsize: int,
-               room: int, *, spilled: bool = False) -> int:
-    """Host bytes a `StripDecoder` with `room` holds to decode one `width` x `height` image of a VAE with these
-    `block_out_channels` and `layers_per_block`: pinned RAM (as torch's allocator holds it), or with `spilled`
-    the most bytes alive at once in spill files. Pure arithmetic: the walk of `decode` with the same rules for
+               room: int, pinned_limit: int | None = None) -> tuple[int, int]:
+    """Host bytes a `StripDecoder` with `room` (and `pinned_limit`) holds to decode one `width` x `height` image
+    of a VAE with these `block_out_channels` and `layers_per_block`: (pinned RAM as torch's allocator holds it,
+    the most bytes alive at once in spill files). Pure arithmetic: the walk of `decode` with the same rules for
     what runs whole, what stays on the GPU and what waits on the host."""
-    pool = _HostPool(pinned=not spilled)
+    pool = _HostPool(pinned_limit)
     order = list(reversed(channels))
     h, w = height >> (len(order) - 1), width >> (len(order) - 1)
     c = order[0]
-    on_host: int | None = None  # bytes of the current activation where it waits on the host
+    on_host = None  # the current activation's block where it waits on the host
 
     def size(ch: int, rows: int, cols: int) -> int:
         return ch * rows * cols * itemsize
@@ -362,7 +382,7 @@ def host_bytes(channels: list[int] | tuple[int, ...], layers: int, width: int, h
                 out = pool.alloc(size(c, h, w))
                 pool.release(on_host)
                 on_host = out
-    return pool.peak_alive if spilled else pool.held
+    return pool.held, pool.peak_in_files
 
 
 def _conv_rows(conv: nn.Conv2d, strip: torch.Tensor, *, top: bool, bottom: bool) -> torch.Tensor:
