@@ -208,6 +208,7 @@ def _largest(lo: int, hi: int, ok) -> int:
 
 def _encode_cpu(s: Sizes, host_fits, texts: int, micro: int, host_budget: int | None, why: str) -> StagePlan:
     """T5 on the CPU, in float32: its weights and activations in RAM."""
+    micro = min(micro, texts)
     weights = s.text_encoder * 4 // s.dtype_bytes  # every tensor at 4 bytes (the fp32 `wo` over-counted)
     fp32 = Sizes(**{**s.__dict__, "dtype_bytes": 4})
 
@@ -226,6 +227,7 @@ def _encode_cpu(s: Sizes, host_fits, texts: int, micro: int, host_budget: int | 
 
 def _plan_encode(s: Sizes, fits, host_fits, context: int, texts: int, micro: int, on_cpu: bool,
                  eight_bit: bool, host_budget: int | None) -> StagePlan:
+    asked, micro = micro, min(micro, texts)  # a micro-batch is never larger than the queue's texts
     if on_cpu:
         return _encode_cpu(s, host_fits, texts, micro, host_budget, "asked for: T5 runs on the CPU")
     if eight_bit:
@@ -256,7 +258,7 @@ def _plan_encode(s: Sizes, fits, host_fits, context: int, texts: int, micro: int
         if placement == "streamed":
             notes.append(f"T5 weights cross the bus once for every {group} text(s)")
         if batch != micro:
-            notes.append(f"--encode-batch {micro} does not fit beside it: batch 1")
+            notes.append(f"--encode-batch {asked} does not fit beside it: batch 1")
         return StagePlan("encode", placement, estimate=_peak(context, weights + _t5_activations(s, group, batch)),
                          batch=batch, group=group, ahead=ahead, host=host, note="; ".join(notes))
     if short_of_ram is not None:
