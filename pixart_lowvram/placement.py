@@ -41,7 +41,7 @@ MIN_STRIP_ROOM = 64 * MiB  # strip decoding: a few rows of the largest layer, th
 # Of what the budget leaves beside a streamed DiT, the share given to blocks kept on the GPU; the rest absorbs
 # what the estimate misses. A chosen margin, checked by measurement: at 1.5 GiB three blocks were kept and the
 # denoise stage peaked at 1.36 to 1.39 GiB NVML (BENCHMARKS.md).
-KEEP_SHARE = 0.7
+DIT_KEEP_SHARE = 0.7
 # After an out-of-memory error, the budget the message suggests: this share of the peak the run reached (or of
 # the card). A chosen step: the planner's estimates sit 5 to 10% over the measured peaks (BENCHMARKS.md), so a
 # fifth less makes it choose a smaller placement at once, without halving what the user gets.
@@ -69,6 +69,9 @@ PROCESS_RSS = 2 * GiB
 # the weights through (at least a shard of them, or the reads fall to disk speed), the OS and other programs. A
 # chosen margin, not measured: one T5-XXL shard is ~4.7 GiB; 2 GiB keeps the current block's file pages cached.
 HOST_MARGIN = 2 * GiB
+# A streamed component's pinned ring in RAM: `ahead` blocks on their way to the GPU plus these (the one being read
+# from the files and the one being copied), as streaming.BlockStreamer allocates it.
+RING_EXTRA_SLOTS = 2
 
 
 @dataclass(frozen=True)
@@ -236,12 +239,12 @@ def _plan_encode(s: Sizes, fits, host_fits, context: int, texts: int, micro: int
             raise PlanError(f"the 8-bit text encoder needs ~{format_size(resident)} on the GPU (CUDA context "
                             f"included) and is never streamed: leave out --text-encoder-8bit, and T5 streams in "
                             f"16 bits within the budget")
-    # Host bytes of a streamed T5: the pinned ring (`ahead` + 2 blocks, as streaming.BlockStreamer allocates)
+    # Host bytes of a streamed T5: the pinned ring (`ahead` + RING_EXTRA_SLOTS blocks)
     # and the token embedding table, which stays in RAM.
     embedding = s.text_vocab * s.text_dim * s.dtype_bytes
     ways = [("resident", 0, s.text_encoder, 0)] + ([] if eight_bit else [
         ("streamed", ahead, s.text_encoder_other + (1 + ahead) * s.text_encoder_block,
-         (ahead + 2) * s.text_encoder_block + embedding) for ahead in (1, 0)])
+         (ahead + RING_EXTRA_SLOTS) * s.text_encoder_block + embedding) for ahead in (1, 0)])
     least = short_of_ram = None
     for placement, ahead, weights, host in ways:
         # The placement is the one that fits one text at a time: a batch option never changes it.
@@ -292,13 +295,13 @@ def _plan_denoise(s: Sizes, fits, host_fits, context: int, size: tuple[int, int]
             b, act = 1, one
         # Blocks that fit in what is left stay on the GPU: fewer bytes cross the bus at every step.
         used = _peak(context, s.transformer_other + (1 + ahead) * s.transformer_block + act)
-        spare = (budget - used) / FRAGMENTATION * KEEP_SHARE if budget is not None else 0
+        spare = (budget - used) / FRAGMENTATION * DIT_KEEP_SHARE if budget is not None else 0
         keep = max(0, min(s.transformer_blocks - 1 - ahead, int(spare // max(1, s.transformer_block))))
         estimate = _peak(context, s.transformer_other + (1 + ahead + keep) * s.transformer_block + act)
         # Host: every streamed block pinned in RAM, read once; where RAM is short, a ring of `ahead` + 2 pinned
         # buffers refilled from the files at every step (slower: the page cache feeds every step).
         held = (s.transformer_blocks - keep) * s.transformer_block
-        ring = (ahead + 2) * s.transformer_block
+        ring = (ahead + RING_EXTRA_SLOTS) * s.transformer_block
         hold = host_fits(held)
         notes = [] if hold else ["not enough RAM to hold the DiT's blocks: read from the files at every step"]
         if b != batch:
@@ -352,7 +355,7 @@ def format_plan(plan: Plan) -> str:
     if plan.host_budget is not None:
         head += f", host budget {format_size(plan.host_budget)} (whole process, ~{format_size(PROCESS_RSS)} of it " \
                 f"the process itself)"
-    lines = [f"plan for {head}:", f"  {'stage':<8} {'placement':<46} {'GPU peak':>14}  {'host RAM':>14}"]
+    lines = [f"plan for {head}:", f"  {'stage':<8} {'placement':<60} {'GPU peak':>11}  {'host RAM':>11}"]
     for st in plan.stages.values():
         how = st.placement
         if st.room:
@@ -365,5 +368,5 @@ def format_plan(plan: Plan) -> str:
             how += f", {st.group} text(s) a group"
         estimate = "on the CPU" if st.placement == "cpu" else f"~{format_size(st.estimate)}"
         host = f"~{format_size(st.host)}" + (f" (+{format_size(st.spill)} file)" if st.spill else "")
-        lines.append(f"  {st.stage:<8} {how:<46} {estimate:>14}  {host:>14}" + (f"  [{st.note}]" if st.note else ""))
+        lines.append(f"  {st.stage:<8} {how:<60} {estimate:>11}  {host:>11}" + (f"  [{st.note}]" if st.note else ""))
     return "\n".join(lines)
