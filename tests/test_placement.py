@@ -1,5 +1,6 @@
-"""The VRAM budget planner: sizes in, a plan out. Pure: the XL sizes come from the networks built on the meta
-device (no weights, no memory), and every plan is checked against the budget it was made for."""
+"""The budget planner: sizes and budgets in, a plan out. Pure: the XL sizes come from the networks built on the meta
+device (no weights, no memory), and every plan is checked against the VRAM and host budgets it was made for; the
+encode stage follows the plan's group."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,13 +8,17 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from pixart_lowvram.encode import encode_texts
 from pixart_lowvram.errors import UsageError
 from pixart_lowvram.memory import StageStats, available_ram, current_ram, resolve_host_budget
-from pixart_lowvram.models import sizes_from_shapes
-from pixart_lowvram.placement import (MIN_STRIP_ROOM, PROCESS_RSS, GiB, MiB, PlanError, Sizes, format_plan,
-                                     make_plan, parse_size)
+from pixart_lowvram.models import resolve_model, sizes_from_shapes
+from pixart_lowvram.placement import (MIN_STRIP_ROOM, PROCESS_RSS, GiB, MiB, PlanError, Sizes, StagePlan,
+                                     format_plan, make_plan, parse_size)
 from pixart_lowvram.random_model import count_parameters, empty_models, preset_config
+from pixart_lowvram.reporting import Bar, Reporter
+from pixart_lowvram.run import RunFolder
 from pixart_lowvram.vae_strips import host_bytes as strip_host_bytes
 
 SEED_QUEUE = [(1024, 1024)] * 5  # the seed queue: five 1024x1024 images
@@ -423,3 +428,41 @@ def test_a_stage_over_its_budget_says_so_in_its_record():
     assert over.to_json()["over_budget"] == ["GPU 1.56 GiB (NVML) over the 1.50 GiB budget",
                                              "host RAM 17.00 GiB over the 16.00 GiB budget"]
     assert StageStats("decode", nvml_peak=gib(30)).over_budget() == []  # no budget, nothing to keep
+
+
+# -- the encode stage follows the plan's group -----------------------------------------------------------------------
+
+def test_encode_runs_the_texts_in_the_plans_groups_with_the_same_embeddings(tiny_model, tmp_path):
+    class Groups(Reporter):
+        """Records how many texts each step of the encode bar covered: one step a group."""
+
+        def __init__(self):
+            self.steps: list[int] = []
+
+        def bar(self, desc, total, unit="it", transient=False):
+            steps = self.steps
+
+            class Recording(Bar):
+                def update(self, n: int = 1) -> None:
+                    if desc == "encode":
+                        steps.append(n)
+
+            return Recording()
+
+    info = resolve_model(tiny_model)
+    texts = {f"text{i}": f"a lighthouse, number {i}" for i in range(5)}
+
+    def encode(group: int, folder_path):
+        reporter = Groups()
+        with RunFolder(folder_path) as folder:
+            encode_texts(info, texts, folder=folder, device=torch.device("cpu"), dtype=torch.float32, batch_size=1,
+                         reporter=reporter, checkpoint=lambda: None,
+                         plan=StagePlan("encode", "resident", estimate=0, group=group))
+            return reporter.steps, {key: load_file(folder.embed_path(key)) for key in texts}
+
+    steps, grouped = encode(2, tmp_path / "groups-of-2")
+    assert steps == [2, 2, 1]
+    steps, together = encode(5, tmp_path / "one-group")
+    assert steps == [5]
+    for key in texts:  # micro-batches of one: each text's embedding does not depend on its group
+        assert torch.equal(grouped[key]["embeds"], together[key]["embeds"])
