@@ -466,3 +466,16 @@ def test_encode_runs_the_texts_in_the_plans_groups_with_the_same_embeddings(tiny
     assert steps == [5]
     for key in texts:  # micro-batches of one: each text's embedding does not depend on its group
         assert torch.equal(grouped[key]["embeds"], together[key]["embeds"])
+
+
+# Whole-process NVML peaks measured on the H100 with the seed queue (BENCHMARKS.md, "VRAM budgets", call 11)
+MEASURED = {None: {"encode": 11.49, "denoise": 2.13, "decode": 3.63},
+            8: {"encode": 1.77, "denoise": 2.20, "decode": 3.94},
+            1.5: {"encode": 1.32, "denoise": 1.36, "decode": 1.38}}
+
+
+@pytest.mark.parametrize("budget", list(MEASURED))
+def test_no_estimate_falls_below_what_was_measured(xl_sizes, budget):
+    plan = seed_plan(xl_sizes, None if budget is None else gib(budget))
+    for stage, measured in MEASURED[budget].items():
+        assert plan[stage].estimate >= gib(measured), (stage, format_plan(plan))
