@@ -132,7 +132,8 @@ class _HostRows:
 
     def __init__(self, shape, dtype: torch.dtype, spill_dir: Path | None = None):
         n, c, h, w = shape
-        self.shape, self.dtype, self.device = torch.Size(shape), dtype, torch.device("cpu")
+        # on the host: never the decoder's device, not even a CPU decoder's (whose spilled rows live in files)
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, None
         if spill_dir is None:
             self.data = torch.empty((h, n, c, w), dtype=dtype, pin_memory=True)
             return
@@ -179,14 +180,18 @@ class StripDecoder:
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
         self.pinned_limit = pinned_limit if spill_dir is not None else None
         self._pinned = 0  # pinned bytes requested in this decode
+        self.spilled = 0  # activations that waited in files in the last decode (tensors)
         self.strips_used = 0  # layers that ran in strips (for tests and the report)
 
     # -- storage ---------------------------------------------------------------------------------------------
     def _empty(self, shape, dtype, *, on_gpu: bool):
-        if on_gpu or self.device.type == "cpu":
+        on_cpu = self.device.type == "cpu"
+        if on_gpu or (on_cpu and self.spill_dir is None):
             return torch.empty(shape, dtype=dtype, device=self.device)
         rounded = _pinned_size(self._bytes(shape, dtype))
-        if self.spill_dir is not None and (self.pinned_limit is None or self._pinned + rounded > self.pinned_limit):
+        if self.spill_dir is not None and (on_cpu or self.pinned_limit is None
+                                           or self._pinned + rounded > self.pinned_limit):
+            self.spilled += 1
             return _HostRows(shape, dtype, self.spill_dir)
         self._pinned += rounded
         return _HostRows(shape, dtype)
@@ -209,7 +214,7 @@ class StripDecoder:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """What `vae.decode(z).sample` computes (z already divided by the scaling factor)."""
         z = z.to(self.device)
-        self._pinned = 0
+        self._pinned = self.spilled = 0
         vae, dec = self.vae, self.decoder
         if vae.post_quant_conv is not None:
             z = vae.post_quant_conv(z)
