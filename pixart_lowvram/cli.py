@@ -110,6 +110,11 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                    help="GPU memory the whole process may use, CUDA context included: 1.5GiB, 6GB, 800MiB, or "
                         "auto (what the GPU has free). Components that do not fit stream their weights. "
                         "Default: no limit, everything that fits stays on the GPU")
+    g.add_argument("--host-budget", metavar="SIZE", default="auto",
+                   help="host RAM the whole process may hold, pinned buffers included: 16GiB, 32GB, or auto (what "
+                        "the machine has available, less 2 GiB). Where it is short, the DiT's blocks are read from "
+                        "the weights files at every step and the strip decoder's activations wait in files in the "
+                        "run folder (slower) instead of RAM. `plan` shows each stage's GPU and host memory")
     g.add_argument("--text-encoder-on-cpu", dest="encode_on_cpu", action="store_true",
                    help="run T5 on the CPU: no GPU memory for it at all, but slow")
     g.add_argument("--text-encoder-8bit", dest="text_encoder_8bit", action="store_true",
@@ -230,6 +235,9 @@ def print_summary(result, seconds: float) -> None:
         print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    for s in result.stages:
+        for what in s.over_budget():
+            print(f"over budget: {s.name}: {what}")
     done = sum(1 for p in result.images.values() if p.is_file())
     print(f"\n{done}/{len(result.images)} images in {result.folder / 'images'} "
           f"({seconds:.1f} s, {result.device}, {result.dtype}; figures in {result.folder / 'run.json'})")

@@ -11,6 +11,10 @@ from .items import Item, latent_shapes
 from .stage import StageContext
 from .vae_strips import StripDecoder, supports
 
+# Threads compressing and writing PNGs while the GPU decodes. A chosen number: a 1024x1024 PNG takes longer to
+# compress than to decode (DESIGN.md: ~0.13 s a whole decode on the H100), and PIL's zlib lets go of the GIL, so
+# a few threads keep up with the GPU; four leave cores to the decoding thread on small machines.
+PNG_WRITERS = 4
 
 def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, str]:
     """The PNG text chunks: `parameters` in the form AUTOMATIC1111, ComfyUI, InvokeAI and civitai read, and
@@ -40,7 +44,9 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
         strips = None
         if plan.placement == "strips":
             if supports(vae):
-                strips = StripDecoder(vae, device, plan.room)
+                # Where RAM is short the plan spills what waits off the GPU to files in the run folder.
+                strips = StripDecoder(vae, device, plan.room, spill_dir=folder.path if plan.spill else None,
+                                      pinned_limit=plan.pinned_limit)
             else:
                 # Not the SD-VAE layout the strip decoder walks: diffusers' tiled decoding (overlapping tiles,
                 # blended; the image changes at the seams), with the largest tile that fits the same room.
@@ -56,7 +62,7 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
     # PNGs are compressed and written on threads (PIL's zlib encoder and the file writes let go of the GIL)
     # while the GPU decodes the next images: a 1024x1024 PNG takes longer to compress than to decode. Whatever
     # stops the loop, the images already decoded are written first.
-    writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="png-writer")
+    writer = ThreadPoolExecutor(max_workers=PNG_WRITERS, thread_name_prefix="png-writer")
     written: list[Future] = []
     try:
         with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():

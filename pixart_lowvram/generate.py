@@ -24,13 +24,13 @@ import torch
 from . import __version__
 from .decode import decode_items
 from .denoise import denoise_items
-from .encode import GROUP, encode_texts
+from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory
 from .items import Item, assign_keys, binned_size, embed_shapes, expand, latent_shapes
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
 from .models import component_sizes
-from .placement import CUDA_CONTEXT, Plan, Sizes, format_plan, make_plan
+from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, Sizes, format_plan, make_plan
 from .reporting import Reporter
 from .resolve import Resolved, Settings, resolve
 from .run import EmbeddingCache, RunFolder
@@ -106,9 +106,10 @@ def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = C
     budget = resolved.budget if isinstance(resolved.budget, int) else None
     sizes = planned_sizes(resolved)
     binned = [binned_size(resolved.info, it.width, it.height) for it in items]
-    return make_plan(budget, sizes, binned, texts=max(1, min(texts, GROUP)), encode_batch=settings.encode_batch,
+    return make_plan(budget, sizes, binned, texts=max(1, texts), encode_batch=settings.encode_batch,
                      denoise_batch=settings.denoise_batch, context=context, encode_on_cpu=settings.encode_on_cpu,
-                     text_encoder_8bit=settings.text_encoder_8bit)
+                     text_encoder_8bit=settings.text_encoder_8bit,
+                     host_budget=resolved.host_budget if resolved.device.type == "cuda" else None)
 
 
 def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
@@ -240,7 +241,8 @@ class _Run:
         """Run one stage under a meter, then release its component; a stage with nothing to do loads nothing.
         `work(ctx)` does the stage's work and returns how many artifacts it made. Returns what came out
         non-finite (text keys for encode, item ids after)."""
-        meter = StageMeter(name, self.device, self.probe)
+        meter = StageMeter(name, self.device, self.probe, host_budget=self.resolved.host_budget,
+                           vram_budget=self.budget if isinstance(self.budget, int) else None)
         if count == 0:
             meter.stats.skipped = True
             self.stages.append(meter.stats)
@@ -289,7 +291,7 @@ class _Run:
         reached = stats.nvml_peak or stats.torch_reserved_peak
         # A budget a little under what this run reached, or under the card, makes the planner stream or tile.
         basis = min(v for v in (reached, total) if v) if (reached or total) else None
-        hint = (f"--vram-budget {basis * 0.8 / 2**30:.1f}GiB" if basis else "--vram-budget SIZE")
+        hint = (f"--vram-budget {basis * OOM_HINT_SHARE / 2**30:.1f}GiB" if basis else "--vram-budget SIZE")
         if isinstance(self.budget, int):
             hint = f"a smaller --vram-budget than {format_bytes(self.budget)} (other programs may share the GPU)"
         return (f"the GPU ran out of memory in stage {stage} (torch peak {format_bytes(stats.torch_peak)}, "
@@ -358,6 +360,7 @@ class _Run:
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "memory_source": self.probe.source if self.probe else None,
             "vram_budget": self.budget,
+            "host_budget": self.resolved.host_budget,
             "plan": {name: dataclasses.asdict(st) for name, st in self.plan.stages.items()} if self.plan else None,
             "versions": {"pixart_lowvram": __version__, "torch": torch.__version__,
                          "diffusers": diffusers.__version__, "transformers": transformers.__version__,

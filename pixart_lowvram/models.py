@@ -1095,4 +1095,7 @@ def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype: 
         text_ff=int(te["d_ff"]), dit_width=int(tr["num_attention_heads"]) * int(tr["attention_head_dim"]),
         dit_patch=int(tr.get("patch_size", 2)),
         vae_scale=2 ** (len(configs["vae"]["block_out_channels"]) - 1), dtype_bytes=itemsize,
-        vae_dtype_bytes=vae_itemsize)
+        vae_dtype_bytes=vae_itemsize, text_heads=int(te.get("num_heads", 64)),
+        text_vocab=int(te.get("vocab_size", 32128)),
+        vae_channels=tuple(int(c) for c in configs["vae"]["block_out_channels"]),
+        vae_layers=int(configs["vae"].get("layers_per_block", 2)))

@@ -11,6 +11,7 @@ import torch
 from .errors import InputErrors, PixartError, Problem, QueueError, UsageError
 from .jobs import Job
 from .models import DEFAULT_MODEL, ModelInfo, bitsandbytes_available, resolve_model, vae_dtype
+from .memory import resolve_host_budget
 from .placement import parse_size
 
 
@@ -37,6 +38,9 @@ class Settings:
     # transformer, vae). A precision fallback, like the batch sizes: it applies to what is still to make and
     # redoes nothing finished
     upcast: tuple[str, ...] = ()
+    # host RAM the whole process may hold (pinned buffers included): bytes, "16GiB", or "auto" (what the process
+    # holds plus what the machine has available, less placement.HOST_MARGIN); None: unconstrained
+    host_budget: str | int | None = "auto"
 
 
 UPCASTABLE = ("text_encoder", "transformer", "vae")
@@ -51,6 +55,7 @@ class Resolved:
     device: torch.device
     dtype: torch.dtype
     budget: int | str | None  # whole-process GPU bytes; "auto": what the GPU has free when the run starts
+    host_budget: int | None = None  # whole-process host RAM bytes; None: unconstrained (or unknown)
 
     @property
     def dtype_name(self) -> str:
@@ -87,6 +92,7 @@ def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -
     budget = settings.vram_budget
     if isinstance(budget, str):
         budget = attempt(parse_size, budget)
+    host_budget = attempt(resolve_host_budget, settings.host_budget)
     if problems:  # a run that cannot start does not fetch its model (a hub id downloads gigabytes)
         raise problems[0] if len(problems) == 1 else InputErrors(problems)
     info = attempt(lambda: resolve_model(settings.model, settings.allow_pickle, hash_weights=hash_weights))
@@ -94,7 +100,8 @@ def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -
         attempt(check_jobs, jobs, info)
     if problems:
         raise problems[0] if len(problems) == 1 else InputErrors(problems)
-    return Resolved(settings=settings, info=info, device=device, dtype=dtype, budget=budget)
+    return Resolved(settings=settings, info=info, device=device, dtype=dtype, budget=budget,
+                    host_budget=host_budget)
 
 
 def check_upcast(settings: Settings) -> None:
