@@ -72,7 +72,8 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
                 latents = latents / vae.config.scaling_factor
                 image = strips.decode(latents) if strips else vae.decode(latents, return_dict=False)[0]
                 # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
-                image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
+                if info.geometry.bins is not None:
+                    image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
                 picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
                 bar.describe(item.id)
                 for future in written:

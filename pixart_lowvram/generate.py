@@ -115,9 +115,7 @@ class _Queue:
         return {"embeds": (length, self.info.text_dim), "mask": (length,)}
 
     def latent_shape(self, item: Item) -> tuple[int, int, int]:
-        w, h = binned_size(self.info, item.width, item.height)
-        scale = self.info.vae_scale_factor
-        return (self.info.latent_channels, h // scale, w // scale)
+        return self.info.geometry.latent_shape(item.width, item.height)
 
     # -- the run ---------------------------------------------------------------------------------------------
     def prepare(self) -> None:

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import UsageError
 from .jobs import MAX_SEED, Job, JobDefaults
 from .models import ModelInfo, caption_cleaning, vae_dtype
 
@@ -113,16 +112,9 @@ def _make_ids_unique(items: list[Item]) -> None:
 
 
 def binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
-    """The size the reference pipeline actually denoises at: the nearest entry of its aspect-ratio bins."""
-    from diffusers.image_processor import PixArtImageProcessor  # noqa: PLC0415
-
-    bin_table = info.resolution_bins
-    if bin_table is None:
-        known = "32, 64, 128 and 256" if info.pipeline_class == "PixArtSigmaPipeline" else "32, 64 and 128"
-        raise UsageError(f"{info.path}: transformer sample_size {info.sample_size} has no resolution bins "
-                         f"(the reference {info.pipeline_class} knows {known})")
-    h, w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bin_table)
-    return w, h
+    """The size the reference pipeline actually denoises at: the nearest entry of its aspect-ratio bins, or the
+    size asked where the model has none."""
+    return info.geometry.denoise_size(width, height)
 
 
 def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_on_cpu: bool = False,
