@@ -40,9 +40,9 @@ DIFFUSERS_TEST_VAE: dict = {}
 TINY_RANDOM_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=5, num_heads=4, relative_attention_num_buckets=8)
 
 
-def small_vae(blocks: int) -> dict:
+def small_vae(blocks: int, widths: tuple[int, ...] = (4, 4, 8, 8, 8)) -> dict:
     """An AutoencoderKL config of `blocks` blocks (scale factor 2 ** (blocks - 1)), a few channels wide."""
-    return dict(block_out_channels=[8, 8, 16, 16, 16][:blocks], layers_per_block=1, norm_num_groups=4,
+    return dict(block_out_channels=list(widths[:blocks]), layers_per_block=1, norm_num_groups=4,
                 latent_channels=4, down_block_types=["DownEncoderBlock2D"] * blocks,
                 up_block_types=["UpDecoderBlock2D"] * blocks)
 
@@ -92,9 +92,9 @@ CASES = {
     "diffusers-alpha-test": (ALPHA, {}, DIFFUSERS_TEST_VAE, None, False, (8, 8)),
     "diffusers-sigma-test": (SIGMA, {}, DIFFUSERS_TEST_VAE, (48, 32), False, (48, 32)),
     # null means "at sample size 128": micro-conditions on, and PixArt-α passes them there. 1024 px bins, kept
-    # cheap by a VAE of 5 blocks and patches of 4 (64 x 64 latents, 256 tokens).
+    # cheap by a narrow VAE of 5 blocks and patches of 4 (64 x 64 latents, 256 tokens).
     "micro-conditions-null": (ALPHA, {"sample_size": 128, "use_additional_conditions": None, "patch_size": 4},
-                              small_vae(5), (64, 64), True, (64, 64)),
+                              small_vae(5, widths=(4,) * 5), (64, 64), True, (64, 64)),
     # PixArt-Σ with bins (300 tokens), its DPM-Solver scheduler as shipped
     "sigma-32-bins": (SIGMA, {"sample_size": 32}, small_vae(4), (48, 64), True, (48, 64)),
 }
