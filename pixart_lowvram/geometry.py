@@ -107,11 +107,10 @@ class Geometry:
         if self.bins is not None or side % step == 0:
             return None
         lower = side // step * step
-        nearest = f"{lower} or {lower + step}" if lower else f"{step}"
-        return (f"must be a multiple of {step} for this model, not {side}: it has no resolution bins (transformer "
-                f"sample_size {self.sample_size}), so sizes are used as asked and cut into latent pixels of "
-                f"{self.vae_scale_factor} and tokens of {self.patch_size}x{self.patch_size}",
-                f"the nearest are {nearest}")
+        nearest = f"multiples of {step} are {lower} and {lower + step}" if lower else f"multiple of {step} is {step}"
+        return (f"must be a multiple of {step} for this model, not {side}: without resolution bins (transformer "
+                f"sample_size {self.sample_size}) a size is used as asked, and {step} = VAE scale factor "
+                f"{self.vae_scale_factor} x patch size {self.patch_size}", f"the nearest {nearest}")
 
     def configure(self, pipe) -> None:
         """Give a reference pipeline built without its VAE the VAE's scale factor (diffusers assumes 8 then)."""

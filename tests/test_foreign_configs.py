@@ -3,7 +3,8 @@ from configs other than our presets', make the images their reference pipeline m
 in float32): VAEs of 1 to 5 blocks (scale factors 1 to 16), transformer sample sizes with and without the
 reference's resolution bins, the component configs of diffusers' own PixArt pipeline tests, a transformer config
 that leaves `use_additional_conditions` null, and PixArt-Σ (300 tokens). What the reference itself cannot run is
-refused before any weights load, and the test shows that the reference fails there too."""
+refused before any weights load, and the test shows that the reference fails there too. The strip decoder walks
+VAEs of any number of blocks."""
 from __future__ import annotations
 
 import inspect
@@ -22,6 +23,7 @@ from pixart_lowvram.generate import Settings, plan_queue, run_queue
 from pixart_lowvram.jobs import Job
 from pixart_lowvram.models import resolve_model
 from pixart_lowvram.random_model import _tiny_vocab_size, build_tokenizer, scheduler_config
+from pixart_lowvram.vae_strips import StripDecoder, supports
 
 CPU32 = dict(device="cpu", dtype="float32", embed_cache=None)
 ALPHA, SIGMA = "PixArtAlphaPipeline", "PixArtSigmaPipeline"
@@ -148,7 +150,7 @@ def test_a_size_the_model_cannot_cut_into_tokens_is_a_job_problem(tmp_path, monk
     assert "job 1" not in text
     assert "job 2 ('odd'), field 'width': must be a multiple of 16 for this model, not 72" in text
     assert "job 2 ('odd'), field 'height': must be a multiple of 16 for this model, not 40" in text
-    assert "no resolution bins" in text and "the nearest are 64 or 80" in text
+    assert "16 = VAE scale factor 8 x patch size 2" in text and "the nearest multiples of 16 are 64 and 80" in text
     assert not (tmp_path / "run").exists()
 
 
@@ -186,3 +188,19 @@ def test_what_the_reference_cannot_run_is_refused_when_the_folder_is_read(case, 
     with pytest.raises(Exception):  # noqa: B017 - the reference's own failure: a TypeError, AttributeError...
         reference_image(reference(folder, pipeline), prompt="a", steps=1, seed=0, use_resolution_binning=False,
                         width=128 if "128" in case else None, height=128 if "128" in case else None)
+
+
+@pytest.mark.parametrize("vae", [DIFFUSERS_TEST_VAE, small_vae(1), small_vae(2), small_vae(3), small_vae(5)],
+                         ids=["diffusers-test-vae", "1-block", "2-blocks", "3-blocks", "5-blocks"])
+def test_strip_decoding_equals_the_whole_decode_for_any_number_of_vae_blocks(vae):
+    """The decode stage's strips (vae_strips.py, used under a small --vram-budget) walk any SD-layout VAE."""
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL.from_config(vae).eval()
+    assert supports(autoencoder)
+    z = torch.randn(1, 4, 13, 17, generator=torch.Generator().manual_seed(1))  # odd sizes: uneven strips
+    with torch.inference_mode():
+        whole = autoencoder.decode(z).sample
+        decoder = StripDecoder(autoencoder, torch.device("cpu"), 20_000)
+        strips = decoder.decode(z)
+    assert decoder.strips_used > 0
+    assert strips.shape == whole.shape and (strips - whole).abs().max().item() < 1e-4
