@@ -27,9 +27,28 @@ def _where(folder: Path | None, component: str) -> str:
     return str(folder / name) if folder is not None else name
 
 
-def _positive_int(configs: dict[str, dict], component: str, key: str, folder: Path | None,
-                  default: int | None = None) -> int:
-    value = configs[component].get(key, default)
+def _class_default(component: str, key: str):
+    """What the component's class uses for a key its config leaves out, as `from_pretrained` would."""
+    import inspect  # noqa: PLC0415
+
+    if component == "text_encoder":
+        from transformers import T5Config  # noqa: PLC0415
+
+        return getattr(T5Config(), key, None)
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel  # noqa: PLC0415
+
+    cls = PixArtTransformer2DModel if component == "transformer" else AutoencoderKL
+    parameter = inspect.signature(cls.__init__).parameters.get(key)
+    return None if parameter is None else parameter.default
+
+
+def _value(configs: dict[str, dict], component: str, key: str):
+    config = configs[component]
+    return config[key] if key in config else _class_default(component, key)
+
+
+def _positive_int(configs: dict[str, dict], component: str, key: str, folder: Path | None) -> int:
+    value = _value(configs, component, key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ModelError(f"{_where(folder, component)}: {key} must be a positive whole number, not {value!r}")
     return value
@@ -38,15 +57,15 @@ def _positive_int(configs: dict[str, dict], component: str, key: str, folder: Pa
 def vae_scale_factor(configs: dict[str, dict], folder: Path | None = None) -> int:
     """Image pixels per latent pixel: the VAE halves the size in every block but the last, as diffusers computes
     it (`2 ** (len(vae.config.block_out_channels) - 1)`)."""
-    blocks = configs["vae"].get("block_out_channels")
-    if not isinstance(blocks, list) or not blocks:
+    blocks = _value(configs, "vae", "block_out_channels")
+    if not isinstance(blocks, (list, tuple)) or not blocks:
         raise ModelError(f"{_where(folder, 'vae')}: block_out_channels must be a non-empty list, not {blocks!r}")
     return 2 ** (len(blocks) - 1)
 
 
 def patch_size(configs: dict[str, dict], folder: Path | None = None) -> int:
-    """Latent pixels per transformer token side (PixArtTransformer2DModel's default is 2)."""
-    return _positive_int(configs, "transformer", "patch_size", folder, default=2)
+    """Latent pixels per transformer token side."""
+    return _positive_int(configs, "transformer", "patch_size", folder)
 
 
 def resolution_bins(pipeline_class: str, sample_size: int) -> dict[str, list[float]] | None:
@@ -123,12 +142,12 @@ class Geometry:
 def read_geometry(pipeline_class: str, configs: dict[str, dict], folder: Path | None = None) -> Geometry:
     """A model's geometry from its component configs (`folder` names the files in errors). Raises ModelError
     for a folder the reference pipeline cannot run, before anything loads."""
-    transformer, vae = configs["transformer"], configs["vae"]
+    transformer = configs["transformer"]
     scale = vae_scale_factor(configs, folder)
     sample_size = _positive_int(configs, "transformer", "sample_size", folder)
-    in_channels = _positive_int(configs, "transformer", "in_channels", folder, default=4)
-    out_channels = transformer.get("out_channels") or in_channels
-    vae_latents = _positive_int(configs, "vae", "latent_channels", folder, default=4)
+    in_channels = _positive_int(configs, "transformer", "in_channels", folder)
+    out_channels = _value(configs, "transformer", "out_channels") or in_channels
+    vae_latents = _positive_int(configs, "vae", "latent_channels", folder)
     text_dim = _positive_int(configs, "text_encoder", "d_model", folder)
     caption = transformer.get("caption_channels")
     if vae_latents != in_channels:

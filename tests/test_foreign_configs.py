@@ -8,6 +8,7 @@ VAEs of any number of blocks."""
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import diffusers
@@ -157,6 +158,20 @@ def test_every_number_comes_from_the_configs(tmp_path):
     latents = pipe(prompt="a cat", num_inference_steps=1, width=32, height=48, output_type="latent",
                    use_resolution_binning=False).images
     assert geometry.latent_shape(32, 48) == tuple(latents.shape[1:]) == (8, 12, 8)
+
+
+def test_a_config_that_leaves_values_out_gets_the_classes_defaults(tmp_path):
+    """As `from_pretrained` does: a key missing from a config.json takes the class's default."""
+    folder = save_folder(tmp_path / "model", vae=DIFFUSERS_TEST_VAE)  # the VAE's config is all defaults
+    for component, keys in (("transformer", ["patch_size", "in_channels"]),
+                            ("vae", ["block_out_channels", "latent_channels"])):
+        path = Path(folder) / component / "config.json"
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in config.items() if k not in keys}))
+    geometry = resolve_model(folder).geometry
+    pipe = reference(folder, ALPHA)
+    assert (geometry.vae_scale_factor, geometry.patch_size, geometry.latent_channels) == (
+        pipe.vae_scale_factor, pipe.transformer.config.patch_size, pipe.transformer.config.in_channels) == (1, 2, 4)
 
 
 def test_a_size_the_model_cannot_cut_into_tokens_is_a_job_problem(tmp_path, monkeypatch):
