@@ -79,7 +79,8 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
                 if not ctx.finite(image, item.id):
                     continue  # postprocess would clamp it to a black or grey image: none is written instead
                 # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
-                image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
+                if info.geometry.bins is not None:
+                    image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
                 picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
                 bar.describe(item.id)
                 for future in written:

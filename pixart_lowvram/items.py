@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import UsageError
 from .jobs import MAX_SEED, Job, JobDefaults
 from .models import ModelInfo, caption_cleaning
 
@@ -114,16 +113,9 @@ def _make_ids_unique(items: list[Item]) -> None:
 
 
 def binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
-    """The size the reference pipeline actually denoises at: the nearest entry of its aspect-ratio bins."""
-    from diffusers.image_processor import PixArtImageProcessor  # noqa: PLC0415
-
-    bin_table = info.resolution_bins
-    if bin_table is None:
-        known = "32, 64, 128 and 256" if info.pipeline_class == "PixArtSigmaPipeline" else "32, 64 and 128"
-        raise UsageError(f"{info.path}: transformer sample_size {info.sample_size} has no resolution bins "
-                         f"(the reference {info.pipeline_class} knows {known})")
-    h, w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bin_table)
-    return w, h
+    """The size the reference pipeline actually denoises at: the nearest entry of its aspect-ratio bins, or the
+    size asked where the model has none."""
+    return info.geometry.denoise_size(width, height)
 
 
 def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_on_cpu: bool = False,
@@ -161,6 +153,4 @@ def embed_shapes(info: ModelInfo) -> dict[str, tuple[int, ...]]:
 
 def latent_shapes(info: ModelInfo, item: Item) -> dict[str, tuple[int, ...]]:
     """The tensors of a finished latent: the item's latents at the size the reference denoises at."""
-    w, h = binned_size(info, item.width, item.height)
-    scale = info.vae_scale_factor
-    return {"latents": (info.latent_channels, h // scale, w // scale)}
+    return {"latents": tuple(info.geometry.latent_shape(item.width, item.height))}

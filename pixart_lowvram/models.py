@@ -11,6 +11,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -19,12 +20,12 @@ from torch import nn
 
 from . import samplers
 from .errors import ModelError
+from .geometry import Geometry, patch_size, read_geometry, vae_scale_factor
 from .jobs import JobDefaults
 from .streaming import BlockStreamer, CpuEmbedding, Stored, load_tensor, micro_batch_blocks, set_parameter
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
 SUPPORTED_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
-MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}  # the reference pipelines' max_sequence_length
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 # Only what the staged queue reads: safetensors weights, configs and tokenizer files, never pickled weights.
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
@@ -85,23 +86,28 @@ class ModelInfo:
     def name(self) -> str:
         return self.source.rstrip("/").split("/")[-1] or self.source
 
+    @cached_property
+    def geometry(self) -> Geometry:
+        """Every number the reference pipeline derives from the configs (geometry.py)."""
+        return read_geometry(self.pipeline_class, self.configs, self.path)
+
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
+        return self.geometry.vae_scale_factor
 
     @property
     def sample_size(self) -> int:
-        return int(self.configs["transformer"]["sample_size"])
+        return self.geometry.sample_size
 
     @property
     def default_size(self) -> int:
         """The reference pipeline's default width and height: transformer sample size times VAE scale."""
-        return self.sample_size * self.vae_scale_factor
+        return self.geometry.default_size
 
     @property
     def max_sequence_length(self) -> int:
         """Tokens per prompt, as the reference pipeline pads and truncates them (α 120, Σ 300)."""
-        return MAX_TOKENS[self.pipeline_class]
+        return self.geometry.max_sequence_length
 
     @property
     def scheduler_class(self) -> str:
@@ -124,23 +130,16 @@ class ModelInfo:
 
     @property
     def resolution_bins(self) -> dict[str, list[float]] | None:
-        """The aspect-ratio bins the reference pipeline snaps sizes to, by transformer sample size (None: the
-        reference knows none for this size). diffusers' own tables: Σ adds 2048 px to α's 256, 512, 1024."""
-        from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha  # noqa: PLC0415
-        from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma  # noqa: PLC0415
-
-        tables = {128: alpha.ASPECT_RATIO_1024_BIN, 64: alpha.ASPECT_RATIO_512_BIN, 32: alpha.ASPECT_RATIO_256_BIN}
-        if self.pipeline_class == "PixArtSigmaPipeline":
-            tables[256] = sigma.ASPECT_RATIO_2048_BIN
-        return tables.get(self.sample_size)
+        """The aspect-ratio bins the reference pipeline snaps sizes to (None: it uses sizes as asked)."""
+        return self.geometry.bins
 
     @property
     def latent_channels(self) -> int:
-        return int(self.configs["transformer"]["in_channels"])
+        return self.geometry.latent_channels
 
     @property
     def text_dim(self) -> int:
-        return int(self.configs["text_encoder"]["d_model"])
+        return self.geometry.text_dim
 
     def weights(self, component: str) -> Weights:
         return find_weights(self.path / component, self.allow_pickle)
@@ -784,6 +783,7 @@ def resolve_model(source: str, allow_pickle: bool = False, *, hash_weights: bool
         raise ModelError(f"{source}: no such model folder")
 
     index, configs, headers = check_model_folder(path, allow_pickle, remote)
+    read_geometry(index["_class_name"], configs, path)  # a folder the reference cannot run is refused here
     identity = {c: _component_identity(path / c, allow_pickle) for c in COMPONENTS} if hash_weights else {}
     classes = {c: index[c][1] for c in COMPONENTS}
     return ModelInfo(source=source, path=path, pipeline_class=index["_class_name"], configs=configs,
@@ -991,6 +991,7 @@ def make_pipeline(info: ModelInfo, **components):
     cls = _class_of_pipeline(info)
     parts = {name: components.get(name) for name in COMPONENTS}
     pipe = cls(**parts)
+    info.geometry.configure(pipe)  # without a VAE, diffusers would assume a scale factor of 8
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -1093,8 +1094,7 @@ def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype: 
         transformer=sum(dit.values()), transformer_block=dit_block, transformer_other=dit_other,
         vae=sum(vae.values()), transformer_blocks=dit_blocks, text_tokens=max_tokens, text_dim=int(te["d_model"]),
         text_ff=int(te["d_ff"]), dit_width=int(tr["num_attention_heads"]) * int(tr["attention_head_dim"]),
-        dit_patch=int(tr.get("patch_size", 2)),
-        vae_scale=2 ** (len(configs["vae"]["block_out_channels"]) - 1), dtype_bytes=itemsize,
+        dit_patch=patch_size(configs), vae_scale=vae_scale_factor(configs), dtype_bytes=itemsize,
         vae_dtype_bytes=vae_itemsize, text_heads=int(te.get("num_heads", 64)),
         text_vocab=int(te.get("vocab_size", 32128)),
         vae_channels=tuple(int(c) for c in configs["vae"]["block_out_channels"]),

@@ -173,6 +173,12 @@ def check_jobs(jobs: list[Job], info: ModelInfo) -> None:
         sampler = job.sampler or defaults.sampler
         steps = defaults.steps if job.steps is None else job.steps
         where = dict(job_index=job.index, job_name=job.name)
+        for name, side in (("width", job.width), ("height", job.height)):
+            wrong = info.geometry.side_problem(side or defaults.size)
+            if wrong:
+                message, hint = wrong
+                default = "" if side else " (the model's default size)"
+                problems.append(Problem(f"{message}{default}", field=name, hint=hint, **where))
         if sampler not in NAMES and sampler != info.sampler:
             problems.append(Problem(f"unknown sampler {sampler!r} (known: {', '.join(NAMES)})", field="sampler",
                                     **where))
