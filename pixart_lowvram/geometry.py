@@ -42,6 +42,12 @@ def _class_default(component: str, key: str):
     return None if parameter is None else parameter.default
 
 
+def with_defaults(component: str, config: dict, keys: tuple[str, ...]) -> dict:
+    """`config` with the class's default for each of `keys` it leaves out, as `from_pretrained` builds it."""
+    missing = {key: _class_default(component, key) for key in keys if key not in config}
+    return {**config, **{k: list(v) if isinstance(v, tuple) else v for k, v in missing.items() if v is not None}}
+
+
 def _value(configs: dict[str, dict], component: str, key: str):
     config = configs[component]
     return config[key] if key in config else _class_default(component, key)

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import samplers
 from .errors import ModelError
-from .geometry import Geometry, patch_size, read_geometry, vae_scale_factor
+from .geometry import Geometry, patch_size, read_geometry, vae_scale_factor, with_defaults
 from .jobs import JobDefaults
 from .streaming import BlockStreamer, CpuEmbedding, Stored, load_tensor, micro_batch_blocks, set_parameter
 
@@ -458,10 +458,9 @@ _REPEATS = {"text_encoder": (("num_layers", r"encoder\.block\.(\d+)\."),),
 
 
 def _check_config(path: Path, component: str, config: dict, problems: FolderProblems) -> bool:
+    """What the queue reads of a config (its class's defaults filled in for what it leaves out) is usable."""
     ok = True
     for key in _COUNTS.get(component, ()):
-        if key == "patch_size" and key not in config:
-            continue  # PixArtTransformer2DModel's default
         value = config.get(key)
         if not _is_count(value) or value == 0:
             problems.append(f"{path}: {key} must be a positive whole number, not {json.dumps(value)}")
@@ -527,18 +526,6 @@ def _check_tensors(folder: Path, component: str, cls, config: dict, stored: dict
                         f"({'; '.join(bad[:3])}{more}); are they another model's?")
 
 
-def _cross_check(path: Path, configs: dict[str, dict], problems: FolderProblems) -> None:
-    """What the pipeline passes from one component to the next must agree: T5's width is the DiT's caption width,
-    the VAE's latent channels are the DiT's input channels."""
-    te, tr, vae = (configs.get(c) for c in ("text_encoder", "transformer", "vae"))
-    if te and tr and te["d_model"] != tr["caption_channels"]:
-        problems.append(f"{path / 'transformer' / 'config.json'}: caption_channels {tr['caption_channels']} is not "
-                        f"the text encoder's d_model {te['d_model']}")
-    if tr and vae and tr["in_channels"] != vae["latent_channels"]:
-        problems.append(f"{path / 'transformer' / 'config.json'}: in_channels {tr['in_channels']} is not the "
-                        f"VAE's latent_channels {vae['latent_channels']}")
-
-
 def check_model_folder(path: Path, allow_pickle: bool = False, headers: dict[str, dict[str, Stored]] | None = None
                        ) -> tuple[dict, dict[str, dict], dict[str, dict[str, Stored]]]:
     """Everything that can be checked without loading a weight, all at once: model_index.json names a PixArt
@@ -570,6 +557,10 @@ def check_model_folder(path: Path, allow_pickle: bool = False, headers: dict[str
         if component == "scheduler":
             configs[component] = config
             continue
+        # what a config leaves out, from_pretrained takes from the class: so does everything here, except the
+        # sample size, whose default (128) would silently give a model the 1024 px geometry it may not have
+        config = with_defaults(component, config, tuple(k for k in _COUNTS[component] if k != "sample_size") + (
+            ("block_out_channels",) if component == "vae" else ()))
         config_ok = _check_config(config_path, component, config, problems)
         if headers is not None and component in headers:
             stored = headers[component]
@@ -588,7 +579,9 @@ def check_model_folder(path: Path, allow_pickle: bool = False, headers: dict[str
         if _check_repeats(folder, component, config, stored, problems):
             cls = classes.get(component) or _network_class(component)
             _check_tensors(folder, component, cls, config, stored, problems)
-    _cross_check(path, configs, problems)
+    if all(c in configs for c in ("text_encoder", "transformer", "vae")):
+        # what the pipeline derives from the configs, and whether the components fit one another (geometry.py)
+        problems.check(read_geometry, pipeline_class, configs, path)
     if "scheduler" in configs and "scheduler" in classes:
         try:
             classes["scheduler"].from_config(configs["scheduler"])
@@ -783,7 +776,6 @@ def resolve_model(source: str, allow_pickle: bool = False, *, hash_weights: bool
         raise ModelError(f"{source}: no such model folder")
 
     index, configs, headers = check_model_folder(path, allow_pickle, remote)
-    read_geometry(index["_class_name"], configs, path)  # a folder the reference cannot run is refused here
     identity = {c: _component_identity(path / c, allow_pickle) for c in COMPONENTS} if hash_weights else {}
     classes = {c: index[c][1] for c in COMPONENTS}
     return ModelInfo(source=source, path=path, pipeline_class=index["_class_name"], configs=configs,
