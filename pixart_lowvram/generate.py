@@ -319,7 +319,7 @@ class _Run:
                 f"to encode, {len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
                 f"[{self.info.name}, {self.device}, {self.resolved.dtype_name}]")
             failed = self.stage("encode", len(todo_texts), lambda ctx: encode_texts(
-                ctx, todo_texts, batch_size=self.settings.encode_batch, cache=self.cache,
+                ctx, todo_texts, batch_size=self.plan["encode"].batch, cache=self.cache,
                 eight_bit=self.settings.text_encoder_8bit))
             lost = self.overflowed("encode", failed, todo_images)
             todo_latents = [it for it in todo_latents if it.id not in lost]

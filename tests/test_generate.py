@@ -212,3 +212,31 @@ def test_an_interrupted_streamed_denoise_closes_its_streamer_and_keeps_what_it_f
     assert kept == (1 if how == "stop between images" else 0)
     result = run_queue(jobs, tmp_path / "run", settings)  # the rerun makes what is left
     assert result.made["denoise"] == 2 - kept and all(p.is_file() for p in result.images.values())
+
+
+def test_the_stages_run_the_batches_the_plan_chose_not_the_ones_asked_for(tiny_model, tmp_path, monkeypatch):
+    """Where the planner lowers a batch to fit the budget, the stage runs the lowered one: an encode batch of 8
+    asked for at 1.5 GiB once ran at 8 beside a plan of 1, and went over the budget (1.55 GiB NVML, on an H200)."""
+    import dataclasses
+
+    from pixart_lowvram import generate
+
+    real_plan = generate.plan_run
+
+    def lowered(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        for stage in ("encode", "denoise"):
+            plan.stages[stage] = dataclasses.replace(plan[stage], batch=1, note="batch lowered to 1 to fit")
+        return plan
+
+    batches = {}
+    for name in ("encode_texts", "denoise_items"):
+        real = getattr(generate, name)
+        monkeypatch.setattr(generate, name, lambda ctx, work, *, real=real, name=name, **kw: (
+            batches.setdefault(name, kw["batch_size"]), real(ctx, work, **kw))[1])
+    monkeypatch.setattr(generate, "plan_run", lowered)
+    jobs = [Job(index=i + 1, prompt=f"a lighthouse, number {i}", seed=i, steps=2, width=128, height=128)
+            for i in range(3)]
+    run_queue(jobs, tmp_path / "run", Settings(model=tiny_model, encode_batch=8, denoise_batch=4, embed_cache=None,
+                                               **CPU32))
+    assert batches == {"encode_texts": 1, "denoise_items": 1}
