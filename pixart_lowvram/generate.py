@@ -39,7 +39,8 @@ class Settings:
     # larger batches are faster on big queues but change fp16 rounding (measured in BENCHMARKS.md).
     encode_batch: int = 1
     denoise_batch: int = 1  # images denoised at once (same size, steps and guidance)
-    force: bool = False  # redo everything, ignoring finished artifacts
+    force: bool = False  # make every artifact again (the same ones: drawn seeds are kept)
+    new_seeds: bool = False  # draw new seeds for jobs without one (earlier images are kept, new ones renamed)
     allow_pickle: bool = False  # load pickled .bin weights (they can run code when loaded) if no safetensors
     vram_budget: str | int | None = None  # whole-process GPU memory: bytes, "1.5GiB", "auto"; None: unconstrained
     encode_on_cpu: bool = False  # T5 on the CPU: no VRAM for the encoder, slow
@@ -121,18 +122,32 @@ class _Queue:
 
     # -- the run ---------------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        previous = self.folder.read_manifest() or {}
-        drawn = previous.get("drawn_seeds", {}) if not self.settings.force else {}
+        earlier = self.folder.previous_run()
+        if earlier.damage:
+            self.reporter.info(earlier.damage)
+        previous = earlier.manifest
+        drawn = {} if self.settings.new_seeds else earlier.drawn_seeds
         self.items, remembered = expand(self.jobs, self.info.defaults, drawn)
-        self.drawn_seeds = {**drawn, **remembered}
+        self.drawn_seeds = {**previous.get("drawn_seeds", {}), **remembered}
         self.texts = assign_keys(self.items, self.info, self.dtype, self.settings.encode_on_cpu,
                                  self.settings.text_encoder_8bit)
+        self.previous = previous
+        self.claim_image_names()
         self.left_alone = self.removed_images(previous)
         if self.left_alone:
             names = ", ".join(p.name for p in self.left_alone[:5]) + (", ..." if len(self.left_alone) > 5 else "")
             self.reporter.info(f"{len(self.left_alone)} image(s) of jobs no longer in the queue are left in place "
                                f"({names})")
         self.write_manifest()
+
+    def claim_image_names(self) -> None:
+        """Image files for the items' current keys: a finished image from other parameters is never replaced."""
+        for item, former in getattr(self, "renamed", []):
+            item.id = former
+        self.renamed = self.folder.claim_image_names(self.items, self.previous)
+        for item, former in self.renamed:
+            self.reporter.info(f"{self.folder.images / (former + '.png')} holds an image made from other "
+                               f"parameters: kept; the new one is {item.id}.png")
 
     def removed_images(self, previous: dict) -> list[Path]:
         """Images an earlier run of this folder made for jobs that are gone from the queue (or were edited
@@ -246,6 +261,8 @@ class _Queue:
             if self.plan["encode"].placement == "cpu" and not self.settings.encode_on_cpu:
                 # The planner moved T5 to the CPU (fp32 there): those embeddings are other artifacts, keyed so.
                 self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True)
+                self.claim_image_names()
+                todo_images = self.pending_images()
                 todo_latents = self.pending_latents(todo_images)
                 todo_texts = self.restore_from_cache(self.pending_texts(todo_latents))
             self.reporter.info(format_plan(self.plan))

@@ -25,6 +25,17 @@ def slugify(text: str, limit: int = 40) -> str:
     return slug[:limit].rstrip("-") or "image"
 
 
+def prompt_folder_name(prompt: str, limit: int = 40) -> str:
+    """`generate`'s default run folder for a prompt: its slug where that stands for the whole prompt, else the
+    slug and a short hash of the prompt, so prompts that share their first 40 characters, or have no letters
+    or digits at all (emoji), get folders of their own."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    if slug and len(slug) <= limit:
+        return slug
+    short = slug[:limit].rstrip("-") or "prompt"
+    return f"{short}-{hashlib.sha256(prompt.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
 @dataclass
 class Item:
     """One image to make: a job's copy with its seed fixed and its size resolved."""
@@ -42,6 +53,9 @@ class Item:
     name: str | None
     seed_was_drawn: bool
     sampler: str = "dpm-solver"
+    # Where a drawn seed is remembered: the manifest's drawn_seeds[seed_slot][copy]. The PNG carries it too, so
+    # a damaged manifest loses no drawn seed (RunFolder.recover_drawn_seeds). Empty for a seed the job gave.
+    seed_slot: str = ""
     prompt_key: str = ""
     negative_key: str = ""
     latent_key: str = ""
@@ -64,12 +78,13 @@ def _job_spec(job: Job, defaults: JobDefaults) -> dict:
     return spec
 
 
-def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[int]],
+def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[int | None]],
            rng: random.Random | None = None) -> tuple[list[Item], dict[str, list[int]]]:
     """Jobs -> items, with the model's `defaults` for what a job leaves out. A job's seed gives seed, seed+1, ...
     to its copies; a missing seed is drawn at random, and remembered under the job's spec in `drawn_seeds` (kept
-    in the manifest), so running the same queue again finds the same seeds. Identical jobs (the article's three
-    'supercar' jobs) are told apart by occurrence."""
+    in the manifest), so running the same queue again finds the same seeds; a None there (a copy whose seed could
+    not be recovered) is drawn again. Identical jobs (the article's three 'supercar' jobs) are told apart by
+    occurrence."""
     rng = rng or random.SystemRandom()
     seen: dict[str, int] = {}
     items: list[Item] = []
@@ -83,8 +98,9 @@ def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[i
         if job.seed is not None:
             seeds = [job.seed + k for k in range(job.count)]
         else:
-            seeds = list(drawn_seeds.get(slot, []))[: job.count]
-            seeds += [rng.randrange(0, 2**32) for _ in range(job.count - len(seeds))]
+            known = list(drawn_seeds.get(slot, []))[: job.count]
+            known += [None] * (job.count - len(known))
+            seeds = [rng.randrange(0, 2**32) if seed is None else seed for seed in known]
             remembered[slot] = seeds
         for k, seed in enumerate(seeds):
             assert 0 <= seed <= MAX_SEED
@@ -96,17 +112,21 @@ def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[i
                 id=item_id, job_index=job.index, copy=k, prompt=job.prompt, negative_prompt=job.negative_prompt,
                 width=job.width or defaults.size, height=job.height or defaults.size, seed=seed,
                 cfg=spec["cfg"], steps=spec["steps"], sampler=job.sampler or defaults.sampler, name=job.name,
-                seed_was_drawn=job.seed is None))
+                seed_was_drawn=job.seed is None, seed_slot="" if job.seed is not None else slot))
     _make_ids_unique(items)
     return items, remembered
 
 
 def _make_ids_unique(items: list[Item]) -> None:
-    # Job names are unique (validated), but a generated id can meet a name: number the later ones.
-    taken: set[str] = set()
+    """A name the user gave is theirs: named items keep their ids (unique, checked with the queue), and an id
+    made from a prompt that meets one of them, or another made id, is numbered instead (001-cat~2).
+    Compared ignoring case, for case-insensitive file systems."""
+    taken = {item.id.lower() for item in items if item.name}
     for item in items:
+        if item.name:
+            continue
         base, n = item.id, 2
-        while item.id.lower() in taken:  # case-insensitive file systems
+        while item.id.lower() in taken:
             item.id = f"{base}~{n}"
             n += 1
         taken.add(item.id.lower())

@@ -260,6 +260,8 @@ def resolve_model(source: str, allow_pickle: bool = False) -> ModelInfo:
         path = Path(expanded).resolve()
     elif _looks_like_hub_id(source):
         path = _fetch(source, allow_pickle)
+    elif os.path.exists(expanded):
+        raise ModelError(f"{source}: is a file; --model takes a model folder (with model_index.json) or a hub id")
     else:
         raise ModelError(f"{source}: no such model folder")
 
