@@ -133,7 +133,7 @@ class _Queue:
                                  self.settings.text_encoder_8bit)
         self.previous = previous
         self.claim_image_names()
-        self.left_alone = self.removed_images(previous)
+        self.left_alone = self.folder.images_left_behind(self.items, previous)
         if self.left_alone:
             names = ", ".join(p.name for p in self.left_alone[:5]) + (", ..." if len(self.left_alone) > 5 else "")
             self.reporter.info(f"{len(self.left_alone)} image(s) of jobs no longer in the queue are left in place "
@@ -149,17 +149,6 @@ class _Queue:
             self.reporter.info(f"{self.folder.images / (former + '.png')} holds an image made from other "
                                f"parameters: kept; the new one is {item.id}.png")
 
-    def removed_images(self, previous: dict) -> list[Path]:
-        """Images an earlier run of this folder made for jobs that are gone from the queue (or were edited
-        and now make another file): they are kept, never deleted, and reported."""
-        current = {self.folder.image_path(it) for it in self.items}
-        gone = []
-        for old in previous.get("items", []) + [{"image": str(p)} for p in previous.get("left_alone", [])]:
-            path = self.folder.path / str(old.get("image", ""))
-            if path.parent == self.folder.images and path not in current and path.is_file() and path not in gone:
-                gone.append(path)
-        return gone
-
     def checkpoint(self) -> None:
         """A safe point: everything finished so far is on disk. Stop here if the user asked to."""
         if self.stop.is_set():
@@ -168,13 +157,12 @@ class _Queue:
     def pending_images(self) -> list[Item]:
         if self.settings.force:
             return list(self.items)
-        return [it for it in self.items if not self.folder.png_is_done(self.folder.image_path(it), it.image_key)]
+        return self.folder.unfinished_images(self.items)
 
     def pending_latents(self, items: list[Item]) -> list[Item]:
         if self.settings.force:
             return items
-        return [it for it in items if self.folder.read_tensors(
-            self.folder.latent_path(it.latent_key), it.latent_key, {"latents": self.latent_shape(it)}) is None]
+        return self.folder.unfinished_latents(items, self.latent_shape)
 
     def pending_texts(self, items: list[Item]) -> dict[str, str]:
         needed = {}
@@ -289,13 +277,7 @@ class _Queue:
         import diffusers  # noqa: PLC0415
         import transformers  # noqa: PLC0415
 
-        items = []
-        for it in getattr(self, "items", []):
-            image = self.folder.image_path(it)
-            items.append({**it.to_json(),
-                          "image": str(image.relative_to(self.folder.path)),
-                          "latents": str(self.folder.latent_path(it.latent_key).relative_to(self.folder.path)),
-                          "done": self.folder.png_is_done(image, it.image_key)})
+        items = self.folder.manifest_items(getattr(self, "items", []))
         self.folder.write_manifest({
             "version": 1,
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -15,9 +15,14 @@ from .jobs import MAX_SEED, Job, JobDefaults
 from .models import ModelInfo, caption_cleaning, vae_dtype
 
 
+# What json.dumps(parts, sort_keys=True, default=str) builds on every call, built once: a long queue hashes
+# a few keys per image.
+_ENCODER = json.JSONEncoder(sort_keys=True, default=str)
+
+
 def digest(*parts: object) -> str:
     """A short stable hash of JSON-able parts."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return hashlib.sha256(_ENCODER.encode(parts).encode()).hexdigest()[:24]
 
 
 def slugify(text: str, limit: int = 40) -> str:
@@ -62,7 +67,7 @@ class Item:
     image_key: str = ""
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # every field is a plain value: no deep copy (asdict) needed
 
 
 def _job_spec(job: Job, defaults: JobDefaults) -> dict:
@@ -102,12 +107,10 @@ def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[i
             known += [None] * (job.count - len(known))
             seeds = [rng.randrange(0, 2**32) if seed is None else seed for seed in known]
             remembered[slot] = seeds
+        stem = job.name or f"{job.index:03d}-{slugify(job.prompt)}"
         for k, seed in enumerate(seeds):
             assert 0 <= seed <= MAX_SEED
-            if job.name:
-                item_id = job.name if job.count == 1 else f"{job.name}-{k + 1}"
-            else:
-                item_id = f"{job.index:03d}-{slugify(job.prompt)}" + (f"-{k + 1}" if job.count > 1 else "")
+            item_id = stem if job.count == 1 else f"{stem}-{k + 1}"
             items.append(Item(
                 id=item_id, job_index=job.index, copy=k, prompt=job.prompt, negative_prompt=job.negative_prompt,
                 width=job.width or defaults.size, height=job.height or defaults.size, seed=seed,
@@ -132,8 +135,19 @@ def _make_ids_unique(items: list[Item]) -> None:
         taken.add(item.id.lower())
 
 
+# (pipeline class, sample size, width, height) -> binned size: a queue of 100,000 images asks for a few sizes
+_BINNED: dict[tuple[str, int, int, int], tuple[int, int]] = {}
+
+
 def binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
     """The size the reference pipeline actually denoises at: the nearest entry of its aspect-ratio bins."""
+    known = _BINNED.get((info.pipeline_class, info.sample_size, width, height))
+    if known is None:
+        known = _BINNED[(info.pipeline_class, info.sample_size, width, height)] = _binned_size(info, width, height)
+    return known
+
+
+def _binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
     from diffusers.image_processor import PixArtImageProcessor  # noqa: PLC0415
 
     bin_table = info.resolution_bins
@@ -158,11 +172,14 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
     decoder = (info.identity["vae"], dtype_name) + (
         (f"decoded in {vae_dtype(info, dtype)}",) if vae_dtype(info, dtype) != dtype else ())
     texts: dict[str, str] = {}
+    text_keys: dict[str, str] = {}  # text -> its key, each text hashed once (a job's copies share their texts)
     for item in items:
-        item.prompt_key = digest("embed", encoder, item.prompt)
-        item.negative_key = digest("embed", encoder, item.negative_prompt)
-        texts[item.prompt_key] = item.prompt
-        texts[item.negative_key] = item.negative_prompt
+        for text in (item.prompt, item.negative_prompt):
+            if text not in text_keys:
+                text_keys[text] = digest("embed", encoder, text)
+                texts[text_keys[text]] = text
+        item.prompt_key = text_keys[item.prompt]
+        item.negative_key = text_keys[item.negative_prompt]
         sampler = () if item.sampler == info.sampler else (("sampler", item.sampler),)
         item.latent_key = digest("latent", info.identity["transformer"], info.identity["scheduler"], dtype_name,
                                  item.prompt_key, item.negative_key, item.width, item.height, item.steps,

@@ -267,6 +267,19 @@ class RunFolder:
         self._atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
         self._png_keys[path] = (_signature(path), _key_in(text))
 
+    def unfinished_images(self, items: list[Item]) -> list[Item]:
+        """The items whose image is not finished (one listing of images/, then only the files that are there are
+        looked at: a fresh queue of 100,000 images costs no stat per image)."""
+        present = _listing(self.images)
+        return [it for it in items
+                if f"{it.id}.png" not in present or not self.png_is_done(self.images / f"{it.id}.png", it.image_key)]
+
+    def unfinished_latents(self, items: list[Item], shape) -> list[Item]:
+        """The items whose latents are not finished; `shape(item)` is the latents' expected shape."""
+        present = _listing(self.latents)
+        return [it for it in items if f"{it.latent_key}.safetensors" not in present or read_artifact(
+            self.latent_path(it.latent_key), it.latent_key, {"latents": shape(it)}) is None]
+
     def png_is_done(self, path: Path, key: str) -> bool:
         return self.png_key(path) == key
 
@@ -333,6 +346,18 @@ class RunFolder:
                 renamed.append((item, base))
         return renamed
 
+    def images_left_behind(self, items: list[Item], previous: dict) -> list[Path]:
+        """Images an earlier run of this folder made (or left alone) that none of `items` makes now: jobs gone from
+        the queue, or edited ones whose new image has another name. Kept, never deleted; the user is told."""
+        current = {f"images/{item.id}.png" for item in items}
+        present = _listing(self.images)
+        gone: dict[str, None] = {}
+        for image in [str(old.get("image", "")) for old in previous.get("items", [])] + previous.get("left_alone", []):
+            folder, _, name = image.partition("/")
+            if folder == "images" and "/" not in name and image not in current and name in present:
+                gone[image] = None
+        return [self.path / image for image in gone if (self.path / image).is_file()]
+
     # -- drawn seeds -----------------------------------------------------------------------------------------
     def previous_run(self) -> PreviousRun:
         """What an earlier run left here. A damaged run.json is not trusted, but drawn seeds are part of the work:
@@ -380,9 +405,32 @@ class RunFolder:
         return self.previous_run().manifest or None
 
     def write_manifest(self, manifest: dict) -> None:
-        text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-        self._atomic(self.path / MANIFEST, lambda f: f.write(text.encode("utf-8")))
+        """Indented for reading, one line per item: 100,000 images take ~40 MB, not ~70 (written after each
+        stage, the whole file at once)."""
+        rest = {k: v for k, v in manifest.items() if k != "items"}
+        text = json.dumps(rest, indent=2)
+        if "items" in manifest:
+            lines = ",\n    ".join(json.dumps(item, ensure_ascii=False) for item in manifest["items"])
+            body = f"[\n    {lines}\n  ]" if lines else "[]"
+            text = (text[:-2] + ",\n" if rest else "{\n") + f'  "items": {body}\n}}'
+        self._atomic(self.path / MANIFEST, lambda f: f.write((text + "\n").encode("utf-8")))
 
+    def manifest_items(self, items: list[Item]) -> list[dict]:
+        """The manifest's entry for each item: its parameters, its files (relative to the folder) and whether its
+        image is finished."""
+        present = _listing(self.images)  # one listing, not a stat per item, for long queues
+        return [{**item.to_json(), "image": f"images/{item.id}.png", "latents": f"latents/{item.latent_key}.safetensors",
+                 "done": f"{item.id}.png" in present and self.png_is_done(self.images / f"{item.id}.png",
+                                                                          item.image_key)}
+                for item in items]
+
+
+
+def _listing(folder: Path) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return set()
 
 
 def _is_int(value: object) -> bool:
