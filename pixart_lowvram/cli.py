@@ -323,7 +323,7 @@ def cmd_plan(args) -> int:
     from .jobs import load_queue  # noqa: PLC0415
     from .placement import format_plan  # noqa: PLC0415
 
-    print(format_plan(plan_queue(load_queue(args.queue), _settings(args))))
+    print(format_plan(plan_queue(load_queue(args.queue), _settings(args), TqdmReporter(args.quiet))))
     return 0
 
 

@@ -311,9 +311,22 @@ def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None
     return _Queue(jobs, Path(out), settings or Settings(), reporter or Reporter(), stop).run()
 
 
-def plan_queue(jobs: list[Job], settings: Settings | None = None) -> Plan:
-    """The plan `run_queue` would follow for all of `jobs` (nothing loaded, nothing written)."""
-    queue = _Queue(jobs, Path("."), settings or Settings(), Reporter(), None)
+def plan_queue(jobs: list[Job], settings: Settings | None = None, reporter: Reporter | None = None) -> Plan:
+    """The plan `run_queue` would follow for all of `jobs` (nothing loaded, nothing written). Without a GPU, a
+    --vram-budget SIZE gives the plan on a GPU with that budget (the reporter says so)."""
+    settings, reporter = settings or Settings(), reporter or Reporter()
+    queue = _Queue(jobs, Path("."), settings, Reporter(), None)
+    if queue.device.type == "cpu" and settings.vram_budget is not None:
+        queue.budget = plan_budget_without_gpu(settings.vram_budget)
+        reporter.info(f"this machine's run would be on the CPU, where no budget applies: below is the plan on a "
+                      f"GPU with --vram-budget {settings.vram_budget}")
     queue.items, _ = expand(jobs, queue.info.defaults, {})
     texts = {t for it in queue.items for t in (it.prompt, it.negative_prompt)}
     return queue.make_plan(len(texts), queue.items)
+
+
+def plan_budget_without_gpu(budget: str | int) -> int:
+    if budget == "auto":
+        raise UsageError("--vram-budget auto measures what the GPU has free, and this run has no GPU: give a size "
+                         "(e.g. --vram-budget 8GiB) to see the plan on such a card")
+    return parse_size(budget) if isinstance(budget, str) else budget

@@ -394,3 +394,16 @@ def test_a_damaged_demo_model_is_built_again(tmp_path):
     assert demo_model(tmp_path, notes) == model
     resolve_model(str(model))  # whole again
     assert any("is damaged" in m and "building it again" in m for m in notes.messages)
+
+
+# -- 10. plan with a budget on a machine without a GPU --------------------------------------------------------------
+
+def test_plan_with_a_budget_and_no_gpu_shows_the_plan_on_such_a_gpu_and_says_why(tiny_model, tmp_path, capsys):
+    q = tmp_path / "q.toml"
+    q.write_text('[[jobs]]\nprompt = "a"\n')
+    assert main(["plan", str(q), "--model", tiny_model, "--device", "cpu", "--vram-budget", "2GiB"]) == 0
+    out, err = capsys.readouterr()
+    assert "plan for VRAM budget 2" in out and "unconstrained" not in out
+    assert "on the CPU, where no budget applies" in err
+    assert main(["plan", str(q), "--model", tiny_model, "--device", "cpu", "--vram-budget", "auto"]) == 2
+    assert "give a size" in capsys.readouterr().err
