@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -169,9 +170,9 @@ class RunFolder:
             return  # a new folder (open says so if one cannot be made there)
         except OSError as exc:
             raise RunFolderError(f"{self.path}: cannot read the run folder ({exc.strerror or exc})") from exc
-        if not names or _manifest_is_ours(self.path / MANIFEST):
+        if not names or (".lock" in names and all(n in _OUR_NAMES or _OUR_TEMP.fullmatch(n) for n in names)):
             return
-        if ".lock" in names and all(n in _OUR_NAMES or _OUR_TEMP.fullmatch(n) for n in names):
+        if _manifest_is_ours(self.path / MANIFEST):
             return
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise NotARunFolder(f"{self.path}: not an empty folder nor a pixart-lowvram run folder (it holds {shown}); "
@@ -207,7 +208,7 @@ class RunFolder:
     def _check_writable(self) -> None:
         for folder in (self.path, self.embeds, self.latents, self.images):
             try:
-                with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=f".probe{TEMP_MARK}", suffix=".tmp"):
                     pass
             except OSError as exc:
                 raise RunFolderError(f"{folder}: not writable ({exc.strerror or exc})") from exc
@@ -328,18 +329,21 @@ class RunFolder:
             def name(n: int) -> str:
                 return base if n == 1 else f"{base}~{n}"
 
+            def available(n: int) -> bool:
+                return name(n).lower() not in taken and (n == 1 or name(n).lower() not in reserved)
+
             def free(n: int) -> bool:
                 file = f"{name(n)}.png".lower()
-                if name(n).lower() in taken or (n > 1 and name(n).lower() in reserved):
+                if not available(n):
                     return False
                 if file not in present:
                     return True
                 key = self.png_key(self.images / f"{name(n)}.png")
                 return key == item.image_key or (key is None and f"images/{file}" in listed)
 
-            same = [n for n in numbers if name(n).lower() not in taken and f"{name(n)}.png".lower() in present
+            same = [n for n in numbers if available(n) and f"{name(n)}.png".lower() in present
                     and self.png_key(self.images / f"{name(n)}.png") == item.image_key]
-            n = same[0] if same else next(k for k in range(1, len(numbers) + 2 + len(taken)) if free(k))
+            n = same[0] if same else next(k for k in itertools.count(1) if free(k))
             item.id = name(n)
             taken.add(item.id.lower())
             if n != 1:
