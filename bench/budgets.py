@@ -1,4 +1,4 @@
-"""GPU benchmark of VRAM budgets (issue 3): the seed queue at 1024x1024 on the full-size random-weight XL model,
+"""GPU benchmark of VRAM budgets: the seed queue at 1024x1024 on the full-size random-weight XL model,
 each way of running it in its own process, side by side in one call on one GPU.
 
 Rows: the plain diffusers pipeline all on the GPU (the baseline), diffusers' own memory savers (model offload,

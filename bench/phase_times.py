@@ -69,7 +69,7 @@ def child(kind: str, argv: list[str]) -> None:
     marks["diffusers, transformers imported"] = time.time() - t0
     if kind == "ours":
         import pixart_lowvram.cli  # noqa: F401
-        from pixart_lowvram import decode, denoise, encode, generate, run, streaming
+        from pixart_lowvram import decode, denoise, encode, generate, resolve, run, streaming
         marks["pixart_lowvram imported"] = time.time() - t0
 
     cuda = torch.cuda.is_available()
@@ -113,11 +113,11 @@ def child(kind: str, argv: list[str]) -> None:
     timed(VaeImageProcessor, "postprocess")
     timed(Image.Image, "save")
     if kind == "ours":
-        for attr in ("__init__", "prepare", "pending_images", "pending_latents", "pending_texts", "make_plan",
+        for attr in ("start_device", "prepare", "pending_images", "pending_latents", "pending_texts",
                      "write_manifest"):
-            timed(generate._Queue, attr)
-        for mod, attrs in ((generate, ["resolve_model", "check_jobs", "encode_texts", "denoise_items",
-                                       "decode_items", "release"]),
+            timed(generate._Run, attr)
+        for mod, attrs in ((resolve, ["resolve_model", "check_jobs"]),
+                           (generate, ["plan_run", "encode_texts", "denoise_items", "decode_items", "release"]),
                            (encode, ["load_tokenizer", "load_text_encoder", "load_text_encoder_streamed",
                                      "make_pipeline"]),
                            (denoise, ["load_transformer", "load_transformer_streamed", "load_scheduler",

@@ -13,9 +13,9 @@ import json
 from collections import Counter, defaultdict
 
 # Functions that name a phase: a sample belongs to the innermost of these on its stack.
-PHASES = ["main", "run_queue", "_Queue.__init__", "resolve_model", "check_jobs", "_Queue.prepare",
-          "_Queue.pending_images", "_Queue.pending_latents", "_Queue.pending_texts", "_Queue.make_plan",
-          "_Queue.write_manifest", "encode_texts", "denoise_items", "decode_items", "release",
+PHASES = ["main", "run_queue", "resolve", "resolve_model", "check_jobs", "_Run.start_device", "_Run.prepare",
+          "_Run.pending_images", "_Run.pending_latents", "_Run.pending_texts", "plan_run",
+          "_Run.write_manifest", "encode_texts", "denoise_items", "decode_items", "release",
           "load_text_encoder_streamed", "load_text_encoder", "load_transformer", "load_transformer_streamed",
           "load_vae", "make_pipeline", "PixArtAlphaPipeline.encode_prompt", "PixArtAlphaPipeline.__call__",
           "StripDecoder.decode", "from_pretrained", "DiffusionPipeline.from_pretrained"]

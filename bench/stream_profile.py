@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pixart_lowvram import memory  # noqa: E402
-from pixart_lowvram.streaming import index_safetensors, load_transformer_streamed, read_into  # noqa: E402
+from pixart_lowvram.models import index_safetensors, load_transformer_streamed  # noqa: E402
+from pixart_lowvram.streaming import read_into  # noqa: E402
 
 STEPS = 20
 

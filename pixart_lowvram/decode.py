@@ -7,10 +7,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .models import ModelInfo, load_vae, make_pipeline, sampler_label, vae_dtype
-from .placement import StagePlan
-from .reporting import Reporter
-from .items import Item
-from .run import RunFolder
+from .items import Item, latent_shapes
+from .stage import StageContext
 from .vae_strips import StripDecoder, supports
 
 
@@ -34,9 +32,9 @@ def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, 
     return {"parameters": "\n".join(lines), "pixart_lowvram": json.dumps(job, sort_keys=True)}
 
 
-def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
-                 dtype: torch.dtype, latent_shape, reporter: Reporter, checkpoint, plan: StagePlan,
-                 loaded=lambda *components: None) -> int:
+def decode_items(ctx: StageContext, items: list[Item]) -> int:
+    """Decode `items`' latents, writing images/<id>.png for each. Returns how many were made."""
+    info, folder, plan, reporter, device, dtype = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device, ctx.dtype
     with reporter.bar("load VAE", total=1, unit="part", transient=True) as bar:
         vae = load_vae(info, vae_dtype(info, dtype), device)  # float32 for Σ's SDXL VAE in a float16 run
         strips = None
@@ -53,7 +51,7 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
                 vae.tile_latent_min_size = plan.tile // info.vae_scale_factor
         bar.update()
     pipe = make_pipeline(info, vae=vae)
-    loaded(vae)
+    ctx.loaded(vae)
     dtype_name = str(dtype).removeprefix("torch.")
     # PNGs are compressed and written on threads (PIL's zlib encoder and the file writes let go of the GIL)
     # while the GPU decodes the next images: a 1024x1024 PNG takes longer to compress than to decode. Whatever
@@ -63,9 +61,9 @@ def decode_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, devic
     try:
         with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():
             for item in items:
-                checkpoint()
+                ctx.checkpoint()
                 stored = folder.read_tensors(folder.latent_path(item.latent_key), item.latent_key,
-                                             {"latents": latent_shape(item)})
+                                             latent_shapes(info, item))
                 if stored is None:
                     raise RuntimeError(f"the latents of {item.id} vanished between stages")
                 latents = stored["latents"][None].to(device, vae.dtype)

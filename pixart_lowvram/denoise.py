@@ -10,17 +10,15 @@ from itertools import groupby
 import torch
 
 from .memory import available_ram
-from .models import ModelInfo, component_sizes, load_scheduler, load_transformer, make_pipeline
-from .placement import StagePlan
-from .reporting import Reporter
-from .items import Item
-from .run import RunFolder
-from .streaming import load_transformer_streamed
+from .models import (ModelInfo, component_sizes, load_scheduler, load_transformer, load_transformer_streamed,
+                     make_pipeline)
+from .items import Item, embed_shapes
+from .stage import StageContext
 
 
 def pinned_dit_fits_in_ram(info: ModelInfo, dtype: torch.dtype) -> bool:
     """Whether RAM can hold the DiT's blocks pinned (read from the files straight into their buffers), with room
-    to spare; where it cannot, they stream from the files at every step (issue 3: never fail for want of RAM)."""
+    to spare; where it cannot, they stream from the files at every step: a run never fails for want of RAM."""
     free = available_ram()
     return free is None or component_sizes(info, dtype).transformer <= free * 0.8
 
@@ -38,63 +36,67 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     return out
 
 
-def denoise_items(info: ModelInfo, items: list[Item], *, folder: RunFolder, device: torch.device,
-                  dtype: torch.dtype, batch_size: int, embed_shape: dict, reporter: Reporter, checkpoint,
-                  plan: StagePlan, loaded=lambda *components: None) -> int:
-    """Denoise `items`, writing latents/<key>.safetensors for each."""
-    with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
-        scheduler = load_scheduler(info)  # replaced by each batch's own sampler, fresh
-        bar.update()
-        streamer = None
-        if plan.placement == "streamed":
-            # Measured (BENCHMARKS.md): diffusers' group offloading ran this stage 3.3x slower than resident at
-            # 1.5 GiB (18.1 s vs 5.5 s); our streamer keeps what fits on the GPU, the other blocks pinned in RAM
-            # (one buffer each), and overlaps each block's copy with the compute of the ones before.
-            hold = pinned_dit_fits_in_ram(info, dtype)
-            if not hold:
-                reporter.info("not enough free RAM to hold the transformer's blocks pinned: streaming them from "
-                              "the weights files at every step instead (slower)")
-            transformer, streamer = load_transformer_streamed(info.path / "transformer", dtype, device,
-                                                              ahead=plan.ahead, resident=plan.resident_blocks,
-                                                              hold_in_ram=hold)
-        else:
-            transformer = load_transformer(info, dtype, device)
-        bar.update()
-    pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
-    loaded(transformer)
-    done = 0
+def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> int:
+    """Denoise `items`, writing latents/<key>.safetensors for each. Returns how many were made."""
+    info, folder, plan, reporter, device, dtype = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device, ctx.dtype
+    embed_shape = embed_shapes(info)
+    streamer = None
     steps = reporter.bar("denoise", total=sum(it.steps for it in items), unit="step")  # image-steps
-    for batch in batches(items, batch_size):
-        checkpoint()
-        def embeds(key_of):
-            tensors = [folder.read_tensors(folder.embed_path(key_of(it)), key_of(it), embed_shape) for it in batch]
-            if any(t is None for t in tensors):
-                raise RuntimeError("an embedding vanished between stages")  # encode wrote and checked them
-            return (torch.stack([t["embeds"] for t in tensors]).to(device, dtype),
-                    torch.stack([t["mask"] for t in tensors]).to(device))
+    try:
+        with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
+            scheduler = load_scheduler(info)  # replaced by each batch's own sampler, fresh
+            bar.update()
+            if plan.placement == "streamed":
+                # Measured (BENCHMARKS.md): diffusers' group offloading ran this stage 3.3x slower than resident
+                # at 1.5 GiB (18.1 s vs 5.5 s); our streamer keeps what fits on the GPU, the other blocks pinned
+                # in RAM (one buffer each), and overlaps each block's copy with the compute of the ones before.
+                hold = pinned_dit_fits_in_ram(info, dtype)
+                if not hold:
+                    reporter.info("not enough free RAM to hold the transformer's blocks pinned: streaming them "
+                                  "from the weights files at every step instead (slower)")
+                transformer, streamer = load_transformer_streamed(info.path / "transformer", dtype, device,
+                                                                  ahead=plan.ahead, resident=plan.resident_blocks,
+                                                                  hold_in_ram=hold)
+            else:
+                transformer = load_transformer(info, dtype, device)
+            bar.update()
+        pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
+        ctx.loaded(transformer)
+        done = 0
+        for batch in batches(items, batch_size):
+            ctx.checkpoint()
 
-        prompt_embeds, prompt_mask = embeds(lambda it: it.prompt_key)
-        negative_embeds, negative_mask = embeds(lambda it: it.negative_key)
-        first = batch[0]
-        steps.describe(", ".join(it.id for it in batch))
-        pipe.scheduler = load_scheduler(info, first.sampler)
-        with torch.inference_mode():
-            latents = pipe(
-                prompt=None, negative_prompt=None,
-                prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_mask,
-                negative_prompt_embeds=negative_embeds, negative_prompt_attention_mask=negative_mask,
-                width=first.width, height=first.height, guidance_scale=first.cfg,
-                num_inference_steps=first.steps,
-                timesteps=list(info.kind.timesteps) if info.kind.timesteps else None,  # DMD: one step at t=400
-                generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
-                max_sequence_length=info.max_sequence_length,
-                output_type="latent", callback=lambda *_: steps.update(len(batch)), callback_steps=1,
-            ).images
-        for item, latent in zip(batch, latents):
-            folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent}, item.latent_key,
-                                 item=item.id)
-        done += len(batch)
-    steps.close()
-    if streamer is not None:
-        streamer.close()
+            def embeds(key_of):
+                tensors = [folder.read_tensors(folder.embed_path(key_of(it)), key_of(it), embed_shape)
+                           for it in batch]
+                if any(t is None for t in tensors):
+                    raise RuntimeError("an embedding vanished between stages")  # encode wrote and checked them
+                return (torch.stack([t["embeds"] for t in tensors]).to(device, dtype),
+                        torch.stack([t["mask"] for t in tensors]).to(device))
+
+            prompt_embeds, prompt_mask = embeds(lambda it: it.prompt_key)
+            negative_embeds, negative_mask = embeds(lambda it: it.negative_key)
+            first = batch[0]
+            steps.describe(", ".join(it.id for it in batch))
+            pipe.scheduler = load_scheduler(info, first.sampler)
+            with torch.inference_mode():
+                latents = pipe(
+                    prompt=None, negative_prompt=None,
+                    prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_mask,
+                    negative_prompt_embeds=negative_embeds, negative_prompt_attention_mask=negative_mask,
+                    width=first.width, height=first.height, guidance_scale=first.cfg,
+                    num_inference_steps=first.steps,
+                    timesteps=list(info.kind.timesteps) if info.kind.timesteps else None,  # DMD: one step at t=400
+                    generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
+                    max_sequence_length=info.max_sequence_length,
+                    output_type="latent", callback=lambda *_: steps.update(len(batch)), callback_steps=1,
+                ).images
+            for item, latent in zip(batch, latents):
+                folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent}, item.latent_key,
+                                     item=item.id)
+            done += len(batch)
+    finally:
+        steps.close()
+        if streamer is not None:
+            streamer.close()  # its I/O threads, pinned buffers and hooks: whatever stopped the stage
     return done

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .models import ModelInfo, caption_cleaning, load_text_encoder, load_tokenizer, make_pipeline
+from .models import (ModelInfo, caption_cleaning, load_text_encoder, load_text_encoder_streamed, load_tokenizer,
+                     make_pipeline)
 from .placement import StagePlan
-from .reporting import Reporter
-from .run import RunFolder
-from .streaming import load_text_encoder_streamed, micro_batch_blocks
+from .stage import StageContext
+from .streaming import micro_batch_blocks
 
 GROUP = 32  # texts through T5 together (their hidden states are all alive at once)
 
@@ -28,29 +28,31 @@ def _load(info: ModelInfo, plan: StagePlan, dtype: torch.dtype, device: torch.de
     return model, None
 
 
-def encode_texts(info: ModelInfo, texts: dict[str, str], *, folder: RunFolder, device: torch.device,
-                 dtype: torch.dtype, batch_size: int, reporter: Reporter, checkpoint, plan: StagePlan,
-                 cache=None, eight_bit: bool = False, loaded=lambda *components: None) -> int:
+def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, cache=None,
+                 eight_bit: bool = False) -> int:
     """Encode `texts` (key -> text), writing embeds/<key>.safetensors for each (and to the shared `cache`
     folder, if given). Returns how many were made. The text encoder lives only inside this function.
     `eight_bit`: T5 in 8 bits (bitsandbytes, resident on the GPU: the planner never streams it)."""
+    info, folder, plan, reporter = ctx.info, ctx.folder, ctx.plan, ctx.reporter
+    device, dtype = ctx.device, ctx.dtype
     keys = list(texts)
     if plan.placement == "cpu":
         # fp16 matrix products are slow or missing on CPUs: compute in fp32, store at the run's dtype
         device, compute_dtype = torch.device("cpu"), torch.float32
     else:
         compute_dtype = dtype
-    with reporter.bar("load text encoder", total=2, unit="part", transient=True) as bar:
-        tokenizer = load_tokenizer(info)
-        bar.update()
-        text_encoder, streamer = _load(info, plan, compute_dtype, device, batch_size, eight_bit)
-        bar.update()
-    pipe = make_pipeline(info, tokenizer=tokenizer, text_encoder=text_encoder)
-    loaded(text_encoder)
+    streamer = None
     try:
+        with reporter.bar("load text encoder", total=2, unit="part", transient=True) as bar:
+            tokenizer = load_tokenizer(info)
+            bar.update()
+            text_encoder, streamer = _load(info, plan, compute_dtype, device, batch_size, eight_bit)
+            bar.update()
+        pipe = make_pipeline(info, tokenizer=tokenizer, text_encoder=text_encoder)
+        ctx.loaded(text_encoder)
         with reporter.bar("encode", total=len(keys), unit="text") as bar, torch.inference_mode():
             for start in range(0, len(keys), GROUP):
-                checkpoint()
+                ctx.checkpoint()
                 group = keys[start:start + GROUP]
                 embeds, mask, _, _ = pipe.encode_prompt(
                     [texts[k] for k in group], do_classifier_free_guidance=False, device=device,

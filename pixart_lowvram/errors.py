@@ -63,6 +63,17 @@ class UsageError(PixartError):
     exit_code = 2
 
 
+class InputErrors(PixartError):
+    """Several inputs are wrong at once (options, model folder, queue): each is told, before anything loads."""
+
+    exit_code = 2
+
+    def __init__(self, errors: list[PixartError]):
+        self.errors = list(errors)
+        super().__init__(f"{len(self.errors)} problems, nothing was loaded:\n" +
+                         "\n".join(f"- {str(e).replace(chr(10), chr(10) + '  ')}" for e in self.errors))
+
+
 class ModelError(PixartError):
     """The model cannot be found or loaded: names the file or folder at fault."""
 

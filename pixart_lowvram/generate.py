@@ -1,8 +1,14 @@
-"""The generation queue, top to bottom: check inputs, open the run folder, encode, denoise, decode.
+"""The generation queue in four steps, plain data handed from each to the next:
+
+  resolve  (resolve.py)    settings and model folder -> Resolved; every input check, every problem at once
+  expand   (items.py)      jobs -> items with their seeds fixed, each artifact keyed to what makes it
+  plan     (placement.py)  component sizes + budget + items -> Plan; pure
+  run      (this file)     the stages in order (encode, denoise, decode), each handed one StageContext
 
 Each stage loads its component, works through every pending item, persists what it made and releases the
 component before the next stage loads anything. What is already in the run folder (and made by the same model,
-dtype and parameters) is skipped, so running the same queue again resumes it."""
+dtype and parameters) is skipped, so running the same queue again resumes it. `plan_queue` is the first three
+steps alone: it reads configs and safetensors headers, loads no weights and touches no GPU."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,37 +24,19 @@ import torch
 from . import __version__
 from .decode import decode_items
 from .denoise import denoise_items
-from .encode import encode_texts
-from .errors import Interrupted, OutOfMemory, UsageError
+from .encode import GROUP, encode_texts
+from .errors import Interrupted, OutOfMemory
+from .items import Item, assign_keys, binned_size, embed_shapes, expand, latent_shapes
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
-from .items import Item, assign_keys, binned_size, expand
-from .models import DEFAULT_MODEL, component_sizes, resolve_model
-from .placement import CUDA_CONTEXT, Plan, format_plan, make_plan, parse_size
+from .models import component_sizes
+from .placement import CUDA_CONTEXT, Plan, format_plan, make_plan
 from .reporting import Reporter
-from .resolve import check_jobs, check_text_encoder_8bit, resolve_device, resolve_dtype
+from .resolve import Resolved, Settings, resolve
 from .run import EmbeddingCache, RunFolder
+from .stage import StageContext
 
-
-@dataclass
-class Settings:
-    model: str = DEFAULT_MODEL
-    device: str = "auto"  # auto: cuda if there is one, else cpu
-    dtype: str = "auto"  # auto: float16 on a GPU (as the reference), float32 on the CPU
-    # Texts through T5 at once. 1 runs the reference pipeline's exact kernels (bit-identical embeddings);
-    # larger batches are faster on big queues but change fp16 rounding (measured in BENCHMARKS.md).
-    encode_batch: int = 1
-    denoise_batch: int = 1  # images denoised at once (same size, steps and guidance)
-    force: bool = False  # make every artifact again (the same ones: drawn seeds are kept)
-    new_seeds: bool = False  # draw new seeds for jobs without one (earlier images are kept, new ones renamed)
-    allow_pickle: bool = False  # load pickled .bin weights (they can run code when loaded) if no safetensors
-    vram_budget: str | int | None = None  # whole-process GPU memory: bytes, "1.5GiB", "auto"; None: unconstrained
-    encode_on_cpu: bool = False  # T5 on the CPU: no VRAM for the encoder, slow
-    # T5 in 8 bits, diffusers' bitsandbytes recipe (CUDA only): ~7.4 GiB instead of ~10.7 for T5-XXL, loaded
-    # shard by shard onto the GPU; embeddings deviate (BENCHMARKS.md, "Precision")
-    text_encoder_8bit: bool = False
-    embed_cache: str | Path | None = "default"  # prompt embeddings shared across runs; None: off
-
+__all__ = ["RunResult", "Settings", "plan_queue", "plan_run", "run_queue"]
 
 @dataclass
 class RunResult:
@@ -69,58 +57,83 @@ def default_cache_dir() -> Path:
     return Path(base) / "pixart-lowvram"
 
 
-class _Queue:
-    """One run of the queue: the state shared by the three stages."""
+def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = CUDA_CONTEXT) -> Plan:
+    """Step three: each stage's placement for making `items`, `texts` of whose texts go through T5. Pure; the
+    budget "auto" (what the GPU has free) is resolved by the run, which measures it."""
+    settings = resolved.settings
+    budget = resolved.budget if isinstance(resolved.budget, int) else None
+    sizes = component_sizes(resolved.info, resolved.dtype, settings.text_encoder_8bit)
+    binned = [binned_size(resolved.info, it.width, it.height) for it in items]
+    return make_plan(budget, sizes, binned, texts=max(1, min(texts, GROUP)), encode_batch=settings.encode_batch,
+                     denoise_batch=settings.denoise_batch, context=context, encode_on_cpu=settings.encode_on_cpu,
+                     text_encoder_8bit=settings.text_encoder_8bit)
 
-    def __init__(self, jobs: list[Job], out: Path, settings: Settings, reporter: Reporter,
-                 stop: threading.Event | None):
-        self.settings = settings
-        self.reporter = reporter
-        self.stop = stop or threading.Event()
-        self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.dtype, self.device)
-        if settings.text_encoder_8bit:
-            check_text_encoder_8bit(self.device, settings.encode_on_cpu)
-        for label, value in (("encode batch", settings.encode_batch), ("denoise batch", settings.denoise_batch)):
-            if not isinstance(value, int) or value < 1:
-                raise UsageError(f"{label} must be a positive integer, not {value!r}")
-        budget = settings.vram_budget
-        self.budget = parse_size(budget) if isinstance(budget, str) else budget
-        self.info = resolve_model(settings.model, allow_pickle=settings.allow_pickle)
-        check_jobs(jobs, self.info)
-        self.folder = RunFolder(out)
-        cache = settings.embed_cache
+
+def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
+              reporter: Reporter | None = None, stop: threading.Event | None = None) -> RunResult:
+    """Make every image of `jobs` in the run folder `out`, resuming what an earlier run left there.
+
+    Setting `stop` (from another thread or a signal handler) ends the run at the next safe point with
+    `Interrupted`; everything finished by then is kept."""
+    resolved = resolve(jobs, settings or Settings())
+    return _Run(jobs, resolved, RunFolder(out), reporter or Reporter(), stop or threading.Event()).run()
+
+
+def plan_queue(jobs: list[Job], settings: Settings | None = None, reporter: Reporter | None = None) -> Plan:
+    """The plan `run_queue` would follow for all of `jobs`: configs and safetensors headers are read, nothing
+    is loaded or written, and no GPU is touched. What the plan assumes is told through `reporter`."""
+    resolved = resolve(jobs, settings or Settings(), hash_weights=False)
+    reporter = reporter or Reporter()
+    if resolved.budget == "auto":
+        reporter.info("--vram-budget auto is what the GPU has free when a run starts: planned here without a limit")
+    elif resolved.budget is not None and resolved.device.type != "cuda":
+        reporter.info(f"planned for a GPU with this budget; on this machine the run would use the "
+                      f"{resolved.device.type.upper()}, where --vram-budget does not apply")
+    items, _ = expand(jobs, resolved.info.defaults, {})
+    texts = {text for it in items for text in (it.prompt, it.negative_prompt)}
+    return plan_run(resolved, items, len(texts))
+
+
+class _Run:
+    """Step four: the stages over one run folder, and the figures of each."""
+
+    def __init__(self, jobs: list[Job], resolved: Resolved, folder: RunFolder, reporter: Reporter,
+                 stop: threading.Event):
+        self.jobs, self.resolved, self.folder, self.reporter, self.stop = jobs, resolved, folder, reporter, stop
+        self.info, self.device, self.dtype, self.settings = (resolved.info, resolved.device, resolved.dtype,
+                                                              resolved.settings)
+        cache = self.settings.embed_cache
         self.cache = None if cache is None else EmbeddingCache(
             default_cache_dir() / "embeds" if cache == "default" else cache)
-        self.jobs = jobs
+        self.items: list[Item] = []
+        self.texts: dict[str, str] = {}
+        self.drawn_seeds: dict[str, list[int]] = {}
+        self.left_alone: list[Path] = []
+        self.plan: Plan | None = None
         self.stages: list[StageStats] = []
         self.made: dict[str, int] = {}
-        self.probe = None
+        self.from_cache = 0
+        self.probe: GpuMemoryProbe | None = None
         self.context = CUDA_CONTEXT
-        if self.device.type == "cuda":
-            torch.zeros(1, device=self.device)  # create the CUDA context now, so NVML sees this process
-            self.probe = GpuMemoryProbe(self.device)
-            measured = self.probe.read()
-            if measured:
-                self.context = measured
-            if self.budget == "auto":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                self.budget = free + self.context
-        elif self.budget is not None:
-            self.reporter.info("--vram-budget applies to GPUs; this run is on the CPU")
-            self.budget = None
+        self.budget = resolved.budget
 
-    # -- shapes of finished artifacts ------------------------------------------------------------------------
-    def embed_shape(self) -> dict:
-        length = self.info.max_sequence_length
-        return {"embeds": (length, self.info.text_dim), "mask": (length,)}
+    def start_device(self) -> None:
+        """Create the CUDA context now, so that NVML sees this process, and measure it; resolve "auto"."""
+        if self.device.type != "cuda":
+            if self.budget is not None:
+                self.reporter.info("--vram-budget applies to GPUs; this run is on the CPU")
+                self.budget = None
+            return
+        torch.zeros(1, device=self.device)
+        self.probe = GpuMemoryProbe(self.device)
+        measured = self.probe.read()
+        if measured:
+            self.context = measured
+        if self.budget == "auto":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.budget = free + self.context
 
-    def latent_shape(self, item: Item) -> tuple[int, int, int]:
-        w, h = binned_size(self.info, item.width, item.height)
-        scale = self.info.vae_scale_factor
-        return (self.info.latent_channels, h // scale, w // scale)
-
-    # -- the run ---------------------------------------------------------------------------------------------
+    # -- what is left to do ----------------------------------------------------------------------------------
     def prepare(self) -> None:
         earlier = self.folder.previous_run()
         if earlier.damage:
@@ -149,11 +162,6 @@ class _Queue:
             self.reporter.info(f"{self.folder.images / (former + '.png')} holds an image made from other "
                                f"parameters: kept; the new one is {item.id}.png")
 
-    def checkpoint(self) -> None:
-        """A safe point: everything finished so far is on disk. Stop here if the user asked to."""
-        if self.stop.is_set():
-            raise Interrupted("stop requested")
-
     def pending_images(self) -> list[Item]:
         if self.settings.force:
             return list(self.items)
@@ -162,7 +170,7 @@ class _Queue:
     def pending_latents(self, items: list[Item]) -> list[Item]:
         if self.settings.force:
             return items
-        return self.folder.unfinished_latents(items, self.latent_shape)
+        return self.folder.unfinished_latents(items, lambda it: latent_shapes(self.info, it))
 
     def pending_texts(self, items: list[Item]) -> dict[str, str]:
         needed = {}
@@ -171,7 +179,7 @@ class _Queue:
             needed[it.negative_key] = it.negative_prompt
         if self.settings.force:
             return needed
-        shape = self.embed_shape()
+        shape = embed_shapes(self.info)
         return {k: t for k, t in needed.items()
                 if self.folder.read_tensors(self.folder.embed_path(k), k, shape) is None}
 
@@ -179,37 +187,29 @@ class _Queue:
         """Take what the shared cache holds; return the texts still to encode."""
         if self.cache is None or self.settings.force:
             return texts
-        shape = self.embed_shape()
+        shape = embed_shapes(self.info)
         left = {k: t for k, t in texts.items() if not self.cache.restore(k, shape, self.folder)}
         self.from_cache = len(texts) - len(left)
         if self.from_cache:
             self.reporter.info(f"encode: {self.from_cache} embedding(s) from the shared cache ({self.cache.path})")
         return left
 
-    def make_plan(self, texts: int, items: list[Item]) -> Plan:
-        from .encode import GROUP  # noqa: PLC0415
-
-        sizes = component_sizes(self.info, self.dtype, self.settings.text_encoder_8bit)
-        binned = [binned_size(self.info, it.width, it.height) for it in items] or [
-            binned_size(self.info, it.width, it.height) for it in self.items]
-        return make_plan(self.budget, sizes, binned, texts=max(1, min(texts, GROUP)),
-                         encode_batch=self.settings.encode_batch, denoise_batch=self.settings.denoise_batch,
-                         context=self.context, encode_on_cpu=self.settings.encode_on_cpu,
-                         text_encoder_8bit=self.settings.text_encoder_8bit)
-
+    # -- the stages ------------------------------------------------------------------------------------------
     def stage(self, name: str, count: int, work) -> None:
-        """Run one stage under a meter, then release its component; a stage with nothing to do loads nothing."""
+        """Run one stage under a meter, then release its component; a stage with nothing to do loads nothing.
+        `work(ctx)` does the stage's work and returns how many artifacts it made."""
         meter = StageMeter(name, self.device, self.probe)
         if count == 0:
             meter.stats.skipped = True
             self.stages.append(meter.stats)
             self.reporter.info(f"{name}: nothing to do")
             return
-        self.meter = meter
+        ctx = StageContext(info=self.info, folder=self.folder, device=self.device, dtype=self.dtype,
+                           plan=self.plan[name], reporter=self.reporter, meter=meter, stop=self.stop)
         try:
-            self.checkpoint()
+            ctx.checkpoint()
             with meter:
-                made = work()
+                made = work(ctx)
                 release(self.device, meter.components)
         except torch.OutOfMemoryError as exc:
             release(self.device)
@@ -232,7 +232,7 @@ class _Queue:
         # A budget a little under what this run reached, or under the card, makes the planner stream or tile.
         basis = min(v for v in (reached, total) if v) if (reached or total) else None
         hint = (f"--vram-budget {basis * 0.8 / 2**30:.1f}GiB" if basis else "--vram-budget SIZE")
-        if self.budget not in (None, "auto") and isinstance(self.budget, int):
+        if isinstance(self.budget, int):
             hint = f"a smaller --vram-budget than {format_bytes(self.budget)} (other programs may share the GPU)"
         return (f"the GPU ran out of memory in stage {stage} (torch peak {format_bytes(stats.torch_peak)}, "
                 f"whole process {format_bytes(stats.nvml_peak)}, card {format_bytes(total)}).\n"
@@ -240,12 +240,14 @@ class _Queue:
                 f"  To fit: try {hint}; `pixart-lowvram plan QUEUE --vram-budget SIZE` shows what it does.")
 
     def run(self) -> RunResult:
+        self.start_device()
         with self.folder:
             self.prepare()
             todo_images = self.pending_images()
             todo_latents = self.pending_latents(todo_images)
             todo_texts = self.restore_from_cache(self.pending_texts(todo_latents))
-            self.plan = self.make_plan(len(todo_texts), todo_images)
+            self.plan = plan_run(dataclasses.replace(self.resolved, budget=self.budget),
+                                 todo_images or self.items, len(todo_texts), self.context)
             if self.plan["encode"].placement == "cpu" and not self.settings.encode_on_cpu:
                 # The planner moved T5 to the CPU (fp32 there): those embeddings are other artifacts, keyed so.
                 self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True)
@@ -257,76 +259,41 @@ class _Queue:
             self.reporter.info(
                 f"{len(self.items)} image(s) in the queue, {len(todo_images)} to make: {len(todo_texts)} text(s) "
                 f"to encode, {len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
-                f"[{self.info.name}, {self.device}, {str(self.dtype).removeprefix('torch.')}]")
-            common = dict(folder=self.folder, device=self.device, dtype=self.dtype, reporter=self.reporter,
-                          checkpoint=self.checkpoint, loaded=lambda *components: self.meter.loaded(*components))
-            self.stage("encode", len(todo_texts), lambda: encode_texts(
-                self.info, todo_texts, batch_size=self.settings.encode_batch, plan=self.plan["encode"],
-                cache=self.cache, eight_bit=self.settings.text_encoder_8bit, **common))
-            self.stage("denoise", len(todo_latents), lambda: denoise_items(
-                self.info, todo_latents, batch_size=self.plan["denoise"].batch, embed_shape=self.embed_shape(),
-                plan=self.plan["denoise"], **common))
-            self.stage("decode", len(todo_images), lambda: decode_items(
-                self.info, todo_images, latent_shape=self.latent_shape, plan=self.plan["decode"], **common))
+                f"[{self.info.name}, {self.device}, {self.resolved.dtype_name}]")
+            self.stage("encode", len(todo_texts), lambda ctx: encode_texts(
+                ctx, todo_texts, batch_size=self.settings.encode_batch, cache=self.cache,
+                eight_bit=self.settings.text_encoder_8bit))
+            self.stage("denoise", len(todo_latents), lambda ctx: denoise_items(
+                ctx, todo_latents, batch_size=self.plan["denoise"].batch))
+            self.stage("decode", len(todo_images), lambda ctx: decode_items(ctx, todo_images))
             images = {it.id: self.folder.image_path(it) for it in self.items}
         return RunResult(folder=self.folder.path, items=self.items, images=images, stages=self.stages,
-                         made=self.made, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-                         left_alone=self.left_alone, plan=self.plan, from_cache=getattr(self, "from_cache", 0))
+                         made=self.made, device=str(self.device), dtype=self.resolved.dtype_name,
+                         left_alone=self.left_alone, plan=self.plan, from_cache=self.from_cache)
 
     def write_manifest(self) -> None:
         import diffusers  # noqa: PLC0415
         import transformers  # noqa: PLC0415
 
-        items = self.folder.manifest_items(getattr(self, "items", []))
+        items = self.folder.manifest_items(self.items)
         self.folder.write_manifest({
             "version": 1,
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": {"source": self.info.source, "path": str(self.info.path),
                       "pipeline": self.info.pipeline_class, "identity": self.info.identity},
-            "settings": {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "settings": {"device": str(self.device), "dtype": self.resolved.dtype_name,
                          "encode_batch": self.settings.encode_batch, "denoise_batch": self.settings.denoise_batch,
                          "max_sequence_length": self.info.max_sequence_length,
                          "text_encoder_8bit": self.settings.text_encoder_8bit},
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "memory_source": self.probe.source if self.probe else None,
             "vram_budget": self.budget,
-            "plan": ({name: dataclasses.asdict(st) for name, st in self.plan.stages.items()}
-                     if getattr(self, "plan", None) else None),
+            "plan": {name: dataclasses.asdict(st) for name, st in self.plan.stages.items()} if self.plan else None,
             "versions": {"pixart_lowvram": __version__, "torch": torch.__version__,
                          "diffusers": diffusers.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
-            "drawn_seeds": getattr(self, "drawn_seeds", {}),
-            "left_alone": [str(p.relative_to(self.folder.path)) for p in getattr(self, "left_alone", [])],
+            "drawn_seeds": self.drawn_seeds,
+            "left_alone": [str(p.relative_to(self.folder.path)) for p in self.left_alone],
             "items": items,
             "stages": [s.to_json() for s in self.stages],
         })
-
-
-def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
-              reporter: Reporter | None = None, stop: threading.Event | None = None) -> RunResult:
-    """Make every image of `jobs` in the run folder `out`, resuming what an earlier run left there.
-
-    Setting `stop` (from another thread or a signal handler) ends the run at the next safe point with
-    `Interrupted`; everything finished by then is kept."""
-    return _Queue(jobs, Path(out), settings or Settings(), reporter or Reporter(), stop).run()
-
-
-def plan_queue(jobs: list[Job], settings: Settings | None = None, reporter: Reporter | None = None) -> Plan:
-    """The plan `run_queue` would follow for all of `jobs` (nothing loaded, nothing written). Without a GPU, a
-    --vram-budget SIZE gives the plan on a GPU with that budget (the reporter says so)."""
-    settings, reporter = settings or Settings(), reporter or Reporter()
-    queue = _Queue(jobs, Path("."), settings, Reporter(), None)
-    if queue.device.type == "cpu" and settings.vram_budget is not None:
-        queue.budget = plan_budget_without_gpu(settings.vram_budget)
-        reporter.info(f"this machine's run would be on the CPU, where no budget applies: below is the plan on a "
-                      f"GPU with --vram-budget {settings.vram_budget}")
-    queue.items, _ = expand(jobs, queue.info.defaults, {})
-    texts = {t for it in queue.items for t in (it.prompt, it.negative_prompt)}
-    return queue.make_plan(len(texts), queue.items)
-
-
-def plan_budget_without_gpu(budget: str | int) -> int:
-    if budget == "auto":
-        raise UsageError("--vram-budget auto measures what the GPU has free, and this run has no GPU: give a size "
-                         "(e.g. --vram-budget 8GiB) to see the plan on such a card")
-    return parse_size(budget) if isinstance(budget, str) else budget

@@ -15,6 +15,7 @@ from .jobs import MAX_SEED, Job, JobDefaults
 from .models import ModelInfo, caption_cleaning, vae_dtype
 
 
+KEY_FORMAT = 2  # part of every artifact's key: a change to what keys hold makes every artifact new
 # What json.dumps(parts, sort_keys=True, default=str) builds on every call, built once: a long queue hashes
 # a few keys per image.
 _ENCODER = json.JSONEncoder(sort_keys=True, default=str)
@@ -71,15 +72,13 @@ class Item:
 
 
 def _job_spec(job: Job, defaults: JobDefaults) -> dict:
-    """What a job asks for, independent of where it sits in the queue, with the model's defaults filled in. The
-    model's own sampler is left out, so specs (and the seeds drawn under them) stay those of versions before
-    samplers existed."""
+    """What a job asks for, independent of where it sits in the queue, with the model's defaults filled in (a job
+    that names the model's own sampler asks for what one that names none does)."""
     spec = asdict(job)
     spec.pop("index")
     spec["cfg"] = float(defaults.cfg if job.cfg is None else job.cfg)
     spec["steps"] = defaults.steps if job.steps is None else job.steps
-    if spec.pop("sampler") not in (None, defaults.sampler):
-        spec["sampler"] = job.sampler
+    spec["sampler"] = job.sampler or defaults.sampler
     return spec
 
 
@@ -161,16 +160,17 @@ def _binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
 
 def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_on_cpu: bool = False,
                 text_encoder_8bit: bool = False) -> dict[str, str]:
-    """Key each artifact to what makes it. Returns text key -> text for the embeddings.
+    """Key each artifact to everything that decides its content. Returns text key -> text for the embeddings.
 
-    Parts that were added later (a sampler other than the model's own, a VAE decoding in another dtype than the
-    run's, an 8-bit T5) enter a key only when present, so what earlier versions made stays valid."""
+    An embedding: the tokenizer, T5, the dtype it is stored in, the token length, caption cleaning, where T5 ran
+    (the CPU computes in float32) and whether in 8 bits. A latent: the DiT, the scheduler config, the dtype, both
+    embeddings, and the item's size, steps, guidance, seed and sampler. An image: its latent, the VAE and the
+    dtype the VAE decodes in."""
     dtype_name = str(dtype)
-    encoder = (info.identity["tokenizer"], info.identity["text_encoder"], dtype_name, info.max_sequence_length,
-               caption_cleaning()) + (("computed on the CPU in float32",) if encode_on_cpu else ()) + (
-        ("T5 in 8 bits (bitsandbytes LLM.int8)",) if text_encoder_8bit else ())
-    decoder = (info.identity["vae"], dtype_name) + (
-        (f"decoded in {vae_dtype(info, dtype)}",) if vae_dtype(info, dtype) != dtype else ())
+    encoder = (KEY_FORMAT, info.identity["tokenizer"], info.identity["text_encoder"], dtype_name,
+               info.max_sequence_length, caption_cleaning(), "cpu-float32" if encode_on_cpu else "device",
+               "int8" if text_encoder_8bit else "16-bit")
+    decoder = (KEY_FORMAT, info.identity["vae"], dtype_name, str(vae_dtype(info, dtype)))
     texts: dict[str, str] = {}
     text_keys: dict[str, str] = {}  # text -> its key, each text hashed once (a job's copies share their texts)
     for item in items:
@@ -180,9 +180,21 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
                 texts[text_keys[text]] = text
         item.prompt_key = text_keys[item.prompt]
         item.negative_key = text_keys[item.negative_prompt]
-        sampler = () if item.sampler == info.sampler else (("sampler", item.sampler),)
-        item.latent_key = digest("latent", info.identity["transformer"], info.identity["scheduler"], dtype_name,
-                                 item.prompt_key, item.negative_key, item.width, item.height, item.steps,
-                                 item.cfg, item.seed, *sampler)
+        item.latent_key = digest("latent", KEY_FORMAT, info.identity["transformer"], info.identity["scheduler"],
+                                 dtype_name, item.prompt_key, item.negative_key, item.width, item.height,
+                                 item.steps, item.cfg, item.seed, item.sampler)
         item.image_key = digest("image", item.latent_key, *decoder, item.width, item.height)
     return texts
+
+
+def embed_shapes(info: ModelInfo) -> dict[str, tuple[int, ...]]:
+    """The tensors of a finished embedding: one text's hidden states and its attention mask."""
+    length = info.max_sequence_length
+    return {"embeds": (length, info.text_dim), "mask": (length,)}
+
+
+def latent_shapes(info: ModelInfo, item: Item) -> dict[str, tuple[int, ...]]:
+    """The tensors of a finished latent: the item's latents at the size the reference denoises at."""
+    w, h = binned_size(info, item.width, item.height)
+    scale = info.vae_scale_factor
+    return {"latents": (info.latent_channels, h // scale, w // scale)}

@@ -1,10 +1,12 @@
-"""All model loading in one room: find the model folder, read what it is without loading weights, load one
-component at a time with the libraries' own `from_pretrained`, and say which file is at fault when that fails.
+"""All model loading in one room: find the model folder, check it and read what it is without loading weights
+(configs, safetensors headers, tokenizer files), load one component at a time (the libraries' own
+`from_pretrained`, or built empty and streamed from its files), and say which file is at fault when that fails.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -13,9 +15,12 @@ from pathlib import Path
 
 import torch
 
+from torch import nn
+
 from . import samplers
 from .errors import ModelError
 from .jobs import JobDefaults
+from .streaming import BlockStreamer, CpuEmbedding, Stored, load_tensor, micro_batch_blocks, set_parameter
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
 SUPPORTED_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
@@ -23,8 +28,7 @@ MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}  # the ref
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 # Only what the staged queue reads: safetensors weights, configs and tokenizer files, never pickled weights.
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
-                "scheduler/scheduler_config.json", "tokenizer/*"]
-_IDENTITY_SAMPLE = 64 * 1024
+                "*/*.safetensors.index.*.json", "scheduler/scheduler_config.json", "tokenizer/*"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,6 @@ class Kind:
     steps: int
     cfg: float
     timesteps: tuple[int, ...] | None = None  # fixed timesteps passed to the pipeline instead of a step count
-    note: str = ""
 
 
 # The defaults of each model's reference usage: diffusers' pipelines (20 steps, guidance 4.5), PixArt-LCM's model
@@ -45,9 +48,8 @@ class Kind:
 KINDS = {
     "alpha": Kind("alpha", "PixArt-α", steps=20, cfg=4.5),
     "sigma": Kind("sigma", "PixArt-Σ", steps=20, cfg=4.5),
-    "lcm": Kind("lcm", "PixArt-LCM", steps=4, cfg=0.0, note="latent consistency: a few steps, no guidance"),
-    "dmd": Kind("dmd", "PixArt-α DMD", steps=1, cfg=1.0, timesteps=(400,),
-                note="one step at timestep 400, no guidance"),
+    "lcm": Kind("lcm", "PixArt-LCM", steps=4, cfg=0.0),
+    "dmd": Kind("dmd", "PixArt-α DMD", steps=1, cfg=1.0, timesteps=(400,)),
 }
 
 
@@ -137,14 +139,11 @@ class ModelInfo:
     def text_dim(self) -> int:
         return int(self.configs["text_encoder"]["d_model"])
 
-    def weight_files(self, component: str) -> list[Path]:
-        files = sorted((self.path / component).glob("*.safetensors"))
-        if not files and self.allow_pickle:
-            files = sorted((self.path / component).glob("*.bin"))
-        return files
+    def weights(self, component: str) -> Weights:
+        return find_weights(self.path / component, self.allow_pickle)
 
-    def weight_bytes(self, component: str) -> int:
-        return sum(f.stat().st_size for f in self.weight_files(component))
+    def weight_files(self, component: str) -> list[Path]:
+        return self.weights(component).files
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -164,7 +163,8 @@ def _fetch(source: str, allow_pickle: bool) -> Path:
             "  or try the offline demo: pixart-lowvram demo") from exc
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a model folder's file; a ModelError naming the file when it is missing or not one."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -177,83 +177,536 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: names, dtypes, shapes and offsets, no tensor data."""
+class FolderProblems(list):
+    """Problems found in a model folder, each a message naming its file; raised together as one ModelError."""
+
+    def check(self, fn, *args):
+        """fn(*args), or None with its ModelError recorded."""
+        try:
+            return fn(*args)
+        except ModelError as exc:
+            self.append(str(exc))
+            return None
+
+    def raise_any(self) -> None:
+        if len(self) == 1:
+            raise ModelError(self[0])
+        if self:
+            raise ModelError(f"{len(self)} problems in the model folder:\n" + "\n".join(f"  - {p}" for p in self))
+
+
+# -- safetensors files: the one reader of their headers -----------------------------------------------------------
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on a header
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_safetensors(path: Path) -> dict[str, Stored]:
+    """Every tensor of a safetensors file (name -> where it lies, dtype, shape), from its header alone, checked as
+    the format defines it: a JSON object whose entries give a known dtype, a shape and data offsets that match,
+    inside the file. A ModelError names the file and every entry at fault."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
+            size = os.fstat(f.fileno()).st_size
             if len(raw) != 8:
                 raise ModelError(f"{path}: truncated (no safetensors header)")
             (length,) = struct.unpack("<Q", raw)
-            if length > 100 * 1024 * 1024:
-                raise ModelError(f"{path}: not a safetensors file (header of {length} bytes)")
+            if length > _MAX_HEADER or 8 + length > size:
+                raise ModelError(f"{path}: not a safetensors file (a header of {length} bytes in a file of {size})")
             header = json.loads(f.read(length))
     except OSError as exc:
         raise ModelError(f"{path}: cannot be read ({exc})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: not a safetensors file ({exc})") from exc
-    return header
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, "
+                         "not an object)")
+    tensors, bad, end = {}, [], 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(meta.get("dtype")) if isinstance(meta, dict) else None
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        if dtype is None or not isinstance(shape, list) or not all(map(_is_count, shape)):
+            bad.append(f"{name!r} has no valid dtype and shape ({json.dumps(meta)[:80]})")
+            continue
+        nbytes = math.prod(shape) * dtype.itemsize
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets))
+                or offsets[1] - offsets[0] != nbytes):
+            bad.append(f"{name!r} has data_offsets {offsets!r}, not a range of {nbytes} bytes")
+            continue
+        end = max(end, offsets[1])
+        tensors[name] = Stored(path, 8 + length + offsets[0], nbytes, dtype, tuple(shape))
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ModelError(f"{path}: damaged safetensors header: {'; '.join(bad[:3])}{more}")
+    if size < 8 + length + end:
+        raise ModelError(f"{path}: truncated ({size} of {8 + length + end} bytes); download or copy it again")
+    return tensors
 
 
-def check_safetensors(path: Path) -> dict:
-    """The header of a whole safetensors file; a ModelError naming the file if it is cut short."""
-    header = safetensors_header(path)
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-    ends = [info["data_offsets"][1] for name, info in header.items()
-            if name != "__metadata__" and isinstance(info, dict) and "data_offsets" in info]
-    expected = 8 + length + max(ends, default=0)
-    size = path.stat().st_size
-    if size < expected:
-        raise ModelError(f"{path}: truncated ({size} of {expected} bytes); download or copy it again")
-    return header
+def index_safetensors(files: list[Path]) -> dict[str, Stored]:
+    """Every tensor of a component's weights files, by name."""
+    index = {}
+    for path in files:
+        index.update(read_safetensors(path))
+    return index
 
 
-def _check_weights(folder: Path, allow_pickle: bool) -> None:
-    """Every weights file of a component is whole, and shards named by an index are all there."""
-    for index in folder.glob("*.safetensors.index.json"):
-        for shard in sorted(set(_read_json(index).get("weight_map", {}).values())):
-            if not (folder / shard).is_file():
-                raise ModelError(f"{folder / shard}: missing (listed in {index.name})")
-    weights = sorted(folder.glob("*.safetensors"))
-    if weights:
-        for path in weights:
-            check_safetensors(path)
+# -- a component's weights files ----------------------------------------------------------------------------------
+
+# What diffusers' and transformers' save_pretrained write: `<base>.safetensors`, shards `<base>-00001-of-00002
+# .safetensors` named by `<base>.safetensors.index.json`; a variant (hub-style "fp16") puts its name before the
+# suffix (`<base>.fp16.safetensors`, shards `<base>.fp16-00001-of-00002.safetensors`) and into the index's name
+# (`<base>.safetensors.index.fp16.json`).
+_WEIGHTS_NAME = re.compile(r"(?P<base>[^.]+)(?:\.(?P<variant>[^.-]+))?(?:-\d+-of-\d+)?\.safetensors")
+_INDEX_NAME = re.compile(r"(?P<base>[^.]+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json")
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weights files of one component that `from_pretrained` reads: plain ones where there are, else one
+    variant's (then `variant` is what `from_pretrained(variant=...)` needs); sharded ones as their index names."""
+
+    folder: Path
+    files: list[Path]
+    variant: str | None = None
+    index: Path | None = None
+    pickled: bool = False  # .bin files (allowed with allow_pickle, where the component has no safetensors)
+
+
+def find_weights(folder: Path, allow_pickle: bool = False) -> Weights:
+    """Which files hold a component's weights; a ModelError naming the folder or index when none do, or when an
+    index names shards that are not there."""
+    groups: dict[str | None, list[Path]] = {}
+    indexes: dict[str | None, Path] = {}
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    for path in entries:
+        if (match := _WEIGHTS_NAME.fullmatch(path.name)) and path.is_file():
+            groups.setdefault(match["variant"], []).append(path)
+        elif match := _INDEX_NAME.fullmatch(path.name):
+            indexes[match["variant"]] = path
+    variants = sorted(set(groups) | set(indexes), key=lambda v: (v is not None, v or ""))
+    if not variants:
+        pickled = [p for p in entries if p.suffix in _PICKLED]
+        if pickled and allow_pickle:
+            return Weights(folder, pickled, pickled=True)
+        found = ", ".join(p.name for p in entries) or "nothing"
+        hint = ("; pickled weights can run code when they load: convert them to safetensors, or pass "
+                "--allow-pickle if you trust their source") if pickled else ""
+        raise ModelError(f"{folder}: no .safetensors weights (found: {found}){hint}")
+    variant = variants[0]  # the plain files where there are, as from_pretrained reads them without a variant
+    if len(variants) > 1 and variant is not None:
+        raise ModelError(f"{folder}: weights of several variants ({', '.join(variants)}) and no plain ones: "
+                         "keep one variant's files")
+    index = indexes.get(variant)
+    if index is None:
+        return Weights(folder, groups[variant], variant)
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelError(f"{index}: its weight_map must be an object of tensor name -> file name")
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise ModelError(f"{folder / missing[0]}: missing (listed in {index.name})"
+                         + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return Weights(folder, files, variant, index)
+
+
+def stored_tensors(folder: Path) -> dict[str, Stored]:
+    """Every tensor of a component folder's safetensors weights (the files from_pretrained reads), by name."""
+    return index_safetensors(find_weights(folder).files)
+
+
+# -- checking a model folder before anything loads ----------------------------------------------------------------
+
+def _library_class(library: str, name: str):
+    import diffusers  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    try:
+        return getattr(module, name, None) if module is not None else None
+    except Exception:  # noqa: BLE001 - a lazy module that fails to import a name is no class either
+        return None
+
+
+def _fits_pixart(component: str, cls) -> str | None:
+    """Why a class cannot serve as `component` of a PixArt pipeline (None: it can). The reference pipelines take a
+    T5 tokenizer and T5EncoderModel, a PixArtTransformer2DModel, an AutoencoderKL and a discrete-time scheduler of
+    diffusers' KarrasDiffusionSchedulers (or one our samplers build: LCM, SA-Solver); flow-matching schedulers,
+    made for other models, do not fit."""
+    import diffusers  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+    from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: PLC0415
+
+    if not isinstance(cls, type):
+        return "not a class"
+    if component == "tokenizer":
+        ok = issubclass(cls, transformers.PreTrainedTokenizerBase) or cls is transformers.AutoTokenizer
+        return None if ok else "not a tokenizer"
+    if component == "scheduler":
+        fitting = {k.name for k in KarrasDiffusionSchedulers} | {s.scheduler for s in samplers.SAMPLERS.values()}
+        if not issubclass(cls, diffusers.SchedulerMixin):
+            return "not a scheduler"
+        return None if cls.__name__ in fitting else "a scheduler that does not fit PixArt's discrete timesteps"
+    base = _network_class(component)
+    return None if issubclass(cls, base) else f"not a {base.__name__}"
+
+
+def _network_class(component: str):
+    """The class the reference pipelines take for a network component (its subclasses serve too)."""
+    import diffusers  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    return {"text_encoder": transformers.T5EncoderModel, "transformer": diffusers.PixArtTransformer2DModel,
+            "vae": diffusers.AutoencoderKL}[component]
+
+
+def _check_index(path: Path, index: dict, problems: FolderProblems) -> dict[str, type]:
+    """model_index.json: a PixArt pipeline, each component named as [library, class] of a class that fits."""
+    classes = {}
+    for component in COMPONENTS:
+        entry = index.get(component)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+            problems.append(f"{path}: {component} must be given as [library, class name], not {json.dumps(entry)}")
+            continue
+        cls = _library_class(*entry)
+        why = "no such class" if cls is None else _fits_pixart(component, cls)
+        if why:
+            problems.append(f"{path}: {component} is {entry[0]}.{entry[1]}: {why}")
+        else:
+            classes[component] = cls
+    return classes
+
+
+# config fields the queue reads itself, each a positive integer (the libraries check the rest when the model is
+# built on the meta device)
+_COUNTS = {"text_encoder": ("d_model", "d_ff", "num_layers", "vocab_size"),
+           "transformer": ("sample_size", "in_channels", "num_layers", "num_attention_heads", "attention_head_dim",
+                           "patch_size", "caption_channels"),
+           "vae": ("latent_channels", "layers_per_block")}
+# how many of each repeated block a config implies, and the tensor names that hold them: checked against the
+# headers before a model is built, so that a config asking for 10**9 layers is refused without building them
+_REPEATS = {"text_encoder": (("num_layers", r"encoder\.block\.(\d+)\."),),
+            "transformer": (("num_layers", r"transformer_blocks\.(\d+)\."),),
+            "vae": (("block_out_channels", r"encoder\.down_blocks\.(\d+)\."),
+                    ("layers_per_block", r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))}
+
+
+def _check_config(path: Path, component: str, config: dict, problems: FolderProblems) -> bool:
+    ok = True
+    for key in _COUNTS.get(component, ()):
+        if key == "patch_size" and key not in config:
+            continue  # PixArtTransformer2DModel's default
+        value = config.get(key)
+        if not _is_count(value) or value == 0:
+            problems.append(f"{path}: {key} must be a positive whole number, not {json.dumps(value)}")
+            ok = False
+    if component == "vae":
+        blocks = config.get("block_out_channels")
+        if not (isinstance(blocks, list) and blocks and all(_is_count(b) and b > 0 for b in blocks)):
+            problems.append(f"{path}: block_out_channels must be a list of one or more channel counts, "
+                            f"not {json.dumps(blocks)}")
+            ok = False
+    return ok
+
+
+def _check_repeats(folder: Path, component: str, config: dict, stored: dict[str, Stored],
+                   problems: FolderProblems) -> bool:
+    for key, pattern in _REPEATS.get(component, ()):
+        wanted = config[key] if key != "block_out_channels" else len(config[key])
+        found = {m.group(1) for name in stored if (m := re.match(pattern, name))}
+        if wanted != len(found):
+            problems.append(f"{folder}: cannot load {component}: its weights do not fit config.json ({key} "
+                            f"{json.dumps(config[key])} asks for {wanted} blocks, the weights files hold "
+                            f"{len(found)}); are they another model's?")
+            return False
+    return True
+
+
+def _empty_model(cls, config: dict) -> nn.Module:
+    """The model a config describes, on the meta device: names and shapes, no memory."""
+    with torch.device("meta"):
+        if hasattr(cls, "config_class") and hasattr(cls.config_class, "from_dict"):  # transformers
+            return cls(cls.config_class.from_dict(config))
+        return cls.from_config(config)
+
+
+def _check_tensors(folder: Path, component: str, cls, config: dict, stored: dict[str, Stored],
+                   problems: FolderProblems) -> None:
+    """The weights files hold every parameter the config implies, each in its shape (a tied parameter under any
+    of its names), in a floating-point dtype."""
+    try:
+        model = _empty_model(cls, config)
+    except Exception as exc:  # noqa: BLE001 - a config the library cannot build from, whatever it raises
+        problems.append(f"{folder / 'config.json'}: {cls.__name__} cannot be built from it "
+                        f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})")
         return
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    if pickled and allow_pickle:
-        return
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+        params[id(param)] = param
+    bad = []
+    for key, aliases in names.items():
+        found = next((stored[a] for a in aliases if a in stored), None)
+        want = tuple(params[key].shape)
+        if found is None:
+            bad.append(f"{aliases[0]} missing")
+        elif found.shape != want:
+            bad.append(f"{aliases[0]} is {list(found.shape)}, the config implies {list(want)}")
+        elif not found.dtype.is_floating_point:
+            bad.append(f"{aliases[0]} is stored as {found.dtype}, not floating point")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        problems.append(f"{folder}: cannot load {component}: its weights do not fit config.json "
+                        f"({'; '.join(bad[:3])}{more}); are they another model's?")
+
+
+def _cross_check(path: Path, configs: dict[str, dict], problems: FolderProblems) -> None:
+    """What the pipeline passes from one component to the next must agree: T5's width is the DiT's caption width,
+    the VAE's latent channels are the DiT's input channels."""
+    te, tr, vae = (configs.get(c) for c in ("text_encoder", "transformer", "vae"))
+    if te and tr and te["d_model"] != tr["caption_channels"]:
+        problems.append(f"{path / 'transformer' / 'config.json'}: caption_channels {tr['caption_channels']} is not "
+                        f"the text encoder's d_model {te['d_model']}")
+    if tr and vae and tr["in_channels"] != vae["latent_channels"]:
+        problems.append(f"{path / 'transformer' / 'config.json'}: in_channels {tr['in_channels']} is not the "
+                        f"VAE's latent_channels {vae['latent_channels']}")
+
+
+def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, dict[str, dict]]:
+    """Everything that can be checked without loading a weight, all at once: model_index.json names a PixArt
+    pipeline and fitting classes; each component's config has what the queue reads; its weights files are whole
+    and hold every tensor its config implies, in its shape; the tokenizer covers the text encoder's vocabulary;
+    the components fit one another; the scheduler builds. One ModelError lists every problem, each naming its
+    file. Returns (model_index.json, configs)."""
+    problems = FolderProblems()
+    index = read_json(path / "model_index.json")
+    pipeline_class = index.get("_class_name")
+    if pipeline_class not in SUPPORTED_PIPELINES:
+        raise ModelError(f"{path / 'model_index.json'}: a {pipeline_class or 'unknown'} model, not a PixArt "
+                         f"one (supported: {', '.join(SUPPORTED_PIPELINES)})")
+    classes = _check_index(path / "model_index.json", index, problems)
+    configs: dict[str, dict] = {}
+    for component in COMPONENTS:
+        folder = path / component
+        if not folder.is_dir():
+            problems.append(f"{folder}: component folder missing")
+            continue
+        if component == "tokenizer":
+            continue
+        config_path = folder / ("scheduler_config.json" if component == "scheduler" else "config.json")
+        config = problems.check(read_json, config_path)
+        if config is None:
+            continue
+        if component == "scheduler":
+            configs[component] = config
+            continue
+        config_ok = _check_config(config_path, component, config, problems)
+        weights = problems.check(find_weights, folder, allow_pickle)
+        if weights is None:
+            continue
+        stored = None if weights.pickled else problems.check(index_safetensors, weights.files)
+        if not config_ok:
+            continue
+        configs[component] = config
+        if stored is None:
+            continue  # no headers to compare: pickled weights (from_pretrained will say), or damaged (said)
+        if _check_repeats(folder, component, config, stored, problems):
+            cls = classes.get(component) or _network_class(component)
+            _check_tensors(folder, component, cls, config, stored, problems)
+    _cross_check(path, configs, problems)
+    if "scheduler" in configs and "scheduler" in classes:
+        try:
+            classes["scheduler"].from_config(configs["scheduler"])
+        except Exception as exc:  # noqa: BLE001 - whatever diffusers objects to
+            problems.append(f"{path / 'scheduler' / 'scheduler_config.json'}: {classes['scheduler'].__name__} "
+                            f"cannot be built from it ({type(exc).__name__}: {exc})")
+    if (path / "tokenizer").is_dir() and "text_encoder" in configs:
+        problems.check(check_tokenizer, path / "tokenizer", configs["text_encoder"]["vocab_size"])
+    problems.raise_any()
+    return index, configs
+
+
+# -- the tokenizer -------------------------------------------------------------------------------------------------
+
+# Embedding tables are padded to a multiple of at most this many rows (T5's 32,100 pieces in 32,128 rows)
+_VOCAB_PADDING = 128
+
+
+def _sentencepiece_size(path: Path) -> int:
+    """The number of pieces in a sentencepiece model file: field 1 (`pieces`) of its ModelProto, counted by
+    walking the protobuf wire format (sentencepiece itself is not needed to run the queue)."""
+    data = path.read_bytes()
+    pos, count = 0, 0
+
+    def varint() -> int:
+        nonlocal pos
+        shift = value = 0
+        while True:
+            if pos >= len(data) or shift > 63:
+                raise ValueError("not a sentencepiece model")
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while pos < len(data):
+        key = varint()
+        field_number, wire = key >> 3, key & 7
+        if wire == 0:
+            varint()
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length = varint()
+            pos += length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError("not a sentencepiece model")
+        count += field_number == 1
+    if pos != len(data) or count == 0:
+        raise ValueError("not a sentencepiece model")
+    return count
+
+
+def _tokenizer_size(folder: Path) -> tuple[int, Path]:
+    """How many token ids the tokenizer in `folder` gives, from its files alone, and the file it was read from."""
+    config_path = folder / "tokenizer_config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    added = config.get("added_tokens_decoder") if isinstance(config.get("added_tokens_decoder"), dict) else {}
+    fast = folder / "tokenizer.json"
+    if fast.is_file():
+        data = read_json(fast)
+        model = data.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if not isinstance(vocab, (list, dict)) or not vocab:
+            raise ModelError(f"{fast}: no vocabulary in it (model.vocab)")
+        ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+        ids |= {t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and _is_count(t.get("id"))}
+        return max(ids) + 1, fast
+    spiece = folder / "spiece.model"
+    if spiece.is_file():
+        try:
+            pieces = _sentencepiece_size(spiece)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{spiece}: cannot be read as a sentencepiece model ({exc})") from exc
+        extra = config.get("extra_ids", 100)
+        ids = {int(i) for i in added if str(i).isdigit()}
+        return max([pieces + (extra if _is_count(extra) else 0) - 1, *ids]) + 1, spiece
     found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-    hint = ("; pickled weights can run code when they load: convert them to safetensors, or pass "
-            "--allow-pickle if you trust their source") if pickled else ""
-    raise ModelError(f"{folder}: no .safetensors weights (found: {found}){hint}")
+    raise ModelError(f"{folder}: no tokenizer files (tokenizer.json or spiece.model; found: {found})")
 
 
-def _component_identity(folder: Path) -> str:
-    """A hash of what decides a component's output: its config and tokenizer files, and for each weights file
-    its header (names, shapes, dtypes), size and samples of its data. Cheap (no full read) and changes when the
-    weights do, including two random-weight models of equal shapes."""
+def check_tokenizer(folder: Path, vocab_size: int) -> int:
+    """The tokenizer in `folder` covers the text encoder's vocabulary of `vocab_size` rows: every id it gives has
+    a row, and it is not a stand-in much smaller than the encoder's own (transformers builds a 104-token one from
+    an empty folder, and every word becomes unknown). Returns its size; reads files only."""
+    size, source = _tokenizer_size(folder)
+    if size > vocab_size:
+        raise ModelError(f"{source}: {size} tokens, more than the text encoder's vocab_size {vocab_size}: "
+                         "not this model's tokenizer")
+    if size <= vocab_size - _VOCAB_PADDING:
+        raise ModelError(f"{source}: {size} tokens, the text encoder has {vocab_size}: not this model's tokenizer "
+                         "(copy the model's own tokenizer folder)")
+    return size
+
+
+# -- what a component is: the identity hash ----------------------------------------------------------------------
+
+_HASH_BLOCK = 16 * 2**20
+# Files smaller than this are hashed at each resolve rather than cached: ~0.1 s at the ~1 GB/s sha256 runs at
+HASH_CACHE_MIN = 64 * 2**20
+
+
+def _cache_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pixart-lowvram" / "file-hashes"
+
+
+def _hub_sha256(path: Path) -> str | None:
+    """The sha256 of a file in the Hugging Face cache, where the cache names it: a snapshot's file links to
+    blobs/<etag>, and the etag of a file stored with LFS (every weights file) is its sha256."""
+    if not path.is_symlink():
+        return None
+    blob = path.resolve()
+    if blob.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return blob.name
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a whole file, read once: the result is kept in the user's cache folder under the file's
+    path, size, mtime and inode, and read again while none of them changes (a file rewritten in place changes
+    its mtime); files under HASH_CACHE_MIN are hashed each time. Files in the Hugging Face cache take the hub's
+    own sha256 without reading."""
+    if (known := _hub_sha256(path)) is not None:
+        return known
+    st = path.stat()
+    if st.st_size < HASH_CACHE_MIN:
+        return _sha256(path)
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode()).hexdigest()
+    entry = _cache_folder() / key[:40]
+    try:
+        cached = entry.read_text(encoding="ascii").strip()
+        if re.fullmatch(r"[0-9a-f]{64}", cached):
+            return cached
+    except (OSError, UnicodeDecodeError):
+        pass
+    value = _sha256(path)
+    try:  # a cache that cannot be written only costs the next run the same read
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+        tmp.write_text(value, encoding="ascii")
+        os.replace(tmp, entry)
+    except OSError:
+        pass
+    return value
+
+
+def _component_identity(folder: Path, allow_pickle: bool = False) -> str:
+    """A hash of what decides a component's output: every file of its folder (config, tokenizer, the weights
+    files it loads, each whole). Weights files of another variant than the one loaded are left out."""
+    loaded: set[Path] = set()
+    if folder.name not in ("tokenizer", "scheduler"):
+        loaded = set(find_weights(folder, allow_pickle).files)
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        digest.update(rel.encode() + b"\0")
-        size = path.stat().st_size
-        if path.suffix == ".safetensors":
-            digest.update(json.dumps(safetensors_header(path), sort_keys=True).encode())
-            with open(path, "rb") as f:
-                digest.update(str(size).encode())
-                digest.update(f.read(_IDENTITY_SAMPLE))
-                f.seek(max(0, size - _IDENTITY_SAMPLE))
-                digest.update(f.read(_IDENTITY_SAMPLE))
-        elif size <= 16 * 1024 * 1024:
-            digest.update(path.read_bytes())
-        else:
-            digest.update(str(size).encode())
+        is_weights = path.suffix in (".safetensors", *_PICKLED)
+        if is_weights and path not in loaded:
+            continue
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(file_sha256(path).encode() if is_weights else hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:32]
 
 
-def resolve_model(source: str, allow_pickle: bool = False) -> ModelInfo:
-    """Find the model (a local folder, or a hub id fetched to the cache) and read what it is, without weights."""
+def resolve_model(source: str, allow_pickle: bool = False, *, hash_weights: bool = True) -> ModelInfo:
+    """Find the model (a local folder, or a hub id fetched to the cache), check it and read what it is, without
+    loading weights (`check_model_folder`). hash_weights=False leaves `identity` empty: what a plan needs reads
+    only configs and headers, while the identity reads each weights file once (file_sha256)."""
     source = str(source)
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
@@ -265,37 +718,17 @@ def resolve_model(source: str, allow_pickle: bool = False) -> ModelInfo:
     else:
         raise ModelError(f"{source}: no such model folder")
 
-    index = _read_json(path / "model_index.json")
-    pipeline_class = index.get("_class_name")
-    if pipeline_class not in SUPPORTED_PIPELINES:
-        raise ModelError(f"{path / 'model_index.json'}: a {pipeline_class or 'unknown'} model, not a PixArt "
-                         f"one (supported: {', '.join(SUPPORTED_PIPELINES)})")
-    configs = {}
-    for component in COMPONENTS:
-        folder = path / component
-        if not folder.is_dir():
-            raise ModelError(f"{folder}: component folder missing")
-        if component == "tokenizer":
-            continue
-        name = "scheduler_config.json" if component == "scheduler" else "config.json"
-        configs[component] = _read_json(folder / name)
-        if component != "scheduler":
-            _check_weights(folder, allow_pickle)
-    identity = {c: _component_identity(path / c) for c in COMPONENTS}
-    classes = {c: str(index[c][1]) for c in COMPONENTS
-               if isinstance(index.get(c), list) and len(index[c]) == 2}
-    return ModelInfo(source=source, path=path, pipeline_class=pipeline_class, configs=configs, identity=identity,
-                     allow_pickle=allow_pickle, classes=classes)
+    index, configs = check_model_folder(path, allow_pickle)
+    identity = {c: _component_identity(path / c, allow_pickle) for c in COMPONENTS} if hash_weights else {}
+    classes = {c: index[c][1] for c in COMPONENTS}
+    return ModelInfo(source=source, path=path, pipeline_class=index["_class_name"], configs=configs,
+                     identity=identity, allow_pickle=allow_pickle, classes=classes)
 
 
 def _class_of(info: ModelInfo, component: str):
-    import diffusers  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-
-    index = _read_json(info.path / "model_index.json")
+    index = read_json(info.path / "model_index.json")
     library, class_name = index[component]
-    module = {"diffusers": diffusers, "transformers": transformers}.get(library)
-    cls = getattr(module, class_name, None) if module is not None else None
+    cls = _library_class(library, class_name)
     if cls is None:
         raise ModelError(f"{info.path / 'model_index.json'}: unknown class {library}.{class_name} for {component}")
     return cls
@@ -303,8 +736,12 @@ def _class_of(info: ModelInfo, component: str):
 
 def _load(info: ModelInfo, component: str, **kwargs):
     cls = _class_of(info, component)
-    if "use_safetensors" in kwargs and info.allow_pickle:
-        kwargs["use_safetensors"] = None  # safetensors where there are some, .bin otherwise
+    if "use_safetensors" in kwargs:
+        weights = info.weights(component)
+        if weights.pickled:
+            kwargs["use_safetensors"] = None  # .bin: the user allowed them (allow_pickle)
+        if weights.variant:
+            kwargs["variant"] = weights.variant  # from_pretrained reads only the plain files without it
     try:
         return cls.from_pretrained(str(info.path), subfolder=component, **kwargs)
     except ModelError:
@@ -346,6 +783,118 @@ def bitsandbytes_available() -> bool:
 
 def load_transformer(info: ModelInfo, dtype: torch.dtype, device: torch.device):
     return _load(info, "transformer", torch_dtype=dtype, use_safetensors=True).to(device).eval()
+
+
+# -- built empty, streamed from the files -------------------------------------------------------------------------
+
+def _target_dtype(name: str, dtype: torch.dtype, keep_fp32: tuple[str, ...]) -> torch.dtype:
+    return torch.float32 if any(m in name.split(".") for m in keep_fp32) else dtype
+
+
+def _place_from_files(model: nn.Module, find, block_pattern: str, units: int, dtype: torch.dtype,
+                      keep_fp32: tuple[str, ...], device: torch.device, *, first: int = 0, skip: tuple[str, ...] = (),
+                      rename=lambda name: name) -> list[dict]:
+    """Point the parameters of an empty (meta) model at its weights files: those of blocks `first`, `first + 1`,
+    ... (matched by `block_pattern` on the name as stored) become the streamer's units, read when needed; all
+    others load onto `device` now. `find(stored_name, param)` locates a tensor in the files."""
+    block = re.compile(block_pattern)
+    per_unit: list[dict] = [dict() for _ in range(units)]
+    for name, param in list(model.named_parameters()):
+        if name.startswith(skip):
+            continue
+        path, _, leaf = name.rpartition(".")
+        owner = (model.get_submodule(path) if path else model, leaf)
+        plain = rename(name)
+        target = _target_dtype(plain, dtype, keep_fp32)
+        match = block.match(plain)
+        if match and int(match.group(1)) >= first:
+            per_unit[int(match.group(1)) - first][name] = (owner, find(plain, param), target)
+        else:
+            set_parameter(owner, load_tensor(find(plain, param), target, device))
+    return per_unit
+
+
+def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.device, *, micro_batch: int = 1,
+                               ahead: int = 0):
+    """T5EncoderModel built empty from its config, its blocks streamed from the weights files in `folder` (plain,
+    sharded or a variant's, as find_weights picks them; stored in any float dtype).
+
+    Returns (model, streamer). Weights take the dtypes `from_pretrained(dtype=...)` gives them (transformers
+    keeps the `_keep_in_fp32_modules`, T5's `wo`, in fp32); a test checks every tensor equals from_pretrained's."""
+    from transformers import T5Config, T5EncoderModel  # noqa: PLC0415
+
+    config = T5Config.from_pretrained(folder)
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    model.eval()
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    stored = stored_tensors(folder)
+
+    def find(name: str, param: nn.Parameter) -> Stored:
+        if name in stored:
+            return stored[name]
+        for alias in aliases.get(id(param), []):  # tied: stored under another of its names
+            if alias in stored:
+                return stored[alias]
+        raise ModelError(f"{folder}: no tensor {name!r} in the weights files")
+
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+
+    embedding = model.encoder.embed_tokens
+    table = load_tensor(find("encoder.embed_tokens.weight", embedding.weight), dtype, torch.device("cpu"))
+    model.encoder.embed_tokens = CpuEmbedding(table)
+    model.shared = model.encoder.embed_tokens  # the encoder's embedding is the model's input embedding
+
+    units = micro_batch_blocks(model.encoder.block, micro_batch)
+    # parameter names below are the wrappers' (encoder.block.N.block.*); the files name them encoder.block.N.*
+    per_unit = _place_from_files(
+        model, find, r"encoder\.block\.(\d+)\.", len(units), dtype, keep,
+        device, skip=("encoder.embed_tokens.", "shared."),
+        rename=lambda name: re.sub(r"encoder\.block\.(\d+)\.block\.", r"encoder.block.\1.", name))
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise ModelError(f"{folder}: buffer {name} has no stored value")  # T5 has none; keep it honest
+    streamer = BlockStreamer(units, per_unit, device, ahead=ahead)
+    return model, streamer
+
+
+def load_transformer_streamed(folder: Path, dtype: torch.dtype, device: torch.device, *, ahead: int = 2,
+                              resident: int = 0, hold_in_ram: bool = True):
+    """The DiT built empty, its first `resident` blocks and everything outside the blocks loaded onto `device`,
+    the other blocks streamed, `ahead + 1` at a time (at every step the last block prefetches the first ones of
+    the next step). Returns (model, streamer); the model computes what `from_pretrained(torch_dtype=dtype)` gives.
+
+    hold_in_ram: each streamed block is read from the safetensors files once, on several threads, into one
+    pinned buffer that stays in RAM (the ~1.2 GiB of PixArt-XL's blocks are needed at every step: reading them
+    from the files each time would cost more). Without it (a machine whose RAM cannot hold them, see denoise.py)
+    the blocks are read from the files at every step (the page cache serves them while it can) through a small
+    pinned ring."""
+    from accelerate import init_empty_weights  # noqa: PLC0415
+    from diffusers import PixArtTransformer2DModel  # noqa: PLC0415
+
+    with init_empty_weights():  # parameters on meta; buffers (the positional embedding) computed as usual
+        model = PixArtTransformer2DModel.from_config(PixArtTransformer2DModel.load_config(folder))
+    model.eval()
+    stored = stored_tensors(folder)
+
+    def find(name: str, param) -> Stored:
+        if name not in stored:
+            raise ModelError(f"{folder}: no tensor {name!r} in the weights files")
+        return stored[name]
+
+    blocks = len(model.transformer_blocks)
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    per_unit = _place_from_files(model, find, r"transformer_blocks\.(\d+)\.", blocks - resident, dtype, keep,
+                                 device, first=resident)
+    for module in model.modules():
+        for leaf, buf in list(module._buffers.items()):
+            if buf is not None:  # as computed: from_pretrained leaves them so (the positional embedding in float32)
+                module._buffers[leaf] = buf.to(device)
+    streamer = BlockStreamer(list(model.transformer_blocks)[resident:], per_unit, device, ahead=ahead, cyclic=True,
+                             hold=hold_in_ram)
+    return model, streamer
 
 
 def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
@@ -400,21 +949,16 @@ def caption_cleaning() -> bool:
     return is_bs4_available() and is_ftfy_available()
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
 T5_FP32_MODULES = ("wo",)  # transformers keeps these T5 layers in fp32 (T5PreTrainedModel._keep_in_fp32_modules)
 
 
 def tensor_shapes(info: ModelInfo, component: str) -> dict[str, tuple[str, list[int]]]:
     """name -> (safetensors dtype, shape) for every tensor in a component's weights files."""
-    shapes = {}
-    for path in info.weight_files(component):
-        if path.suffix != ".safetensors":
-            continue
-        for name, meta in safetensors_header(path).items():
-            if name != "__metadata__":
-                shapes[name] = (meta["dtype"], meta["shape"])
-    return shapes
+    weights = info.weights(component)
+    if weights.pickled:
+        return {}
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    return {name: (names[s.dtype], list(s.shape)) for name, s in index_safetensors(weights.files).items()}
 
 
 def _bytes_at(shapes: dict, itemsize: int, keep_fp32: tuple[str, ...] = (), int8=lambda name: False) -> dict[str, int]:

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import ModelError, UsageError
+from .models import COMPONENTS, read_json
 from .presets import PRESET_HELP, PRESETS  # noqa: F401  (in a module without torch: the CLI lists them)
+from .resolve import resolve_device
 
 MARKER = "pixart_lowvram_random.json"  # written last: its presence means the folder is complete
-COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 _FORMAT = 1  # bump when the weights or layout a preset produces change
 _TAG = "_pixart_lowvram_random"  # in model_index.json (written first): the folder is ours even if half-written
 _TMP_PREFIX = ".pixart_lowvram_tmp"
@@ -306,12 +307,12 @@ def _write_json_atomic(path: pathlib.Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _read_json(path: pathlib.Path) -> dict | None:
+def _json_or_none(path: pathlib.Path) -> dict | None:
+    """A JSON object, or None where the file is missing or is not one (a half-written folder)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path)
+    except ModelError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _files_present(root: pathlib.Path) -> bool:
@@ -324,7 +325,7 @@ def _files_present(root: pathlib.Path) -> bool:
 
 def _is_ours(root: pathlib.Path) -> bool:
     """A folder this module wrote, complete or not: our marker or tag, or nothing but our temporary files."""
-    if (root / MARKER).exists() or _TAG in (_read_json(root / "model_index.json") or {}):
+    if (root / MARKER).exists() or _TAG in (_json_or_none(root / "model_index.json") or {}):
         return True
     return all(p.name.startswith(_TMP_PREFIX) for p in root.iterdir())
 
@@ -340,7 +341,7 @@ def _existing(root: pathlib.Path, spec: Preset, seed: int) -> bool:
     if not _is_ours(root):
         raise UsageError(f"{root}: folder is not empty and is not a random model written by pixart-lowvram; "
                          "choose a new or empty folder")
-    marker = _read_json(root / MARKER)
+    marker = _json_or_none(root / MARKER)
     if marker is None or marker.get("format") != _FORMAT or not _files_present(root):
         return False  # half-written, or from an older version: rebuild
     if (marker.get("preset"), marker.get("seed")) != (spec.name, seed):
@@ -375,20 +376,6 @@ def _model_index(spec: Preset, seed: int) -> dict:
     }
 
 
-def _resolve_device(device: str | torch.device | None, spec: Preset) -> torch.device:
-    if device is None:
-        device = spec.default_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UsageError(f"not a device: {device!r}") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    if resolved.type == "meta":
-        raise UsageError("the meta device holds no weights; build on 'cpu' or 'cuda'")
-    return resolved
-
-
 def _write_network(folder: pathlib.Path, model: nn.Module, component: str, spec: Preset, *, seed: int,
                    device: torch.device) -> None:
     materialize(model, component, seed=seed, device=device, dtype=spec.dtype)
@@ -418,7 +405,7 @@ def make_random_model(path: str | os.PathLike, preset: str = "tiny", *, seed: in
     root = pathlib.Path(path).expanduser()
     if _existing(root, spec, seed):
         return root
-    target = _resolve_device(device, spec)
+    target = resolve_device(device or spec.default_device or "auto")
 
     root.mkdir(parents=True, exist_ok=True)
     _clear(root)

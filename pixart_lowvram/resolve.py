@@ -1,12 +1,92 @@
-"""Resolving what a run asks for before anything loads: the device, the dtype, and what a job asks of the model
-that its reference pipeline cannot do."""
+"""Step one of a run, before anything loads: what the settings and the model folder resolve to, and every input
+check in one place. `resolve` reports every problem it finds together (settings, model folder, jobs), as
+diffusers' `check_inputs` does, and touches no GPU: it creates no CUDA context and loads no weights."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .errors import Problem, QueueError, UsageError
+from .errors import InputErrors, PixartError, Problem, QueueError, UsageError
 from .jobs import Job
-from .models import ModelInfo, bitsandbytes_available
+from .models import DEFAULT_MODEL, ModelInfo, bitsandbytes_available, resolve_model
+from .placement import parse_size
+
+
+@dataclass
+class Settings:
+    """How to run a queue: what the command line's run options set."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto: cuda if there is one, else cpu
+    dtype: str = "auto"  # auto: float16 on a GPU (as the reference), float32 on the CPU
+    # Texts through T5 at once. 1 runs the reference pipeline's exact kernels (bit-identical embeddings);
+    # larger batches are faster on big queues but change fp16 rounding (measured in BENCHMARKS.md).
+    encode_batch: int = 1
+    denoise_batch: int = 1  # images denoised at once (same size, steps and guidance)
+    force: bool = False  # make every artifact again (the same ones: drawn seeds are kept)
+    new_seeds: bool = False  # draw new seeds for jobs without one (earlier images are kept, new ones renamed)
+    allow_pickle: bool = False  # load pickled .bin weights (they can run code when loaded) if no safetensors
+    vram_budget: str | int | None = None  # whole-process GPU memory: bytes, "1.5GiB", "auto"; None: unconstrained
+    encode_on_cpu: bool = False  # T5 on the CPU: no VRAM for the encoder, slow
+    # T5 in 8 bits, diffusers' bitsandbytes recipe (CUDA only): ~7.4 GiB instead of ~10.7 for T5-XXL, loaded
+    # shard by shard onto the GPU; embeddings deviate (BENCHMARKS.md, "Precision")
+    text_encoder_8bit: bool = False
+    embed_cache: str | Path | None = "default"  # prompt embeddings shared across runs; None: off
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a run's settings come to on this machine, with the model read from its configs and headers."""
+
+    settings: Settings
+    info: ModelInfo
+    device: torch.device
+    dtype: torch.dtype
+    budget: int | str | None  # whole-process GPU bytes; "auto": what the GPU has free when the run starts
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -> Resolved:
+    """Resolve `settings` and the model, and check every input against them: raises the one problem found, or
+    InputErrors with all of them (each keeps its own message). The options are checked first, all of them; the
+    model folder only when they are sound, then the jobs against the model. Reads configs and safetensors
+    headers, and (`hash_weights`, what a run keys its artifacts with) each weights file once, its hash cached."""
+    problems: list[PixartError] = []
+
+    def attempt(check, *args):
+        try:
+            return check(*args)
+        except PixartError as exc:
+            problems.append(exc)
+            return None
+
+    device = attempt(resolve_device, settings.device)
+    dtype = attempt(resolve_dtype, settings.dtype, device or torch.device("cpu"))
+    if settings.text_encoder_8bit and device is not None:
+        attempt(check_text_encoder_8bit, device, settings.encode_on_cpu)
+    attempt(check_batches, settings)
+    budget = settings.vram_budget
+    if isinstance(budget, str):
+        budget = attempt(parse_size, budget)
+    if problems:  # a run that cannot start does not fetch its model (a hub id downloads gigabytes)
+        raise problems[0] if len(problems) == 1 else InputErrors(problems)
+    info = attempt(lambda: resolve_model(settings.model, settings.allow_pickle, hash_weights=hash_weights))
+    if info is not None:
+        attempt(check_jobs, jobs, info)
+    if problems:
+        raise problems[0] if len(problems) == 1 else InputErrors(problems)
+    return Resolved(settings=settings, info=info, device=device, dtype=dtype, budget=budget)
+
+
+def check_batches(settings: Settings) -> None:
+    for label, value in (("encode batch", settings.encode_batch), ("denoise batch", settings.denoise_batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UsageError(f"{label} must be a positive integer, not {value!r}")
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -27,8 +107,8 @@ def resolve_device(name: str) -> torch.device:
             raise UsageError(f"--device {name!r}: this torch sees no CUDA GPU (torch {torch.__version__})")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name!r}: there are {torch.cuda.device_count()} CUDA GPU(s)")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index is None:  # the current device, without starting CUDA where nothing has yet
+            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
     elif device.type != "cpu":
         raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
     return device

@@ -275,11 +275,11 @@ class RunFolder:
         return [it for it in items
                 if f"{it.id}.png" not in present or not self.png_is_done(self.images / f"{it.id}.png", it.image_key)]
 
-    def unfinished_latents(self, items: list[Item], shape) -> list[Item]:
-        """The items whose latents are not finished; `shape(item)` is the latents' expected shape."""
+    def unfinished_latents(self, items: list[Item], shapes) -> list[Item]:
+        """The items whose latents are not finished; `shapes(item)` gives the latents' tensors and shapes."""
         present = _listing(self.latents)
         return [it for it in items if f"{it.latent_key}.safetensors" not in present or read_artifact(
-            self.latent_path(it.latent_key), it.latent_key, {"latents": shape(it)}) is None]
+            self.latent_path(it.latent_key), it.latent_key, shapes(it)) is None]
 
     def png_is_done(self, path: Path, key: str) -> bool:
         return self.png_key(path) == key

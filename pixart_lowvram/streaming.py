@@ -11,15 +11,15 @@ the reference uses (one), so the embeddings are bit-identical to an unstreamed r
 
 The DiT (denoise), needed at every step, streams through the same streamer, its blocks read from the files once
 into pinned buffers that stay in RAM (or, where RAM is short, from the files at every step).
+
+This is the mechanism only: the loaders that build T5 and the DiT around it (load_text_encoder_streamed,
+load_transformer_streamed) and the reader of the files' headers are with the other loaders, in models.py.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import re
-import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +28,6 @@ import torch
 from torch import nn
 
 _ALIGN = 64  # each tensor's place in a pinned slot starts on this boundary, so any dtype can view it
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
 
 class MicroBatched(nn.Module):
     """Runs the wrapped block on slices of the batch, so each matrix product has the shape it has for one
@@ -97,7 +92,7 @@ class CpuEmbedding(nn.Module):
 
 @dataclass(frozen=True)
 class Stored:
-    """Where one tensor lies in a safetensors file."""
+    """Where one tensor lies in a safetensors file (models.index_safetensors reads them from the headers)."""
 
     path: Path
     start: int  # absolute byte offset
@@ -107,20 +102,6 @@ class Stored:
 
     def numel(self) -> int:
         return math.prod(self.shape)
-
-
-def index_safetensors(files: list[Path]) -> dict[str, Stored]:
-    index = {}
-    for path in files:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = meta["data_offsets"]
-            index[name] = Stored(path, 8 + length + begin, end - begin, _DTYPES[meta["dtype"]], tuple(meta["shape"]))
-    return index
 
 
 # page cache -> pinned memory on the H100 machines: 5.5 GB/s with one thread, 15.4 with 4, 22.6 with 8
@@ -326,7 +307,7 @@ class BlockStreamer:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
         for (owner, _, _), tensor in zip(self.params[i].values(), self.on_device[i]):
-            _set(owner, tensor)
+            set_parameter(owner, tensor)
 
     def _unplace(self, i: int) -> None:
         for (module, leaf), placeholder in zip((owner for owner, _, _ in self.params[i].values()), self.meta[i]):
@@ -354,7 +335,7 @@ class BlockStreamer:
         self.buffers.clear()
 
 
-def _set(owner: tuple[nn.Module, str], tensor: torch.Tensor) -> None:
+def set_parameter(owner: tuple[nn.Module, str], tensor: torch.Tensor) -> None:
     """Put `tensor` in place of a parameter (a meta placeholder cannot take another device's data in place)."""
     module, leaf = owner
     module._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
@@ -367,116 +348,3 @@ def _convert_into(out: torch.Tensor, dtype: torch.dtype, shape: tuple, src: Stor
 
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-# -- T5, streamed -------------------------------------------------------------------------------------------------
-
-def _target_dtype(name: str, dtype: torch.dtype, keep_fp32: tuple[str, ...]) -> torch.dtype:
-    return torch.float32 if any(m in name.split(".") for m in keep_fp32) else dtype
-
-
-def _place_from_files(model: nn.Module, find, block_pattern: str, units: int, dtype: torch.dtype,
-                      keep_fp32: tuple[str, ...], device: torch.device, *, first: int = 0, skip: tuple[str, ...] = (),
-                      rename=lambda name: name) -> list[dict]:
-    """Point the parameters of an empty (meta) model at its weights files: those of blocks `first`, `first + 1`,
-    ... (matched by `block_pattern` on the name as stored) become the streamer's units, read when needed; all
-    others load onto `device` now. `find(stored_name, param)` locates a tensor in the files."""
-    block = re.compile(block_pattern)
-    per_unit: list[dict] = [dict() for _ in range(units)]
-    for name, param in list(model.named_parameters()):
-        if name.startswith(skip):
-            continue
-        path, _, leaf = name.rpartition(".")
-        owner = (model.get_submodule(path) if path else model, leaf)
-        plain = rename(name)
-        target = _target_dtype(plain, dtype, keep_fp32)
-        match = block.match(plain)
-        if match and int(match.group(1)) >= first:
-            per_unit[int(match.group(1)) - first][name] = (owner, find(plain, param), target)
-        else:
-            _set(owner, load_tensor(find(plain, param), target, device))
-    return per_unit
-
-
-def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.device, *, micro_batch: int = 1,
-                               ahead: int = 0):
-    """T5EncoderModel built empty from its config, its blocks streamed from the files in `folder`.
-
-    Returns (model, streamer). Weights take the dtypes `from_pretrained(dtype=...)` gives them (transformers
-    keeps the `_keep_in_fp32_modules`, T5's `wo`, in fp32); a test checks every tensor equals from_pretrained's."""
-    from transformers import T5Config, T5EncoderModel  # noqa: PLC0415
-
-    config = T5Config.from_pretrained(folder)
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    model.eval()
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    stored = index_safetensors(sorted(folder.glob("*.safetensors")))
-
-    def find(name: str, param: nn.Parameter) -> Stored:
-        if name in stored:
-            return stored[name]
-        for alias in aliases.get(id(param), []):  # tied: stored under another of its names
-            if alias in stored:
-                return stored[alias]
-        raise KeyError(f"{folder}: no tensor {name!r} in the weights files")
-
-    aliases: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(name)
-
-    embedding = model.encoder.embed_tokens
-    table = load_tensor(find("encoder.embed_tokens.weight", embedding.weight), dtype, torch.device("cpu"))
-    model.encoder.embed_tokens = CpuEmbedding(table)
-    model.shared = model.encoder.embed_tokens  # the encoder's embedding is the model's input embedding
-
-    units = micro_batch_blocks(model.encoder.block, micro_batch)
-    # parameter names below are the wrappers' (encoder.block.N.block.*); the files name them encoder.block.N.*
-    per_unit = _place_from_files(
-        model, find, r"encoder\.block\.(\d+)\.", len(units), dtype, keep,
-        device, skip=("encoder.embed_tokens.", "shared."),
-        rename=lambda name: re.sub(r"encoder\.block\.(\d+)\.block\.", r"encoder.block.\1.", name))
-    for name, buf in model.named_buffers():
-        if buf.is_meta:
-            raise RuntimeError(f"{folder}: buffer {name} has no stored value")  # T5 has none; keep it honest
-    streamer = BlockStreamer(units, per_unit, device, ahead=ahead)
-    return model, streamer
-
-
-# -- the DiT, streamed ------------------------------------------------------------------------------------------
-
-def load_transformer_streamed(folder: Path, dtype: torch.dtype, device: torch.device, *, ahead: int = 2,
-                              resident: int = 0, hold_in_ram: bool = True):
-    """The DiT built empty, its first `resident` blocks and everything outside the blocks loaded onto `device`,
-    the other blocks streamed, `ahead + 1` at a time (at every step the last block prefetches the first ones of
-    the next step). Returns (model, streamer); the model computes what `from_pretrained(torch_dtype=dtype)` gives.
-
-    hold_in_ram: each streamed block is read from the safetensors files once, on several threads, into one
-    pinned buffer that stays in RAM (the ~1.2 GiB of PixArt-XL's blocks are needed at every step: reading them
-    from the files each time would cost more). Without it (a machine whose RAM cannot hold them, see denoise.py)
-    the blocks are read from the files at every step (the page cache serves them while it can) through a small
-    pinned ring."""
-    from accelerate import init_empty_weights  # noqa: PLC0415
-    from diffusers import PixArtTransformer2DModel  # noqa: PLC0415
-
-    with init_empty_weights():  # parameters on meta; buffers (the positional embedding) computed as usual
-        model = PixArtTransformer2DModel.from_config(PixArtTransformer2DModel.load_config(folder))
-    model.eval()
-    stored = index_safetensors(sorted(folder.glob("*.safetensors")))
-
-    def find(name: str, param) -> Stored:
-        if name not in stored:
-            raise KeyError(f"{folder}: no tensor {name!r} in the weights files")
-        return stored[name]
-
-    blocks = len(model.transformer_blocks)
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    per_unit = _place_from_files(model, find, r"transformer_blocks\.(\d+)\.", blocks - resident, dtype, keep,
-                                 device, first=resident)
-    for module in model.modules():
-        for leaf, buf in list(module._buffers.items()):
-            if buf is not None:  # as computed: from_pretrained leaves them so (the positional embedding in float32)
-                module._buffers[leaf] = buf.to(device)
-    streamer = BlockStreamer(list(model.transformer_blocks)[resident:], per_unit, device, ahead=ahead, cyclic=True,
-                             hold=hold_in_ram)
-    return model, streamer

@@ -21,8 +21,8 @@ STAGE is encode, denoise or decode; N counts from 1 within that stage. POINT:
     manifest-whole  the same, the whole temporary file written, killed before the rename
     manifest-torn   the same, half of run.json written straight over the old one, then killed
 
-The artifact is told by its path (embeds/, latents/, images/, run.json) and, for run.json, by the stage on the
-stack (generate._Queue.stage's `name`). The writes themselves still go through the library's RunFolder._atomic,
+The artifact is told by its path (embeds/, latents/, images/, run.json) and, for run.json, by the last stage
+the manifest being written reports (its `stages` list; "prepare" before the first). The writes themselves still go through the library's RunFolder._atomic,
 which this only wraps; the model calls are caught by class, however the library loads the models.
 
 `--draw-seed S` makes the seeds drawn for jobs without one come from random.Random(S) instead of the system's
@@ -55,14 +55,11 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+MANIFEST_STAGE = threading.local()  # the stage whose end the manifest being written records
+
+
 def running_stage() -> str:
-    """The stage whose code is on the stack: generate._Queue.stage(name, ...) for the manifest writes."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "stage" and frame.f_code.co_filename.endswith("generate.py"):
-            return frame.f_locals["name"]
-        frame = frame.f_back
-    return "prepare"
+    return getattr(MANIFEST_STAGE, "name", "prepare")
 
 
 def write_and_fsync(f, data: bytes) -> None:
@@ -151,14 +148,24 @@ def install_write_kill(stage: str, point: str, reached) -> None:
         raise AssertionError("unreachable: killed inside the write")
 
     RunFolder._atomic = atomic
+    real_write_manifest = RunFolder.write_manifest
+
+    def write_manifest(self, manifest: dict) -> None:
+        stages = manifest.get("stages") or [{"name": "prepare"}]
+        MANIFEST_STAGE.name = stages[-1]["name"]
+        try:
+            real_write_manifest(self, manifest)
+        finally:
+            MANIFEST_STAGE.name = "prepare"
+
+    RunFolder.write_manifest = write_manifest
 
 
 def pin_drawn_seeds(seed: int) -> None:
     import random
 
-    from pixart_lowvram import run
-
-    run.random.SystemRandom = lambda: random.Random(seed)
+    # items.expand draws missing seeds from random.SystemRandom(): this process's draws become reproducible
+    random.SystemRandom = lambda: random.Random(seed)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

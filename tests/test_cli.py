@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pixart_lowvram import generate
+from pixart_lowvram import resolve
 from pixart_lowvram.cli import main
 
 
@@ -32,7 +32,7 @@ def test_generate_makes_count_images_with_consecutive_seeds(tiny_model, tmp_path
 
 
 def test_a_bad_queue_is_reported_whole_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "resolve_model", lambda *a: pytest.fail("the model was touched"))
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a: pytest.fail("the model was touched"))
     queue = tmp_path / "q.json"
     queue.write_text(json.dumps({"jobs": [{"prompt": ""}, {"prompt": "ok", "stepz": 3}, {"prompt": "x", "width": 100}]}))
     code = main(["run", str(queue), "--out", str(tmp_path / "run")])
@@ -86,3 +86,34 @@ def test_the_command_returns_mains_code_and_leaves_the_libraries_objects_to_the_
     bad = subprocess.run([sys.executable, "-c", script.replace("'plan'", "'plan', '--vram-budget', 'lots'")],
                          capture_output=True, text=True)
     assert "code 2" in bad.stdout and "--vram-budget" in bad.stderr
+
+
+def test_plan_reads_configs_and_headers_only_and_never_touches_the_gpu(tiny_model, tmp_path, capsys, monkeypatch):
+    """`plan` on a machine with a GPU: the plan for the budget, without starting CUDA, loading or hashing weights."""
+    import torch
+
+    from pixart_lowvram import generate, models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as if on a GPU machine
+    monkeypatch.setattr(torch.cuda, "_lazy_init", lambda: pytest.fail("CUDA was started"))
+    monkeypatch.setattr(models, "file_sha256", lambda *a: pytest.fail("a weights file was hashed"))
+    for stage in ("encode_texts", "denoise_items", "decode_items"):
+        monkeypatch.setattr(generate, stage, lambda *a, **k: pytest.fail("a stage ran"))
+    queue = tmp_path / "q.toml"
+    queue.write_text('[[jobs]]\nprompt = "a fox"\nwidth = 256\nheight = 256\n')
+    assert main(["plan", str(queue), "--model", tiny_model, "--vram-budget", "1.5GiB"]) == 0
+    out, err = capsys.readouterr()
+    assert "plan for VRAM budget 1.50 GiB" in out and "encode" in out and "decode" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plan_without_a_gpu_says_the_budget_is_for_a_gpu(tiny_model, tmp_path, capsys):
+    queue = tmp_path / "q.toml"
+    queue.write_text('[[jobs]]\nprompt = "a fox"\n')
+    assert main(["plan", str(queue), "--model", tiny_model, "--device", "cpu", "--vram-budget", "100MiB"]) == 2
+    err = capsys.readouterr().err
+    assert "planned for a GPU with this budget; on this machine the run would use the CPU" in err
+    assert "a VRAM budget of 0.10 GiB is too small to denoise" in err and "Traceback" not in err
+    assert main(["plan", str(queue), "--model", tiny_model, "--device", "cpu", "--vram-budget", "1GiB"]) == 0
+    out, err = capsys.readouterr()
+    assert "plan for VRAM budget 1.00 GiB" in out and "the run would use the CPU" in err

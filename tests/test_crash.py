@@ -287,9 +287,8 @@ def test_after_a_power_cut_truncated_files_are_redone_and_a_garbled_manifest_is_
         assert json.loads(im.text["pixart_lowvram"])["seed"] == lighthouse["seed"] != reference["drawn_seed"]
 
 
-# Library bug: a run.json that parses, with version 1, but with fields of the wrong type is not rebuilt like an
-# unreadable one: _Queue.prepare() uses it as is (expand's drawn_seeds.get, removed_images' items + [...]) and the
-# run dies with a Python traceback instead of rebuilding the manifest.
+# A run.json that parses, with version 1, but with fields of the wrong type is rebuilt like an unreadable one, not
+# used as it is (expand's drawn_seeds.get, removed_images' items + [...]) to die with a Python traceback.
 @pytest.mark.parametrize("garbage", ['{"version": 1, "drawn_seeds": []}', '{"version": 1, "items": {}}',
                                      '{"version": 1, "items": [1, 2]}', '{"version": 1, "drawn_seeds": null}'])
 def test_a_manifest_of_the_wrong_shape_is_rebuilt_too(garbage, queue, tiny_model, reference, tmp_path):

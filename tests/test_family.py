@@ -16,7 +16,7 @@ from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma_bins
 from PIL import Image
 
 from conftest import max_diff, pixels, reference_image
-from pixart_lowvram import decode, generate, models
+from pixart_lowvram import decode, generate, models, resolve
 from pixart_lowvram.cli import main
 from pixart_lowvram.errors import QueueError, UsageError
 from pixart_lowvram.generate import Settings, run_queue
@@ -231,7 +231,7 @@ def test_an_unknown_sampler_is_a_validation_error_listing_the_known_ones(tmp_pat
         jobs_from_options("a fox", sampler="heun")
     assert "unknown sampler 'heun' (known: dpm-solver, sa-solver, euler, euler-a, ddim, lcm, ddpm)" in str(error.value)
 
-    monkeypatch.setattr(generate, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
     code = main(["generate", "a fox", "--sampler", "euler_a", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2
@@ -270,7 +270,7 @@ def test_a_sampler_is_part_of_the_latents_key_but_the_models_own_is_not(tiny_mod
 # -- --text-encoder-8bit ---------------------------------------------------------------------------------------------
 
 def test_8bit_on_the_cpu_is_refused_before_anything_loads(tiny_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
     with pytest.raises(UsageError, match="--text-encoder-8bit needs a CUDA GPU"):
         run_queue(jobs_from_options("x"), tmp_path / "run",
                   Settings(model=tiny_model, device="cpu", text_encoder_8bit=True))
@@ -281,12 +281,12 @@ def test_8bit_on_the_cpu_is_refused_before_anything_loads(tiny_model, tmp_path, 
 
 
 def test_8bit_without_bitsandbytes_says_what_to_install(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(generate, "resolve_device", lambda name: torch.device("cuda"))  # as if on a GPU
-    monkeypatch.setattr(generate, "bitsandbytes_available", lambda: False)
-    monkeypatch.setattr(generate, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
+    monkeypatch.setattr(resolve, "resolve_device", lambda name: torch.device("cuda"))  # as if on a GPU
+    monkeypatch.setattr(resolve, "bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
     with pytest.raises(UsageError, match=r"needs bitsandbytes: pip install 'pixart-lowvram\[8bit\]'"):
         run_queue(jobs_from_options("x"), tmp_path / "run", Settings(model=tiny_model, text_encoder_8bit=True))
-    monkeypatch.setattr(generate, "bitsandbytes_available", lambda: True)
+    monkeypatch.setattr(resolve, "bitsandbytes_available", lambda: True)
     with pytest.raises(UsageError, match="exclude each other"):
         run_queue(jobs_from_options("x"), tmp_path / "run",
                   Settings(model=tiny_model, text_encoder_8bit=True, encode_on_cpu=True))
@@ -331,7 +331,7 @@ def test_8bit_t5_is_planned_at_its_8bit_size_and_kept_resident(xl_shapes):
     fp16 = sizes_from_shapes(shapes, configs, torch.float16)
     int8 = sizes_from_shapes(shapes, configs, torch.float16, text_encoder_8bit=True)
     # q, k, v, o, wi_0, wi_1 of the 24 blocks at a byte a weight (plus a float32 scale per row); the fp32 `wo`
-    # layers, the embedding and the norms as before: ~7.4 GiB, what the diffusers recipe measured (DESIGN.md)
+    # layers, the embedding and the norms as before: ~7.4 GiB, as measured for the diffusers recipe (BENCHMARKS.md)
     d, ff, blocks = 4096, 10240, 24
     int8_weights = blocks * (4 * d * d + 2 * ff * d)
     assert fp16.text_encoder - int8.text_encoder == int8_weights - blocks * 4 * (4 * d + 2 * ff)

@@ -160,3 +160,55 @@ def test_bad_settings_fail_before_any_model_loads(tiny_model, tmp_path, option, 
     with pytest.raises(UsageError, match=message):
         run_queue(jobs_from_options("x"), tmp_path / "run", Settings(model=tiny_model, **{**CPU32, **option}))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("how", ["stop between images", "Ctrl-C inside a step"])
+def test_an_interrupted_streamed_denoise_closes_its_streamer_and_keeps_what_it_finished(tiny_model, tmp_path,
+                                                                                       monkeypatch, how):
+    """Whatever stops a streamed denoise, its streamer is closed (I/O threads ended, hooks removed, pinned
+    buffers dropped) and the latents finished before the stop are kept for the rerun."""
+    import threading
+
+    from pixart_lowvram import generate, streaming
+    from pixart_lowvram.errors import Interrupted
+    from pixart_lowvram.placement import Plan, StagePlan
+    from pixart_lowvram.reporting import Bar, Reporter
+
+    real_plan = generate.plan_run
+    monkeypatch.setattr(generate, "plan_run", lambda *a, **k: (lambda plan: Plan(plan.budget, plan.context, {
+        **plan.stages, "denoise": StagePlan("denoise", "streamed", estimate=0, ahead=1, resident_blocks=0)}))(
+        real_plan(*a, **k)))
+    closed, streamers = [], []
+    real_init, real_close = streaming.BlockStreamer.__init__, streaming.BlockStreamer.close
+    monkeypatch.setattr(streaming.BlockStreamer, "__init__",
+                        lambda self, *a, **k: (real_init(self, *a, **k), streamers.append(self))[0])
+    monkeypatch.setattr(streaming.BlockStreamer, "close", lambda self: (real_close(self), closed.append(self))[0])
+    stop = threading.Event()
+
+    class StepBar(Bar):
+        def __init__(self):
+            self.steps = 0
+
+        def update(self, n: int = 1) -> None:
+            self.steps += 1
+            if how == "stop between images" and self.steps == 3:  # the first image's last step
+                stop.set()
+            if how == "Ctrl-C inside a step" and self.steps == 2:
+                raise KeyboardInterrupt
+
+    class Stopper(Reporter):
+        def bar(self, desc, total, unit="it", transient=False):
+            return StepBar() if desc == "denoise" else Bar()
+
+    jobs = [Job(index=1, prompt="a lighthouse", seed=1, steps=3, width=128, height=128),
+            Job(index=2, prompt="a fox", seed=2, steps=3, width=128, height=128)]
+    settings = Settings(model=tiny_model, embed_cache=None, **CPU32)
+    with pytest.raises(Interrupted):
+        run_queue(jobs, tmp_path / "run", settings, Stopper(), stop=stop)
+    assert streamers and closed == streamers, "the streamer was left open"
+    assert not [t for t in threading.enumerate() if t.name.startswith("weights-")], "its I/O threads live on"
+    assert all(not unit._forward_pre_hooks and not unit._forward_hooks for s in streamers for unit in s.units)
+    kept = len(list((tmp_path / "run" / "latents").glob("*.safetensors")))
+    assert kept == (1 if how == "stop between images" else 0)
+    result = run_queue(jobs, tmp_path / "run", settings)  # the rerun makes what is left
+    assert result.made["denoise"] == 2 - kept and all(p.is_file() for p in result.images.values())

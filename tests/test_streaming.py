@@ -12,16 +12,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pixart_lowvram.encode import encode_texts
-from pixart_lowvram.models import caption_cleaning, component_sizes, resolve_model
-from pixart_lowvram.placement import StagePlan
-from pixart_lowvram.reporting import Reporter
-from pixart_lowvram.run import RunFolder
-from pixart_lowvram.streaming import (
-    MicroBatched,
+from pixart_lowvram.stage import StageContext
+from pixart_lowvram.models import (
+    caption_cleaning,
+    component_sizes,
     index_safetensors,
     load_text_encoder_streamed,
-    micro_batch_blocks,
+    resolve_model,
 )
+from pixart_lowvram.placement import StagePlan
+from pixart_lowvram.run import RunFolder
+from pixart_lowvram.streaming import MicroBatched, micro_batch_blocks
 
 TEXTS = ["a red cat", "pirate ship trapped in a cosmic maelstrom nebula, highly detailed, oil painting", ""]
 
@@ -265,8 +266,8 @@ PLANS = {
 def encode_with(info, plan, folder_path, batch_size):
     texts = {f"text{i}": text for i, text in enumerate(TEXTS)}
     with RunFolder(folder_path) as folder:
-        made = encode_texts(info, texts, folder=folder, device=torch.device("cpu"), dtype=torch.float32,
-                            batch_size=batch_size, reporter=Reporter(), checkpoint=lambda: None, plan=plan)
+        ctx = StageContext(info=info, folder=folder, device=torch.device("cpu"), dtype=torch.float32, plan=plan)
+        made = encode_texts(ctx, texts, batch_size=batch_size)
         assert made == len(texts)
         return {key: load_file(folder.embed_path(key)) for key in texts}
 
@@ -312,7 +313,7 @@ def test_streamed_dit_equals_from_pretrained_step_after_step(tiny_model, residen
     step: held in RAM (read from the files once) or, where RAM is short, read from the files at every step."""
     from diffusers import PixArtTransformer2DModel
 
-    from pixart_lowvram.streaming import load_transformer_streamed
+    from pixart_lowvram.models import load_transformer_streamed
 
     folder = Path(tiny_model) / "transformer"
     reference = PixArtTransformer2DModel.from_pretrained(folder).eval()
@@ -351,7 +352,7 @@ def test_streamed_dit_in_float16_equals_from_pretrained(tiny_model, device, hold
     within float16 rounding, over steps that reuse every buffer."""
     from diffusers import PixArtTransformer2DModel
 
-    from pixart_lowvram.streaming import load_transformer_streamed
+    from pixart_lowvram.models import load_transformer_streamed
 
     folder = Path(tiny_model) / "transformer"
     device = torch.device(device)
@@ -382,13 +383,13 @@ def override_plan(monkeypatch, **stages: StagePlan) -> None:
     from pixart_lowvram import generate
     from pixart_lowvram.placement import Plan
 
-    original = generate._Queue.make_plan
+    original = generate.plan_run
 
-    def make_plan(self, *args, **kwargs):
-        plan = original(self, *args, **kwargs)
+    def plan_run(*args, **kwargs):
+        plan = original(*args, **kwargs)
         return Plan(plan.budget, plan.context, {**plan.stages, **stages})
 
-    monkeypatch.setattr(generate._Queue, "make_plan", make_plan)
+    monkeypatch.setattr(generate, "plan_run", plan_run)
 
 
 ONE_JOB = dict(prompt="a lighthouse at dusk", seed=5, steps=3, width=256, height=256)

@@ -65,16 +65,16 @@ def test_supports_refuses_what_it_cannot_walk_exactly(vae, tiny_model):
 def test_a_strips_plan_makes_the_reference_images(tiny_model, reference_pipeline, tmp_path, monkeypatch):
     """The queue with its decode planned in strips (a small room, as under a tight GPU budget) makes the
     reference pipeline's images."""
-    real = generate._Queue.make_plan
+    real = generate.plan_run
     planned = []
 
-    def strips_plan(self, texts, items):
-        plan = real(self, texts, items)
+    def strips_plan(*args, **kwargs):
+        plan = real(*args, **kwargs)
         plan.stages["decode"] = dataclasses.replace(plan["decode"], placement="strips", room=80_000, tile=128)
         planned.append(plan)
         return plan
 
-    monkeypatch.setattr(generate._Queue, "make_plan", strips_plan)
+    monkeypatch.setattr(generate, "plan_run", strips_plan)
     made = []
     real_init = StripDecoder.__init__
     monkeypatch.setattr(StripDecoder, "__init__", lambda self, *a, **k: (real_init(self, *a, **k), made.append(self))[0])

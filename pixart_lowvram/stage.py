@@ -1,0 +1,38 @@
+"""What a stage is handed: one context with the run's folder, device, dtype, its plan entry, the reporter and the
+stop flag. A stage loads its component, works through what it was given, persists each result as it goes, and
+closes whatever it opened in a `finally`, whatever stops it."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import Interrupted
+from .memory import StageMeter
+from .models import ModelInfo
+from .placement import StagePlan
+from .reporting import Reporter
+from .run import RunFolder
+
+
+@dataclass
+class StageContext:
+    info: ModelInfo
+    folder: RunFolder
+    device: torch.device
+    dtype: torch.dtype  # the run's dtype (a component may compute in another: vae_dtype, T5 on the CPU)
+    plan: StagePlan
+    reporter: Reporter = field(default_factory=Reporter)
+    meter: StageMeter | None = None  # the run's measurement of the stage; None: unmeasured
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def checkpoint(self) -> None:
+        """A safe point: everything finished so far is on disk. Stop here if the user asked to."""
+        if self.stop.is_set():
+            raise Interrupted("stop requested")
+
+    def loaded(self, *components) -> None:
+        """Loading is over; `components` are what the stage loaded, watched so that their release is checked."""
+        if self.meter is not None:
+            self.meter.loaded(*components)
