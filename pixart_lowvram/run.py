@@ -306,7 +306,8 @@ class RunFolder:
     def claim_image_names(self, items: list[Item], previous: dict) -> list[tuple[Item, str]]:
         """Give each item an image file that holds nothing it may not replace, renaming the item (id~2, id~3...)
         where its own name is held. Replaceable: no file, a PNG of ours made with the item's own key (the same
-        image), or a damaged file that an earlier run of this folder listed as one of its images. Never
+        image), or a damaged file of ours (listed as an image by an earlier run of this folder, or a torn PNG
+        that still shows our text chunk at its start: what a power cut leaves). Never
         replaced: a finished image made from other parameters (an edited job, other seeds, another model), a
         file of the user's. Returns (item, its former id) for each item renamed, for the user to be told."""
         try:
@@ -338,8 +339,9 @@ class RunFolder:
                     return False
                 if file not in present:
                     return True
-                key = self.png_key(self.images / f"{name(n)}.png")
-                return key == item.image_key or (key is None and f"images/{file}" in listed)
+                path = self.images / f"{name(n)}.png"
+                key = self.png_key(path)
+                return key == item.image_key or (key is None and (f"images/{file}" in listed or _torn_png_of_ours(path)))
 
             same = [n for n in numbers if available(n) and f"{name(n)}.png".lower() in present
                     and self.png_key(self.images / f"{name(n)}.png") == item.image_key]
@@ -453,6 +455,17 @@ def _read_png_meta(path: Path) -> dict | None:
             return _meta_in(im.text)
     except (OSError, ValueError, SyntaxError):
         return None
+
+
+def _torn_png_of_ours(path: Path) -> bool:
+    """A PNG that is not whole but starts like one of ours: the text chunks come before the pixels, so a file cut
+    short still shows the `pixart_lowvram` chunk near its start."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and b"tEXtpixart_lowvram\x00" in head
 
 
 def _manifest_is_ours(path: Path) -> bool:

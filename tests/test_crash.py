@@ -240,6 +240,7 @@ def test_killed_anywhere_the_same_command_finishes_with_the_same_images(
     if manifest_survives:
         assert items(run)[DRAWN]["seed"] == reference["drawn_seed"]
 
+    drawn_image_finished = (run / "images" / f"{DRAWN}.png").is_file()  # it records its seed
     run_again(children, cmd)
     assert temp_files(run) == [], "the rerun removed the temporaries the kill left"
 
@@ -249,9 +250,13 @@ def test_killed_anywhere_the_same_command_finishes_with_the_same_images(
         # Exactly what was not finished is made again: nothing finished is redone, nothing half-made is kept.
         redo = {s: TOTAL[s] for s in after} | {stage: TOTAL[stage] - finished}
         assert made_by_last_run(run) == {s: k for s, k in redo.items() if k}
+    elif drawn_image_finished:
+        # run.json is torn, but the lighthouse's image records the seed drawn for it: read back from there
+        assert items(run)[DRAWN]["seed"] == reference["drawn_seed"]
+        assert_finished_like_the_reference(run, reference, NAMES)
     else:
-        # Without run.json the seed drawn for the lighthouse is lost (README: it is read back from run.json), so
-        # the rerun draws another one and makes that image anew: compare only the seeded images.
+        # Without run.json and before the lighthouse's image exists, its drawn seed is lost: the rerun draws
+        # another one and makes that image anew, so only the seeded images are compared.
         assert items(run)[DRAWN]["seed"] != reference["drawn_seed"]
         assert_finished_like_the_reference(run, reference, SEEDED)
         assert made_by_last_run(run) == {"denoise": 1, "decode": 1}
@@ -275,7 +280,8 @@ def test_after_a_power_cut_truncated_files_are_redone_and_a_garbled_manifest_is_
 
     run_again(children, cmd)
 
-    # The manifest was lost, and with it the seed drawn for the lighthouse: the rerun draws another one and makes
+    # The manifest was lost before the lighthouse's image (which would record it) was made, and with it the seed
+    # drawn for the lighthouse: the rerun draws another one and makes
     # that image anew, so only the seeded images are compared with the reference.
     assert_finished_like_the_reference(run, reference, SEEDED)
     made = made_by_last_run(run)
@@ -297,7 +303,7 @@ def test_a_manifest_of_the_wrong_shape_is_rebuilt_too(garbage, queue, tiny_model
     (run / "run.json").write_text(garbage)
     result = run_queue(load_queue(queue), run, Settings(model=tiny_model, device="cpu", dtype="float32"))
     assert all(item["done"] for item in items(run).values())
-    for name in SEEDED:  # the drawn seed went with the manifest: the lighthouse is made again with a new one
+    for name in NAMES:  # the lighthouse's drawn seed is read back from its image, which records it
         assert np.array_equal(pixels(result.images[name]), reference["images"][name]), name
 
 
