@@ -281,8 +281,8 @@ def test_after_a_power_cut_truncated_files_are_redone_and_a_garbled_manifest_is_
     run_again(children, cmd)
 
     # The manifest was lost before the lighthouse's image (which would record it) was made, and with it the seed
-    # drawn for the lighthouse: the rerun draws another one and makes
-    # that image anew, so only the seeded images are compared with the reference.
+    # drawn for the lighthouse: the rerun draws another one and makes that image anew, so only the seeded images
+    # are compared with the reference. Boat's torn image shows it is ours: made again in place.
     assert_finished_like_the_reference(run, reference, SEEDED)
     made = made_by_last_run(run)
     assert (made["denoise"], made["decode"]) == (2, 4)  # map's latent and the new lighthouse one; every image
