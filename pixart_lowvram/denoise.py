@@ -93,7 +93,7 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> i
                 ).images
             for item, latent in zip(batch, latents):
                 folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent}, item.latent_key,
-                                     item=item.id)
+                                     item=item.id, **item.seed_record())
             done += len(batch)
     finally:
         steps.close()

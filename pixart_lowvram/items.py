@@ -70,6 +70,13 @@ class Item:
     def to_json(self) -> dict:
         return dict(vars(self))  # every field is a plain value: no deep copy (asdict) needed
 
+    def seed_record(self) -> dict[str, str]:
+        """Where a drawn seed came from, as text metadata for the item's latents (its PNG has the whole item):
+        what RunFolder.recover_drawn_seeds reads back when run.json is damaged. Empty for a seed the job gave."""
+        if not self.seed_was_drawn:
+            return {}
+        return {"seed_slot": self.seed_slot, "copy": str(self.copy), "seed": str(self.seed)}
+
 
 def _job_spec(job: Job, defaults: JobDefaults) -> dict:
     """What a job asks for, independent of where it sits in the queue, with the model's defaults filled in (a job

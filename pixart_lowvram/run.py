@@ -386,23 +386,41 @@ class RunFolder:
         count = sum(1 for copies in seeds.values() for s in copies if s is not None)
         return PreviousRun(drawn_seeds=seeds, damage=(
             f"{self.path / MANIFEST} was damaged: {why}. It is written anew; {count} drawn seed(s) were recovered "
-            "from the finished images, and no finished image is replaced (an image whose seed is lost is made "
+            "from the finished images and latents, and no finished image is replaced (an image whose seed is lost is made "
             "again under another name)"))
 
     def recover_drawn_seeds(self) -> dict[str, list[int | None]]:
-        """Drawn seeds as the finished PNGs record them (drawn_seeds[slot][copy]; None for a copy not found)."""
-        found: dict[str, dict[int, int]] = {}
-        try:
-            pngs = [p for p in self.images.iterdir() if p.suffix.lower() == ".png"]
-        except OSError:
-            return {}
-        for png in pngs:
+        """Drawn seeds as the finished files record them: each image's PNG chunk and each latent's metadata
+        (drawn_seeds[slot][copy]; None for a copy found in neither). Where files disagree (seeds drawn again
+        with --new-seeds), the newest file's seed is the one the last run used."""
+        found: dict[str, dict[int, tuple[int, int]]] = {}
+
+        def record(path: Path, slot: object, copy: object, seed: object) -> None:
+            if (isinstance(slot, str) and slot and _is_int(copy) and 0 <= copy < MAX_COUNT and _is_int(seed)
+                    and 0 <= seed <= MAX_SEED):
+                try:
+                    when = path.stat().st_mtime_ns
+                except OSError:
+                    return
+                copies = found.setdefault(slot, {})
+                if copy not in copies or copies[copy][0] <= when:
+                    copies[copy] = (when, seed)
+
+        for latent in _files(self.latents, ".safetensors"):
+            try:
+                with safe_open(str(latent), framework="pt") as f:
+                    meta = f.metadata() or {}
+            except (SafetensorError, OSError, RuntimeError, ValueError):
+                continue
+            copy, seed = meta.get("copy", ""), meta.get("seed", "")
+            if meta.get("seed_slot") and re.fullmatch(r"[0-9]{1,20}", copy) and re.fullmatch(r"[0-9]{1,20}", seed):
+                record(latent, meta["seed_slot"], int(copy), int(seed))
+        for png in _files(self.images, ".png"):
             meta = _read_png_meta(png) or {}
-            slot, copy, seed = meta.get("seed_slot"), meta.get("copy"), meta.get("seed")
-            if (meta.get("seed_was_drawn") is True and isinstance(slot, str) and slot and _is_int(copy)
-                    and 0 <= copy < MAX_COUNT and _is_int(seed) and 0 <= seed <= MAX_SEED):
-                found.setdefault(slot, {})[copy] = seed
-        return {slot: [copies.get(k) for k in range(max(copies) + 1)] for slot, copies in found.items()}
+            if meta.get("seed_was_drawn") is True:
+                record(png, meta.get("seed_slot"), meta.get("copy"), meta.get("seed"))
+        return {slot: [copies[k][1] if k in copies else None for k in range(max(copies) + 1)]
+                for slot, copies in found.items()}
 
     # -- manifest --------------------------------------------------------------------------------------------
     def read_manifest(self) -> dict | None:
@@ -430,6 +448,13 @@ class RunFolder:
                                                                           item.image_key)}
                 for item in items]
 
+
+
+def _files(folder: Path, suffix: str) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.suffix.lower() == suffix and p.is_file()]
+    except OSError:
+        return []
 
 
 def _listing(folder: Path) -> set[str]:

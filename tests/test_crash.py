@@ -240,7 +240,8 @@ def test_killed_anywhere_the_same_command_finishes_with_the_same_images(
     if manifest_survives:
         assert items(run)[DRAWN]["seed"] == reference["drawn_seed"]
 
-    drawn_image_finished = (run / "images" / f"{DRAWN}.png").is_file()  # it records its seed
+    # The lighthouse's latents and image record the seed drawn for it, once finished
+    seed_recorded = any(reference["drawn_seed"] in seeds for seeds in RunFolder(run).recover_drawn_seeds().values())
     run_again(children, cmd)
     assert temp_files(run) == [], "the rerun removed the temporaries the kill left"
 
@@ -250,12 +251,12 @@ def test_killed_anywhere_the_same_command_finishes_with_the_same_images(
         # Exactly what was not finished is made again: nothing finished is redone, nothing half-made is kept.
         redo = {s: TOTAL[s] for s in after} | {stage: TOTAL[stage] - finished}
         assert made_by_last_run(run) == {s: k for s, k in redo.items() if k}
-    elif drawn_image_finished:
-        # run.json is torn, but the lighthouse's image records the seed drawn for it: read back from there
+    elif seed_recorded:
+        # run.json is torn, but the lighthouse's finished latents or image record its drawn seed: read back
         assert items(run)[DRAWN]["seed"] == reference["drawn_seed"]
         assert_finished_like_the_reference(run, reference, NAMES)
     else:
-        # Without run.json and before the lighthouse's image exists, its drawn seed is lost: the rerun draws
+        # Without run.json and before the lighthouse's latents exist, its drawn seed is lost: the rerun draws
         # another one and makes that image anew, so only the seeded images are compared.
         assert items(run)[DRAWN]["seed"] != reference["drawn_seed"]
         assert_finished_like_the_reference(run, reference, SEEDED)
@@ -280,17 +281,15 @@ def test_after_a_power_cut_truncated_files_are_redone_and_a_garbled_manifest_is_
 
     run_again(children, cmd)
 
-    # The manifest was lost before the lighthouse's image (which would record it) was made, and with it the seed
-    # drawn for the lighthouse: the rerun draws another one and makes that image anew, so only the seeded images
-    # are compared with the reference. Boat's torn image shows it is ours: made again in place.
-    assert_finished_like_the_reference(run, reference, SEEDED)
+    # The manifest was lost, but not the seed drawn for the lighthouse: its finished latents record it. Boat's
+    # torn image shows it is ours: made again in place.
+    assert_finished_like_the_reference(run, reference, NAMES)
     made = made_by_last_run(run)
-    assert (made["denoise"], made["decode"]) == (2, 4)  # map's latent and the new lighthouse one; every image
-    #                                                     not finished, boat's again
+    assert (made["denoise"], made["decode"]) == (1, 4)  # map's latent; every image not finished, boat's again
     assert whole(latent) and whole(embed)  # map's embedding made again (or taken from the embedding cache)
     lighthouse = items(run)[DRAWN]
     with Image.open(run / "images" / f"{DRAWN}.png") as im:
-        assert json.loads(im.text["pixart_lowvram"])["seed"] == lighthouse["seed"] != reference["drawn_seed"]
+        assert json.loads(im.text["pixart_lowvram"])["seed"] == lighthouse["seed"] == reference["drawn_seed"]
 
 
 # A run.json that parses, with version 1, but with fields of the wrong type is rebuilt like an unreadable one, not

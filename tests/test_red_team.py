@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 from conftest import max_diff, pixels, reference_image
 from pixart_lowvram import generate, jobs as jobs_module
 from pixart_lowvram.cli import main
-from pixart_lowvram.errors import NotARunFolder, QueueError, RunFolderError
+from pixart_lowvram.errors import Interrupted, QueueError, RunFolderError
 from pixart_lowvram.generate import Settings, run_queue
 from pixart_lowvram.items import prompt_folder_name
 from pixart_lowvram.jobs import MAX_IMAGES, MAX_PROMPT, load_queue, parse_queue
@@ -98,6 +98,24 @@ def test_a_damaged_manifest_keeps_the_drawn_seeds_from_the_finished_images(tiny_
     assert again.made == {} and [s.skipped for s in again.stages] == [True, True, True]
     assert any("run.json was damaged" in m and "2 drawn seed(s) were recovered" in m for m in notes.messages)
     assert json.loads((folder / MANIFEST).read_text())["drawn_seeds"]  # written anew, with the seeds
+
+
+def test_a_damaged_manifest_before_any_image_keeps_the_seeds_the_latents_record(tiny_model, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    jobs = queue('prompt = "a drawn seed"\ncount = 2')
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = generate.decode_items
+    monkeypatch.setattr(generate, "decode_items", stopped)  # stopped after denoise: latents, no images yet
+    with pytest.raises(Interrupted):
+        run_queue(jobs, folder, Settings(model=tiny_model, **CPU32))
+    drawn = [item["seed"] for item in json.loads((folder / MANIFEST).read_text())["items"]]
+    (folder / MANIFEST).write_text("{")
+    monkeypatch.setattr(generate, "decode_items", real)
+    again = run_queue(jobs, folder, Settings(model=tiny_model, **CPU32))
+    assert seeds(again) == drawn and again.made == {"decode": 2}
 
 
 def test_an_image_whose_seed_cannot_be_recovered_is_kept_and_the_new_one_named_apart(tiny_model, tmp_path):
