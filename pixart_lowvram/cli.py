@@ -32,7 +32,8 @@ Running the same command again resumes: finished embeddings, latents and images 
 A finished image is never replaced by one made from other parameters: the new one gets another name (NAME~2).
 Exit codes: 0 done; 1 the run folder could not be used or written (locked by another run, read-only, disk
 full); 2 bad input (queue, options, model, --out not a run folder; nothing was loaded or written); 3 out of GPU
-memory; 130 interrupted (Ctrl-C). Finished work is kept in every case.
+memory; 4 some images not made (a component overflowed: see --upcast); 130 interrupted (Ctrl-C). Finished work
+is kept in every case.
 """
 
 QUEUE_HELP = """\
@@ -53,6 +54,9 @@ A `defaults` table applies to every job. Example (TOML):
   cfg = 5
 """
 QUEUE_HELP = QUEUE_HELP.replace("{samplers}", ", ".join(SAMPLER_NAMES))
+
+
+EXIT_NON_FINITE = 4  # the run ended, but a component overflowed for some images: they are named, the rest is done
 
 
 class _TqdmBar(Bar):
@@ -111,6 +115,11 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                    help="GPU memory the whole process may use, CUDA context included: 1.5GiB, 6GB, 800MiB, or "
                         "auto (what the GPU has free). Components that do not fit stream their weights. "
                         "Default: no limit, everything that fits stays on the GPU")
+    g.add_argument("--host-budget", metavar="SIZE", default="auto",
+                   help="host RAM the whole process may hold, pinned buffers included: 16GiB, 32GB, or auto (what "
+                        "the machine has available, less 2 GiB). Where it is short, the DiT's blocks are read from "
+                        "the weights files at every step and the strip decoder's activations wait in files in the "
+                        "run folder (slower) instead of RAM. `plan` shows each stage's GPU and host memory")
     g.add_argument("--text-encoder-on-cpu", dest="encode_on_cpu", action="store_true",
                    help="run T5 on the CPU: no GPU memory for it at all, but slow")
     g.add_argument("--text-encoder-8bit", dest="text_encoder_8bit", action="store_true",
@@ -118,6 +127,10 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                         "instead of ~10.7, loaded straight onto the GPU, never streamed. Embeddings and images "
                         "deviate from 16-bit ones (BENCHMARKS.md, Precision). CUDA only; needs "
                         "pip install 'pixart-lowvram[8bit]'")
+    g.add_argument("--upcast", type=_components, default=(), metavar="COMPONENT[,COMPONENT]",
+                   help="compute these components in float32 in a 16-bit run: text_encoder, transformer, vae. The "
+                        "fix when one overflows float16 (the run then ends with exit code 4 and names it); it "
+                        "applies to what is still to make, so a rerun with it redoes only the failed images")
     g.add_argument("--no-embed-cache", dest="embed_cache", action="store_const", const=None, default="default",
                    help="do not share prompt embeddings across runs (default: ~/.cache/pixart-lowvram/embeds)")
     g.add_argument("--force", action="store_true",
@@ -130,6 +143,10 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                    help="load pickled .bin weights where a component has no safetensors (they can run code "
                         "when loaded: only for sources you trust)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the summary")
+
+
+def _components(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:
@@ -234,6 +251,9 @@ def print_summary(result, seconds: float) -> None:
         print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    for s in result.stages:
+        for what in s.over_budget():
+            print(f"over budget: {s.name}: {what}")
     done = sum(1 for p in result.images.values() if p.is_file())
     if len(result.images) <= SHOW_IMAGES:
         print()
@@ -252,7 +272,9 @@ def _run(jobs, out: Path, settings, quiet: bool) -> int:
     print_summary(result, time.perf_counter() - start)
     if result.left_alone:
         print(f"{len(result.left_alone)} image(s) of jobs no longer in the queue were left in place.")
-    return 0
+    for failure in result.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return EXIT_NON_FINITE if result.failures else 0
 
 
 @contextlib.contextmanager

@@ -6,11 +6,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .models import ModelInfo, load_vae, make_pipeline, sampler_label, vae_dtype
+from .models import ModelInfo, load_vae, make_pipeline, sampler_label
 from .items import Item, latent_shapes
 from .stage import StageContext
 from .vae_strips import StripDecoder, supports
 
+# Threads compressing and writing PNGs while the GPU decodes. A chosen number: a 1024x1024 PNG takes longer to
+# compress than to decode (DESIGN.md: ~0.13 s a whole decode on the H100), and PIL's zlib lets go of the GIL, so
+# a few threads keep up with the GPU; four leave cores to the decoding thread on small machines.
+PNG_WRITERS = 4
 
 def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, str]:
     """The PNG text chunks: `parameters` in the form AUTOMATIC1111, ComfyUI, InvokeAI and civitai read, and
@@ -36,11 +40,13 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
     """Decode `items`' latents, writing images/<id>.png for each. Returns how many were made."""
     info, folder, plan, reporter, device, dtype = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device, ctx.dtype
     with reporter.bar("load VAE", total=1, unit="part", transient=True) as bar:
-        vae = load_vae(info, vae_dtype(info, dtype), device)  # float32 for Σ's SDXL VAE in a float16 run
+        vae = load_vae(info, ctx.compute_dtype, device)  # float32 for Σ's SDXL VAE in a float16 run
         strips = None
         if plan.placement == "strips":
             if supports(vae):
-                strips = StripDecoder(vae, device, plan.room)
+                # Where RAM is short the plan spills what waits off the GPU to files in the run folder.
+                strips = StripDecoder(vae, device, plan.room, spill_dir=folder.path if plan.spill else None,
+                                      pinned_limit=plan.pinned_limit)
             else:
                 # Not the SD-VAE layout the strip decoder walks: diffusers' tiled decoding (overlapping tiles,
                 # blended; the image changes at the seams), with the largest tile that fits the same room.
@@ -56,7 +62,7 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
     # PNGs are compressed and written on threads (PIL's zlib encoder and the file writes let go of the GIL)
     # while the GPU decodes the next images: a 1024x1024 PNG takes longer to compress than to decode. Whatever
     # stops the loop, the images already decoded are written first.
-    writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="png-writer")
+    writer = ThreadPoolExecutor(max_workers=PNG_WRITERS, thread_name_prefix="png-writer")
     written: list[Future] = []
     try:
         with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():
@@ -69,8 +75,12 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
                 latents = stored["latents"][None].to(device, vae.dtype)
                 latents = latents / vae.config.scaling_factor
                 image = strips.decode(latents) if strips else vae.decode(latents, return_dict=False)[0]
+                bar.update()
+                if not ctx.finite(image, item.id):
+                    continue  # postprocess would clamp it to a black or grey image: none is written instead
                 # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
-                image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
+                if info.geometry.bins is not None:
+                    image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
                 picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
                 bar.describe(item.id)
                 for future in written:
@@ -78,9 +88,8 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
                         future.result()  # a failed write (disk full) stops the stage here
                 written.append(writer.submit(folder.write_png, folder.image_path(item), picture,
                                              png_text(item, info, key=item.image_key, dtype=dtype_name)))
-                bar.update()
     finally:
         writer.shutdown(wait=True)
     for future in written:
         future.result()
-    return len(items)
+    return len(written)

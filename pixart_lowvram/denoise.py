@@ -16,11 +16,17 @@ from .items import Item, embed_shapes
 from .stage import StageContext
 
 
+# The share of the RAM available when denoise starts that the DiT's pinned blocks may take: the rest stays for the
+# page cache the other stages read their weights through and for other programs. A chosen margin (the planner's
+# host budget decides first; this guards a machine whose free RAM fell after planning).
+PINNED_DIT_RAM_SHARE = 0.8
+
+
 def pinned_dit_fits_in_ram(info: ModelInfo, dtype: torch.dtype) -> bool:
     """Whether RAM can hold the DiT's blocks pinned (read from the files straight into their buffers), with room
     to spare; where it cannot, they stream from the files at every step: a run never fails for want of RAM."""
     free = available_ram()
-    return free is None or component_sizes(info, dtype).transformer <= free * 0.8
+    return free is None or component_sizes(info, dtype).transformer <= free * PINNED_DIT_RAM_SHARE
 
 
 def group_key(item: Item) -> tuple:
@@ -38,7 +44,8 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
 
 def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> int:
     """Denoise `items`, writing latents/<key>.safetensors for each. Returns how many were made."""
-    info, folder, plan, reporter, device, dtype = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device, ctx.dtype
+    info, folder, plan, reporter, device = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device
+    dtype = ctx.compute_dtype  # the DiT's; the latents are stored in it
     embed_shape = embed_shapes(info)
     streamer = None
     steps = reporter.bar("denoise", total=sum(it.steps for it in items), unit="step")  # image-steps
@@ -50,8 +57,8 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> i
                 # Measured (BENCHMARKS.md): diffusers' group offloading ran this stage 3.3x slower than resident
                 # at 1.5 GiB (18.1 s vs 5.5 s); our streamer keeps what fits on the GPU, the other blocks pinned
                 # in RAM (one buffer each), and overlaps each block's copy with the compute of the ones before.
-                hold = pinned_dit_fits_in_ram(info, dtype)
-                if not hold:
+                hold = plan.hold_in_ram and pinned_dit_fits_in_ram(info, dtype)
+                if plan.hold_in_ram and not hold:
                     reporter.info("not enough free RAM to hold the transformer's blocks pinned: streaming them "
                                   "from the weights files at every step instead (slower)")
                 transformer, streamer = load_transformer_streamed(info.path / "transformer", dtype, device,
@@ -89,12 +96,14 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> i
                     timesteps=list(info.kind.timesteps) if info.kind.timesteps else None,  # DMD: one step at t=400
                     generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
                     max_sequence_length=info.max_sequence_length,
+                    use_resolution_binning=info.geometry.bins is not None,  # without bins, sizes as asked
                     output_type="latent", callback=lambda *_: steps.update(len(batch)), callback_steps=1,
                 ).images
             for item, latent in zip(batch, latents):
-                folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent}, item.latent_key,
-                                     item=item.id, **item.seed_record())
-            done += len(batch)
+                if ctx.finite(latent, item.id):
+                    folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent},
+                                         item.latent_key, item=item.id, **item.seed_record())
+                    done += 1
     finally:
         steps.close()
         if streamer is not None:

@@ -4,7 +4,9 @@ The queue's texts (prompts and negative prompts, each once) go through the text 
 reference pipeline's own `encode_prompt` (same tokenization, caption cleaning and padding as a plain call).
 Inside each T5 block they run in micro-batches of `batch_size` (1: the reference's exact kernels), so a
 block's weights serve the whole group while the results stay those of a one-prompt call. Where the plan says
-so, the blocks stream from the weights files (`streaming.py`), or T5 runs on the CPU."""
+so, the blocks stream from the weights files (`streaming.py`), or T5 runs on the CPU. The texts go through T5
+in groups of the plan's size (`plan.group`: the hidden states of a group are all alive at once, so the planner
+picks the largest group that fits the budget)."""
 from __future__ import annotations
 
 import torch
@@ -14,8 +16,6 @@ from .models import (ModelInfo, caption_cleaning, load_text_encoder, load_text_e
 from .placement import StagePlan
 from .stage import StageContext
 from .streaming import micro_batch_blocks
-
-GROUP = 32  # texts through T5 together (their hidden states are all alive at once)
 
 
 def _load(info: ModelInfo, plan: StagePlan, dtype: torch.dtype, device: torch.device, micro: int,
@@ -40,7 +40,9 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
         # fp16 matrix products are slow or missing on CPUs: compute in fp32, store at the run's dtype
         device, compute_dtype = torch.device("cpu"), torch.float32
     else:
-        compute_dtype = dtype
+        compute_dtype = ctx.compute_dtype
+    # Stored in the run's dtype; an upcast T5's in float32, which its overflowing values may need
+    store = ctx.compute_dtype if ctx.compute_dtype != dtype else dtype
     streamer = None
     try:
         with reporter.bar("load text encoder", total=2, unit="part", transient=True) as bar:
@@ -50,15 +52,18 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
             bar.update()
         pipe = make_pipeline(info, tokenizer=tokenizer, text_encoder=text_encoder)
         ctx.loaded(text_encoder)
+        size = plan.group or len(keys)
         with reporter.bar("encode", total=len(keys), unit="text") as bar, torch.inference_mode():
-            for start in range(0, len(keys), GROUP):
+            for start in range(0, len(keys), size):
                 ctx.checkpoint()
-                group = keys[start:start + GROUP]
+                group = keys[start:start + size]
                 embeds, mask, _, _ = pipe.encode_prompt(
                     [texts[k] for k in group], do_classifier_free_guidance=False, device=device,
                     clean_caption=caption_cleaning(), max_sequence_length=info.max_sequence_length)
                 for i, key in enumerate(group):
-                    tensors = {"embeds": embeds[i].to(dtype), "mask": mask[i]}
+                    tensors = {"embeds": embeds[i].to(store), "mask": mask[i]}
+                    if not ctx.finite(tensors["embeds"], key):
+                        continue
                     folder.write_tensors(folder.embed_path(key), tensors, key, text=texts[key])
                     if cache is not None:
                         cache.store(key, folder.embed_path(key))
@@ -66,4 +71,4 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
     finally:
         if streamer is not None:
             streamer.close()
-    return len(keys)
+    return len(keys) - len(ctx.failed)

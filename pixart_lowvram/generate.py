@@ -24,13 +24,13 @@ import torch
 from . import __version__
 from .decode import decode_items
 from .denoise import denoise_items
-from .encode import GROUP, encode_texts
+from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory
 from .items import Item, assign_keys, binned_size, embed_shapes, expand, latent_shapes
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
 from .models import component_sizes
-from .placement import CUDA_CONTEXT, Plan, format_plan, make_plan
+from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, Sizes, format_plan, make_plan
 from .reporting import Reporter
 from .resolve import Resolved, Settings, resolve
 from .run import EmbeddingCache, RunFolder
@@ -50,6 +50,31 @@ class RunResult:
     left_alone: list[Path] = field(default_factory=list)  # images of jobs no longer in the queue, kept
     plan: Plan | None = None
     from_cache: int = 0  # embeddings taken from the shared cache instead of encoded
+    failures: list[NonFinite] = field(default_factory=list)  # what overflowed, by stage
+
+
+COMPONENT_OF = {"encode": "text_encoder", "denoise": "transformer", "decode": "vae"}
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """Items a stage could not make: its component produced values that are not finite (an overflow of its
+    dtype). Nothing of theirs was written; the rest of the queue went on."""
+
+    stage: str
+    component: str  # text_encoder, transformer or vae
+    dtype: str  # what the component computed in
+    items: tuple[str, ...]  # the items' ids
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        names = ", ".join(self.items[:8]) + (f" and {len(self.items) - 8} more" if len(self.items) > 8 else "")
+        fix = (f"--upcast {self.component}" if self.dtype != "float32"
+               else "a model whose weights do not overflow (float32 overflowed too)")
+        return (f"{len(self.items)} image(s) not made: the {self.component} ({self.dtype}) gave non-finite values "
+                f"in {self.stage} for {names}. Fix: run the same command again with {fix}; only these are redone.")
 
 
 def default_cache_dir() -> Path:
@@ -57,16 +82,34 @@ def default_cache_dir() -> Path:
     return Path(base) / "pixart-lowvram"
 
 
+def planned_sizes(resolved: Resolved) -> Sizes:
+    """The planner's sizes, each component counted in the dtype it computes in (`--upcast`: float32)."""
+    settings = resolved.settings
+    sizes = component_sizes(resolved.info, resolved.dtype, settings.text_encoder_8bit)
+    if not settings.upcast:
+        return sizes
+    wide = component_sizes(resolved.info, torch.float32)
+    fields = {"text_encoder": ("text_encoder", "text_encoder_block", "text_encoder_other"),
+              "transformer": ("transformer", "transformer_block", "transformer_other"), "vae": ("vae",)}
+    changes = {name: getattr(wide, name) for c in settings.upcast for name in fields[c]}
+    if "vae" in settings.upcast:
+        changes["vae_dtype_bytes"] = 4
+    if {"text_encoder", "transformer"} & set(settings.upcast):
+        changes["dtype_bytes"] = 4  # their activations: counted wide for both, which errs on the safe side
+    return dataclasses.replace(sizes, **changes)
+
+
 def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = CUDA_CONTEXT) -> Plan:
     """Step three: each stage's placement for making `items`, `texts` of whose texts go through T5. Pure; the
     budget "auto" (what the GPU has free) is resolved by the run, which measures it."""
     settings = resolved.settings
     budget = resolved.budget if isinstance(resolved.budget, int) else None
-    sizes = component_sizes(resolved.info, resolved.dtype, settings.text_encoder_8bit)
+    sizes = planned_sizes(resolved)
     binned = [binned_size(resolved.info, it.width, it.height) for it in items]
-    return make_plan(budget, sizes, binned, texts=max(1, min(texts, GROUP)), encode_batch=settings.encode_batch,
+    return make_plan(budget, sizes, binned, texts=max(1, texts), encode_batch=settings.encode_batch,
                      denoise_batch=settings.denoise_batch, context=context, encode_on_cpu=settings.encode_on_cpu,
-                     text_encoder_8bit=settings.text_encoder_8bit)
+                     text_encoder_8bit=settings.text_encoder_8bit,
+                     host_budget=resolved.host_budget if resolved.device.type == "cuda" else None)
 
 
 def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
@@ -113,6 +156,7 @@ class _Run:
         self.stages: list[StageStats] = []
         self.made: dict[str, int] = {}
         self.from_cache = 0
+        self.failures: list[NonFinite] = []
         self.probe: GpuMemoryProbe | None = None
         self.context = CUDA_CONTEXT
         self.budget = resolved.budget
@@ -195,17 +239,20 @@ class _Run:
         return left
 
     # -- the stages ------------------------------------------------------------------------------------------
-    def stage(self, name: str, count: int, work) -> None:
+    def stage(self, name: str, count: int, work) -> list[str]:
         """Run one stage under a meter, then release its component; a stage with nothing to do loads nothing.
-        `work(ctx)` does the stage's work and returns how many artifacts it made."""
-        meter = StageMeter(name, self.device, self.probe)
+        `work(ctx)` does the stage's work and returns how many artifacts it made. Returns what came out
+        non-finite (text keys for encode, item ids after)."""
+        meter = StageMeter(name, self.device, self.probe, host_budget=self.resolved.host_budget,
+                           vram_budget=self.budget if isinstance(self.budget, int) else None)
         if count == 0:
             meter.stats.skipped = True
             self.stages.append(meter.stats)
             self.reporter.info(f"{name}: nothing to do")
-            return
+            return []
         ctx = StageContext(info=self.info, folder=self.folder, device=self.device, dtype=self.dtype,
-                           plan=self.plan[name], reporter=self.reporter, meter=meter, stop=self.stop)
+                           plan=self.plan[name], reporter=self.reporter, meter=meter, stop=self.stop,
+                           compute_dtype=self.resolved.compute_dtype(COMPONENT_OF[name]))
         try:
             ctx.checkpoint()
             with meter:
@@ -225,13 +272,28 @@ class _Run:
         self.made[name] = made
         self.stages.append(meter.stats)
         self.write_manifest()
+        return ctx.failed
+
+    def overflowed(self, stage: str, failed: list[str], items: list[Item]) -> set[str]:
+        """Record the items a stage's non-finite values leave unmade (`failed`: text keys or item ids); their ids."""
+        if not failed:
+            return set()
+        bad = set(failed)
+        lost = [it.id for it in items if bad & {it.id, it.prompt_key, it.negative_key}]
+        component = COMPONENT_OF[stage]
+        failure = NonFinite(stage, component, str(self.resolved.compute_dtype(component)).removeprefix("torch."),
+                            tuple(lost))
+        self.failures.append(failure)
+        self.reporter.info(str(failure))
+        self.write_manifest()
+        return set(lost)
 
     def oom_message(self, stage: str, stats: StageStats) -> str:
         total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         reached = stats.nvml_peak or stats.torch_reserved_peak
         # A budget a little under what this run reached, or under the card, makes the planner stream or tile.
         basis = min(v for v in (reached, total) if v) if (reached or total) else None
-        hint = (f"--vram-budget {basis * 0.8 / 2**30:.1f}GiB" if basis else "--vram-budget SIZE")
+        hint = (f"--vram-budget {basis * OOM_HINT_SHARE / 2**30:.1f}GiB" if basis else "--vram-budget SIZE")
         if isinstance(self.budget, int):
             hint = f"a smaller --vram-budget than {format_bytes(self.budget)} (other programs may share the GPU)"
         return (f"the GPU ran out of memory in stage {stage} (torch peak {format_bytes(stats.torch_peak)}, "
@@ -260,16 +322,23 @@ class _Run:
                 f"{len(self.items)} image(s) in the queue, {len(todo_images)} to make: {len(todo_texts)} text(s) "
                 f"to encode, {len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
                 f"[{self.info.name}, {self.device}, {self.resolved.dtype_name}]")
-            self.stage("encode", len(todo_texts), lambda ctx: encode_texts(
+            failed = self.stage("encode", len(todo_texts), lambda ctx: encode_texts(
                 ctx, todo_texts, batch_size=self.settings.encode_batch, cache=self.cache,
                 eight_bit=self.settings.text_encoder_8bit))
-            self.stage("denoise", len(todo_latents), lambda ctx: denoise_items(
+            lost = self.overflowed("encode", failed, todo_images)
+            todo_latents = [it for it in todo_latents if it.id not in lost]
+            todo_images = [it for it in todo_images if it.id not in lost]
+            failed = self.stage("denoise", len(todo_latents), lambda ctx: denoise_items(
                 ctx, todo_latents, batch_size=self.plan["denoise"].batch))
-            self.stage("decode", len(todo_images), lambda ctx: decode_items(ctx, todo_images))
+            lost = self.overflowed("denoise", failed, todo_latents)
+            todo_images = [it for it in todo_images if it.id not in lost]
+            failed = self.stage("decode", len(todo_images), lambda ctx: decode_items(ctx, todo_images))
+            self.overflowed("decode", failed, todo_images)
             images = {it.id: self.folder.image_path(it) for it in self.items}
         return RunResult(folder=self.folder.path, items=self.items, images=images, stages=self.stages,
                          made=self.made, device=str(self.device), dtype=self.resolved.dtype_name,
-                         left_alone=self.left_alone, plan=self.plan, from_cache=self.from_cache)
+                         left_alone=self.left_alone, plan=self.plan, from_cache=self.from_cache,
+                         failures=self.failures)
 
     def write_manifest(self) -> None:
         import diffusers  # noqa: PLC0415
@@ -284,10 +353,12 @@ class _Run:
             "settings": {"device": str(self.device), "dtype": self.resolved.dtype_name,
                          "encode_batch": self.settings.encode_batch, "denoise_batch": self.settings.denoise_batch,
                          "max_sequence_length": self.info.max_sequence_length,
-                         "text_encoder_8bit": self.settings.text_encoder_8bit},
+                         "text_encoder_8bit": self.settings.text_encoder_8bit,
+                         "upcast": list(self.settings.upcast)},
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "memory_source": self.probe.source if self.probe else None,
             "vram_budget": self.budget,
+            "host_budget": self.resolved.host_budget,
             "plan": {name: dataclasses.asdict(st) for name, st in self.plan.stages.items()} if self.plan else None,
             "versions": {"pixart_lowvram": __version__, "torch": torch.__version__,
                          "diffusers": diffusers.__version__, "transformers": transformers.__version__,
@@ -296,4 +367,5 @@ class _Run:
             "left_alone": [str(p.relative_to(self.folder.path)) for p in self.left_alone],
             "items": items,
             "stages": [s.to_json() for s in self.stages],
+            "non_finite": [f.to_json() for f in self.failures],
         })

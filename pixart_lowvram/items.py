@@ -10,9 +10,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import UsageError
 from .jobs import MAX_SEED, Job, JobDefaults
-from .models import ModelInfo, caption_cleaning, vae_dtype
+from .models import ModelInfo, caption_cleaning
 
 
 KEY_FORMAT = 2  # part of every artifact's key: a change to what keys hold makes every artifact new
@@ -141,28 +140,10 @@ def _make_ids_unique(items: list[Item]) -> None:
         taken.add(item.id.lower())
 
 
-# (pipeline class, sample size, width, height) -> binned size: a queue of 100,000 images asks for a few sizes
-_BINNED: dict[tuple[str, int, int, int], tuple[int, int]] = {}
-
-
 def binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
-    """The size the reference pipeline actually denoises at: the nearest entry of its aspect-ratio bins."""
-    known = _BINNED.get((info.pipeline_class, info.sample_size, width, height))
-    if known is None:
-        known = _BINNED[(info.pipeline_class, info.sample_size, width, height)] = _binned_size(info, width, height)
-    return known
-
-
-def _binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
-    from diffusers.image_processor import PixArtImageProcessor  # noqa: PLC0415
-
-    bin_table = info.resolution_bins
-    if bin_table is None:
-        known = "32, 64, 128 and 256" if info.pipeline_class == "PixArtSigmaPipeline" else "32, 64 and 128"
-        raise UsageError(f"{info.path}: transformer sample_size {info.sample_size} has no resolution bins "
-                         f"(the reference {info.pipeline_class} knows {known})")
-    h, w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bin_table)
-    return w, h
+    """The size the reference pipeline actually denoises at: the nearest entry of its aspect-ratio bins, or the
+    size asked where the model has none."""
+    return info.geometry.denoise_size(width, height)
 
 
 def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_on_cpu: bool = False,
@@ -172,12 +153,13 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
     An embedding: the tokenizer, T5, the dtype it is stored in, the token length, caption cleaning, where T5 ran
     (the CPU computes in float32) and whether in 8 bits. A latent: the DiT, the scheduler config, the dtype, both
     embeddings, and the item's size, steps, guidance, seed and sampler. An image: its latent, the VAE and the
-    dtype the VAE decodes in."""
+    run's dtype. Precision fallbacks (`Settings.upcast`, batch sizes) are not part of a key: they change rounding,
+    not what an artifact is, and apply to what is still to make."""
     dtype_name = str(dtype)
     encoder = (KEY_FORMAT, info.identity["tokenizer"], info.identity["text_encoder"], dtype_name,
                info.max_sequence_length, caption_cleaning(), "cpu-float32" if encode_on_cpu else "device",
                "int8" if text_encoder_8bit else "16-bit")
-    decoder = (KEY_FORMAT, info.identity["vae"], dtype_name, str(vae_dtype(info, dtype)))
+    decoder = (KEY_FORMAT, info.identity["vae"], dtype_name)
     texts: dict[str, str] = {}
     text_keys: dict[str, str] = {}  # text -> its key, each text hashed once (a job's copies share their texts)
     for item in items:
@@ -202,6 +184,4 @@ def embed_shapes(info: ModelInfo) -> dict[str, tuple[int, ...]]:
 
 def latent_shapes(info: ModelInfo, item: Item) -> dict[str, tuple[int, ...]]:
     """The tensors of a finished latent: the item's latents at the size the reference denoises at."""
-    w, h = binned_size(info, item.width, item.height)
-    scale = info.vae_scale_factor
-    return {"latents": (info.latent_channels, h // scale, w // scale)}
+    return {"latents": tuple(info.geometry.latent_shape(item.width, item.height))}

@@ -34,10 +34,24 @@ class StageStats:
     torch_reserved_peak: int | None = None  # torch.cuda.max_memory_reserved: the caching allocator's pool
     nvml_peak: int | None = None  # the whole process on the GPU, CUDA context included
     rss_peak: int | None = None  # host resident memory of the process
+    # of it, memory the kernel cannot drop (anonymous and shared: the heap, pinned buffers): what the host budget
+    # counts. The rest of RSS is file pages (the weights as loading maps them, spilled strips), reclaimable.
+    ram_peak: int | None = None
     skipped: bool = False  # nothing was pending, the component never loaded
+    vram_budget: int | None = None  # the budgets the stage ran under (bytes, whole process), for `over_budget`
+    host_budget: int | None = None
+
+    def over_budget(self) -> list[str]:
+        """What went over its budget, in words ("GPU 1.56 GiB over the 1.50 GiB budget"); empty if nothing did."""
+        out = []
+        if self.vram_budget is not None and self.nvml_peak is not None and self.nvml_peak > self.vram_budget:
+            out.append(f"GPU {format_bytes(self.nvml_peak)} (NVML) over the {format_bytes(self.vram_budget)} budget")
+        if self.host_budget is not None and self.ram_peak is not None and self.ram_peak > self.host_budget:
+            out.append(f"host RAM {format_bytes(self.ram_peak)} over the {format_bytes(self.host_budget)} budget")
+        return out
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "over_budget": self.over_budget()}
 
 
 def available_ram() -> int | None:
@@ -52,12 +66,40 @@ def available_ram() -> int | None:
     return None
 
 
-def _read_rss() -> int | None:
+def _read_rss() -> tuple[int | None, int | None]:
+    """The process's resident memory, and the part of it the kernel cannot drop (RssAnon + RssShmem)."""
+    rss = ram = None
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status", "rb") as f:
+            fields = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(b":") for line in f)
+                      if k in (b"VmRSS", b"RssAnon", b"RssShmem")}
+        rss = fields.get(b"VmRSS")
+        if b"RssAnon" in fields:
+            ram = fields[b"RssAnon"] + fields.get(b"RssShmem", 0)
     except (OSError, ValueError, IndexError):
+        pass
+    return rss, ram
+
+
+def current_ram() -> int | None:
+    """What this process holds in RAM now that the kernel cannot drop (as the host budget counts it)."""
+    return _read_rss()[1]
+
+
+def resolve_host_budget(value: str | int | None) -> int | None:
+    """--host-budget as bytes of the whole process's RAM: a size as given; "auto" (or None): what this process
+    holds now plus what the machine can still give it (MemAvailable), less `placement.HOST_MARGIN`; None where the
+    machine does not say (no /proc)."""
+    from .placement import HOST_MARGIN, parse_size  # noqa: PLC0415 - placement imports vae_strips, not us
+
+    if isinstance(value, str):
+        value = parse_size(value, option="--host-budget")
+    if isinstance(value, int):
+        return value
+    free, held = available_ram(), current_ram()
+    if free is None:
         return None
+    return max(0, (held or 0) + free - HOST_MARGIN)
 
 
 class _Nvml:
@@ -133,23 +175,27 @@ class GpuMemoryProbe:
 class StageMeter:
     """Context manager measuring one stage. Use `.stats` after the block."""
 
-    def __init__(self, name: str, device: torch.device, probe: GpuMemoryProbe | None = None):
-        self.stats = StageStats(name=name)
+    def __init__(self, name: str, device: torch.device, probe: GpuMemoryProbe | None = None, *,
+                 vram_budget: int | None = None, host_budget: int | None = None):
+        self.stats = StageStats(name=name, vram_budget=vram_budget, host_budget=host_budget)
         self._device = device
         self._probe = probe
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._nvml_peak: int | None = None
         self._rss_peak: int | None = None
+        self._ram_peak: int | None = None
         self.components: list[weakref.ref] | None = None  # what the stage loaded (see `loaded`)
 
     def _sample(self) -> None:
         gpu = self._probe.read() if self._probe is not None else None
         if gpu is not None:
             self._nvml_peak = gpu if self._nvml_peak is None else max(self._nvml_peak, gpu)
-        rss = _read_rss()
+        rss, ram = _read_rss()
         if rss is not None:
             self._rss_peak = rss if self._rss_peak is None else max(self._rss_peak, rss)
+        if ram is not None:
+            self._ram_peak = ram if self._ram_peak is None else max(self._ram_peak, ram)
 
     def _loop(self) -> None:
         while not self._stop.wait(_SAMPLE_SECONDS):
@@ -189,6 +235,7 @@ class StageMeter:
             self.stats.torch_reserved_peak = int(torch.cuda.max_memory_reserved(self._device))
         self.stats.nvml_peak = self._nvml_peak
         self.stats.rss_peak = self._rss_peak
+        self.stats.ram_peak = self._ram_peak
 
 
 def release(device: torch.device, components: list[weakref.ref] | None = None) -> None:
@@ -203,6 +250,11 @@ def release(device: torch.device, components: list[weakref.ref] | None = None) -
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+        # Pinned host blocks freed by the stage (T5's ring, the DiT's buffers, the strips' rows) stay cached by
+        # torch's host allocator until this: each stage's host budget assumes the last one's RAM is back.
+        empty_host = getattr(torch._C, "_host_emptyCache", None)
+        if empty_host is not None:
+            empty_host()
 
 
 def format_bytes(value: int | None) -> str:

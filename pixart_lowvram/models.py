@@ -11,6 +11,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -19,12 +20,12 @@ from torch import nn
 
 from . import samplers
 from .errors import ModelError
+from .geometry import Geometry, patch_size, read_geometry, vae_scale_factor, with_defaults
 from .jobs import JobDefaults
 from .streaming import BlockStreamer, CpuEmbedding, Stored, load_tensor, micro_batch_blocks, set_parameter
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
 SUPPORTED_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
-MAX_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}  # the reference pipelines' max_sequence_length
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 # Only what the staged queue reads: safetensors weights, configs and tokenizer files, never pickled weights.
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
@@ -77,28 +78,36 @@ class ModelInfo:
     identity: dict[str, str] = field(default_factory=dict)  # component -> hash of what makes its output
     allow_pickle: bool = False  # the user allowed pickled .bin weights where a component has no safetensors
     classes: dict[str, str] = field(default_factory=dict)  # component -> class name, from model_index.json
+    # component -> its tensors as the safetensors headers give them (read once, when the folder is checked; for a
+    # hub model planned without its weights, read from the hub)
+    headers: dict[str, dict[str, Stored]] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
         return self.source.rstrip("/").split("/")[-1] or self.source
 
+    @cached_property
+    def geometry(self) -> Geometry:
+        """Every number the reference pipeline derives from the configs (geometry.py)."""
+        return read_geometry(self.pipeline_class, self.configs, self.path)
+
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
+        return self.geometry.vae_scale_factor
 
     @property
     def sample_size(self) -> int:
-        return int(self.configs["transformer"]["sample_size"])
+        return self.geometry.sample_size
 
     @property
     def default_size(self) -> int:
         """The reference pipeline's default width and height: transformer sample size times VAE scale."""
-        return self.sample_size * self.vae_scale_factor
+        return self.geometry.default_size
 
     @property
     def max_sequence_length(self) -> int:
         """Tokens per prompt, as the reference pipeline pads and truncates them (α 120, Σ 300)."""
-        return MAX_TOKENS[self.pipeline_class]
+        return self.geometry.max_sequence_length
 
     @property
     def scheduler_class(self) -> str:
@@ -121,23 +130,16 @@ class ModelInfo:
 
     @property
     def resolution_bins(self) -> dict[str, list[float]] | None:
-        """The aspect-ratio bins the reference pipeline snaps sizes to, by transformer sample size (None: the
-        reference knows none for this size). diffusers' own tables: Σ adds 2048 px to α's 256, 512, 1024."""
-        from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha  # noqa: PLC0415
-        from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma  # noqa: PLC0415
-
-        tables = {128: alpha.ASPECT_RATIO_1024_BIN, 64: alpha.ASPECT_RATIO_512_BIN, 32: alpha.ASPECT_RATIO_256_BIN}
-        if self.pipeline_class == "PixArtSigmaPipeline":
-            tables[256] = sigma.ASPECT_RATIO_2048_BIN
-        return tables.get(self.sample_size)
+        """The aspect-ratio bins the reference pipeline snaps sizes to (None: it uses sizes as asked)."""
+        return self.geometry.bins
 
     @property
     def latent_channels(self) -> int:
-        return int(self.configs["transformer"]["in_channels"])
+        return self.geometry.latent_channels
 
     @property
     def text_dim(self) -> int:
-        return int(self.configs["text_encoder"]["d_model"])
+        return self.geometry.text_dim
 
     def weights(self, component: str) -> Weights:
         return find_weights(self.path / component, self.allow_pickle)
@@ -161,6 +163,57 @@ def _fetch(source: str, allow_pickle: bool) -> Path:
             f"could not get model {source!r} from the Hugging Face hub ({type(exc).__name__}: {exc}).\n"
             "  If it is already downloaded, set HF_HUB_OFFLINE=1; or pass a local folder with --model DIR;\n"
             "  or try the offline demo: pixart-lowvram demo") from exc
+
+
+def _weights_cached(source: str, allow_pickle: bool) -> Path | None:
+    """The local snapshot of a hub model if every file the queue reads is in the Hugging Face cache already."""
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 - only for hub ids
+
+    patterns = HUB_PATTERNS + (["*/*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not (wholly) in the cache: then it is fetched, or planned from the hub
+        return None
+
+
+def _fetch_without_weights(source: str) -> tuple[Path, dict[str, dict[str, Stored]]]:
+    """A hub model for a plan: its configs, tokenizer and index files in the cache, and each component's tensors
+    from the safetensors headers on the hub (HTTP range requests: huggingface_hub's
+    parse_safetensors_file_metadata), without downloading a weight."""
+    try:
+        from huggingface_hub import HfApi, snapshot_download  # noqa: PLC0415 - only for hub ids
+
+        path = Path(snapshot_download(source, allow_patterns=[p for p in HUB_PATTERNS if p != "*/*.safetensors"]))
+        api = HfApi()
+        names = api.list_repo_files(source)
+        headers: dict[str, dict[str, Stored]] = {}
+        for component in ("text_encoder", "transformer", "vae"):
+            files = _pick_weights([n.split("/", 1)[1] for n in names if n.startswith(component + "/")
+                                   and n.count("/") == 1])
+            tensors = headers.setdefault(component, {})
+            for name in files:
+                meta = api.parse_safetensors_file_metadata(source, f"{component}/{name}")
+                for key, t in meta.tensors.items():
+                    dtype = SAFETENSORS_DTYPES[t.dtype]
+                    tensors[key] = Stored(path / component / name, t.data_offsets[0],
+                                          t.data_offsets[1] - t.data_offsets[0], dtype, tuple(t.shape))
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: all end the same way for the user
+        raise ModelError(f"could not read model {source!r} from the Hugging Face hub ({type(exc).__name__}: "
+                         f"{exc}).\n  Pass a local folder with --model DIR, or set HF_HUB_OFFLINE=1 if it is "
+                         "already downloaded") from exc
+    return path, headers
+
+
+def _pick_weights(names: list[str]) -> list[str]:
+    """Of a component's file names, the safetensors weights from_pretrained reads: the plain ones where there are
+    some, else one variant's (as find_weights chooses among files on disk)."""
+    groups: dict[str | None, list[str]] = {}
+    for name in names:
+        if match := _WEIGHTS_NAME.fullmatch(name):
+            groups.setdefault(match["variant"], []).append(name)
+    if not groups:
+        return []
+    return sorted(groups[min(groups, key=lambda v: (v is not None, v or ""))])
 
 
 def read_json(path: Path) -> dict:
@@ -405,10 +458,9 @@ _REPEATS = {"text_encoder": (("num_layers", r"encoder\.block\.(\d+)\."),),
 
 
 def _check_config(path: Path, component: str, config: dict, problems: FolderProblems) -> bool:
+    """What the queue reads of a config (its class's defaults filled in for what it leaves out) is usable."""
     ok = True
     for key in _COUNTS.get(component, ()):
-        if key == "patch_size" and key not in config:
-            continue  # PixArtTransformer2DModel's default
         value = config.get(key)
         if not _is_count(value) or value == 0:
             problems.append(f"{path}: {key} must be a positive whole number, not {json.dumps(value)}")
@@ -474,25 +526,16 @@ def _check_tensors(folder: Path, component: str, cls, config: dict, stored: dict
                         f"({'; '.join(bad[:3])}{more}); are they another model's?")
 
 
-def _cross_check(path: Path, configs: dict[str, dict], problems: FolderProblems) -> None:
-    """What the pipeline passes from one component to the next must agree: T5's width is the DiT's caption width,
-    the VAE's latent channels are the DiT's input channels."""
-    te, tr, vae = (configs.get(c) for c in ("text_encoder", "transformer", "vae"))
-    if te and tr and te["d_model"] != tr["caption_channels"]:
-        problems.append(f"{path / 'transformer' / 'config.json'}: caption_channels {tr['caption_channels']} is not "
-                        f"the text encoder's d_model {te['d_model']}")
-    if tr and vae and tr["in_channels"] != vae["latent_channels"]:
-        problems.append(f"{path / 'transformer' / 'config.json'}: in_channels {tr['in_channels']} is not the "
-                        f"VAE's latent_channels {vae['latent_channels']}")
-
-
-def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, dict[str, dict]]:
+def check_model_folder(path: Path, allow_pickle: bool = False, headers: dict[str, dict[str, Stored]] | None = None
+                       ) -> tuple[dict, dict[str, dict], dict[str, dict[str, Stored]]]:
     """Everything that can be checked without loading a weight, all at once: model_index.json names a PixArt
     pipeline and fitting classes; each component's config has what the queue reads; its weights files are whole
     and hold every tensor its config implies, in its shape; the tokenizer covers the text encoder's vocabulary;
     the components fit one another; the scheduler builds. One ModelError lists every problem, each naming its
-    file. Returns (model_index.json, configs)."""
+    file. `headers`: components' tensors read elsewhere (a hub model's, planned without its weights) instead of
+    their files. Returns (model_index.json, configs, each component's tensors)."""
     problems = FolderProblems()
+    tensors: dict[str, dict[str, Stored]] = {}
     index = read_json(path / "model_index.json")
     pipeline_class = index.get("_class_name")
     if pipeline_class not in SUPPORTED_PIPELINES:
@@ -514,11 +557,20 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, di
         if component == "scheduler":
             configs[component] = config
             continue
+        # what a config leaves out, from_pretrained takes from the class: so does everything here, except the
+        # sample size, whose default (128) would silently give a model the 1024 px geometry it may not have
+        config = with_defaults(component, config, tuple(k for k in _COUNTS[component] if k != "sample_size") + (
+            ("block_out_channels",) if component == "vae" else ()))
         config_ok = _check_config(config_path, component, config, problems)
-        weights = problems.check(find_weights, folder, allow_pickle)
-        if weights is None:
-            continue
-        stored = None if weights.pickled else problems.check(index_safetensors, weights.files)
+        if headers is not None and component in headers:
+            stored = headers[component]
+        else:
+            weights = problems.check(find_weights, folder, allow_pickle)
+            if weights is None:
+                continue
+            stored = None if weights.pickled else problems.check(index_safetensors, weights.files)
+        if stored is not None:
+            tensors[component] = stored
         if not config_ok:
             continue
         configs[component] = config
@@ -527,7 +579,9 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, di
         if _check_repeats(folder, component, config, stored, problems):
             cls = classes.get(component) or _network_class(component)
             _check_tensors(folder, component, cls, config, stored, problems)
-    _cross_check(path, configs, problems)
+    if all(c in configs for c in ("text_encoder", "transformer", "vae")):
+        # what the pipeline derives from the configs, and whether the components fit one another (geometry.py)
+        problems.check(read_geometry, pipeline_class, configs, path)
     if "scheduler" in configs and "scheduler" in classes:
         try:
             classes["scheduler"].from_config(configs["scheduler"])
@@ -537,7 +591,7 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> tuple[dict, di
     if (path / "tokenizer").is_dir() and "text_encoder" in configs:
         problems.check(check_tokenizer, path / "tokenizer", configs["text_encoder"]["vocab_size"])
     problems.raise_any()
-    return index, configs
+    return index, configs, tensors
 
 
 # -- the tokenizer -------------------------------------------------------------------------------------------------
@@ -709,20 +763,25 @@ def resolve_model(source: str, allow_pickle: bool = False, *, hash_weights: bool
     only configs and headers, while the identity reads each weights file once (file_sha256)."""
     source = str(source)
     expanded = os.path.expanduser(source)
+    remote = None
     if os.path.isdir(expanded):
         path = Path(expanded).resolve()
     elif _looks_like_hub_id(source):
-        path = _fetch(source, allow_pickle)
+        path = _weights_cached(source, allow_pickle) if not hash_weights else None
+        if path is None and not hash_weights:
+            path, remote = _fetch_without_weights(source)  # a plan downloads no weights
+        elif path is None:
+            path = _fetch(source, allow_pickle)
     elif os.path.exists(expanded):
         raise ModelError(f"{source}: is a file; --model takes a model folder (with model_index.json) or a hub id")
     else:
         raise ModelError(f"{source}: no such model folder")
 
-    index, configs = check_model_folder(path, allow_pickle)
+    index, configs, headers = check_model_folder(path, allow_pickle, remote)
     identity = {c: _component_identity(path / c, allow_pickle) for c in COMPONENTS} if hash_weights else {}
     classes = {c: index[c][1] for c in COMPONENTS}
     return ModelInfo(source=source, path=path, pipeline_class=index["_class_name"], configs=configs,
-                     identity=identity, allow_pickle=allow_pickle, classes=classes)
+                     identity=identity, allow_pickle=allow_pickle, classes=classes, headers=headers)
 
 
 def _class_of(info: ModelInfo, component: str):
@@ -926,6 +985,7 @@ def make_pipeline(info: ModelInfo, **components):
     cls = _class_of_pipeline(info)
     parts = {name: components.get(name) for name in COMPONENTS}
     pipe = cls(**parts)
+    info.geometry.configure(pipe)  # without a VAE, diffusers would assume a scale factor of 8
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -954,11 +1014,13 @@ T5_FP32_MODULES = ("wo",)  # transformers keeps these T5 layers in fp32 (T5PreTr
 
 def tensor_shapes(info: ModelInfo, component: str) -> dict[str, tuple[str, list[int]]]:
     """name -> (safetensors dtype, shape) for every tensor in a component's weights files."""
-    weights = info.weights(component)
-    if weights.pickled:
-        return {}
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    return {name: (names[s.dtype], list(s.shape)) for name, s in index_safetensors(weights.files).items()}
+    if component in info.headers:
+        stored = info.headers[component]
+    else:
+        weights = info.weights(component)
+        stored = {} if weights.pickled else index_safetensors(weights.files)
+    return {name: (names[s.dtype], list(s.shape)) for name, s in stored.items()}
 
 
 def _bytes_at(shapes: dict, itemsize: int, keep_fp32: tuple[str, ...] = (), int8=lambda name: False) -> dict[str, int]:
@@ -1026,6 +1088,8 @@ def sizes_from_shapes(shapes: dict[str, dict], configs: dict[str, dict], dtype: 
         transformer=sum(dit.values()), transformer_block=dit_block, transformer_other=dit_other,
         vae=sum(vae.values()), transformer_blocks=dit_blocks, text_tokens=max_tokens, text_dim=int(te["d_model"]),
         text_ff=int(te["d_ff"]), dit_width=int(tr["num_attention_heads"]) * int(tr["attention_head_dim"]),
-        dit_patch=int(tr.get("patch_size", 2)),
-        vae_scale=2 ** (len(configs["vae"]["block_out_channels"]) - 1), dtype_bytes=itemsize,
-        vae_dtype_bytes=vae_itemsize)
+        dit_patch=patch_size(configs), vae_scale=vae_scale_factor(configs), dtype_bytes=itemsize,
+        vae_dtype_bytes=vae_itemsize, text_heads=int(te.get("num_heads", 64)),
+        text_vocab=int(te.get("vocab_size", 32128)),
+        vae_channels=tuple(int(c) for c in configs["vae"]["block_out_channels"]),
+        vae_layers=int(configs["vae"].get("layers_per_block", 2)))

@@ -1,13 +1,19 @@
-"""The budget planner: a VRAM budget and the sizes of things in, a plan out. Pure: no GPU, no weights.
+"""The budget planner: a VRAM budget, a host RAM budget and the sizes of things in, a plan out. Pure: no GPU, no
+weights, no torch calls.
 
-The budget counts the whole process as the driver (NVML) sees it, CUDA context included, because that is what
-decides whether a run fits a user's card. For each stage the plan picks a placement:
+The VRAM budget counts the whole process as the driver (NVML) sees it, CUDA context included, because that is
+what decides whether a run fits a user's card; the host budget counts the whole process's resident memory (RSS,
+pinned buffers included). For each stage the plan picks a placement:
   encode   resident (T5 on the GPU) | streamed (one T5 block at a time, from the weights files) | cpu
-  denoise  resident (DiT on the GPU) | streamed (its blocks prefetched on a side stream while others compute)
+  denoise  resident (DiT on the GPU) | streamed (its blocks prefetched on a side stream while others compute;
+           held pinned in RAM, or read from the weights files at every step where RAM is short)
   decode   whole (the VAE decodes an image in one piece) | strips (exactly the same image, layer by layer in
-           rows, within `room` bytes of activations; see vae_strips.py)
-Memory figures below are estimates calibrated on PixArt-XL-2 at 1024x1024 on an H100 (BENCHMARKS.md); the
-benchmark checks the measured peaks against the budget.
+           rows, within `room` bytes of activations; see vae_strips.py; what waits off the GPU is pinned in
+           RAM, or spilled to a file where RAM is short)
+and its batch: a batch option lowers to 1 before it changes a placement, and encode's group (texts whose hidden
+states are alive together) is the largest that fits. Each stage gets an estimate of its whole-process peak on
+the GPU and of the host memory it holds. Memory figures below are estimates calibrated on PixArt-XL-2 at
+1024x1024 on an H100 (BENCHMARKS.md); bench/sweep.py checks the measured peaks against them and the budgets.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .vae_strips import host_bytes as strip_host_bytes
 
 MiB = 1024**2
 GiB = 1024**3
@@ -26,11 +33,49 @@ RESERVE = 200 * MiB
 FRAGMENTATION = 1.10  # what the caching allocator holds over what tensors use, with expandable segments
 VAE_BYTES_PER_PIXEL = 2560  # fp16 SD-VAE decode activations per output pixel (2.42 GiB at 1024x1024, measured)
 DIT_ACTIVATION_FACTOR = 16  # live hidden-state-sized tensors in a DiT block (0.27 GiB at 1024x1024, measured)
+# A whole VAE decode's convolutions need more beside torch's tensors than RESERVE covers (cuDNN's workspaces and
+# the kernels it loads): at 1024x1024 the decode peaked at 3.63 GiB NVML unconstrained and 3.94 GiB at 8 GiB, the
+# same 2.58 GiB of tensors (BENCHMARKS.md); the estimate without this was 3.72.
+DECODE_WHOLE_EXTRA = int(0.25 * GiB)
 TILES = (1024, 768, 512, 384, 256)  # tile sides for VAEs that cannot decode in strips, largest first
 # Strips of many sizes fragment the allocator's pool more than whole layers do: reserved over allocated was 1.26
 # to 1.45 in the strip decode of the 1.5 GiB and capped runs (BENCHMARKS.md), 1.1 elsewhere.
 STRIP_FRAGMENTATION = 1.5
 MIN_STRIP_ROOM = 64 * MiB  # strip decoding: a few rows of the largest layer, the image, the small layers whole
+# Of what the budget leaves beside a streamed DiT, the share given to blocks kept on the GPU; the rest absorbs
+# what the estimate misses. A chosen margin, checked by measurement: at 1.5 GiB three blocks were kept and the
+# denoise stage peaked at 1.36 to 1.39 GiB NVML (BENCHMARKS.md).
+DIT_KEEP_SHARE = 0.7
+# After an out-of-memory error, the budget the message suggests: this share of the peak the run reached (or of
+# the card). A chosen step: the planner's estimates sit 5 to 10% over the measured peaks (BENCHMARKS.md), so a
+# fifth less makes it choose a smaller placement at once, without halving what the user gets.
+OOM_HINT_SHARE = 0.8
+
+# T5 (transformers' modeling_t5, read for 5.x): what is alive while a group of texts goes through the encoder.
+# Across the whole stack, per text of the group: the token embeddings (run dtype) and the hidden states between
+# blocks, which are float32 after the first block (the fp32 `wo` output is added to the residual, and the sum is
+# float32); our MicroBatched wrapper holds a block's input, its micro-batches' outputs and their concatenation,
+# and T5LayerNorm adds a float32 copy: four float32 copies.
+T5_HIDDEN_FP32_COPIES = 4
+# Inside a block, per text of a micro-batch: the gated-GELU feed-forward holds wi_0's output, GELU's temporaries,
+# wi_1's output and their product at the run dtype (five copies at its peak), then the product in float32 for
+# `wo`; attention holds the bias mask (position bias where the padding mask allows, batch x heads x tokens^2) and,
+# on the math path, the scores: two float32-sized copies; and about 14 bytes a hidden element (q, k, v, the
+# normalised input, the float32 `wo` output and residual sum).
+T5_FF_COPIES = 5
+T5_SCORE_COPIES = 2
+T5_HIDDEN_BYTES = 14
+
+# Host memory. The process itself (interpreter, torch, diffusers, transformers, CUDA's host side) before a stage
+# holds anything: the decode stage with a whole VAE peaked at 1.95 GiB RSS on the H100 (BENCHMARKS.md, first table).
+PROCESS_RSS = 2 * GiB
+# What `--host-budget auto` leaves of the RAM the machine has available: for the page cache the streamers read
+# the weights through (at least a shard of them, or the reads fall to disk speed), the OS and other programs. A
+# chosen margin, not measured: one T5-XXL shard is ~4.7 GiB; 2 GiB keeps the current block's file pages cached.
+HOST_MARGIN = 2 * GiB
+# A streamed component's pinned ring in RAM: `ahead` blocks on their way to the GPU plus these (the one being read
+# from the files and the one being copied), as streaming.BlockStreamer allocates it.
+RING_EXTRA_SLOTS = 2
 
 
 @dataclass(frozen=True)
@@ -49,9 +94,13 @@ class Sizes:
     text_tokens: int = 120
     text_dim: int = 4096
     text_ff: int = 10240
+    text_heads: int = 64
+    text_vocab: int = 32128  # rows of T5's token embedding table (held in RAM when T5 streams)
     dit_width: int = 1152
     dit_patch: int = 2
     vae_scale: int = 8
+    vae_channels: tuple[int, ...] = (128, 256, 512, 512)  # the VAE's block_out_channels
+    vae_layers: int = 2  # its layers_per_block (a decoder up block has one resnet more)
     dtype_bytes: int = 2
     vae_dtype_bytes: int = 0  # the VAE's, where it decodes in another dtype (Σ's SDXL VAE in float32); 0: dtype_bytes
 
@@ -60,12 +109,17 @@ class Sizes:
 class StagePlan:
     stage: str
     placement: str
-    estimate: int  # predicted whole-process peak, bytes
+    estimate: int  # predicted whole-process peak on the GPU, bytes (0: the stage runs on the CPU)
     batch: int = 1
+    group: int = 0  # encode: texts whose hidden states go through T5 together (each crosses the bus once a group)
+    host: int = 0  # host memory the stage holds beyond the process itself (PROCESS_RSS): pinned buffers, RAM
     tile: int | None = None  # decode, VAEs that cannot decode in strips: tile side in pixels
     room: int | None = None  # decode in strips: bytes of GPU memory its activations may use
     ahead: int = 0  # streamed: blocks moved to the GPU ahead of the one computing
     resident_blocks: int = 0  # streamed DiT: blocks that stay on the GPU (the budget's room to spare)
+    hold_in_ram: bool = True  # streamed DiT: blocks pinned in RAM (False: read from the files at every step)
+    spill: int = 0  # decode in strips: most bytes of activations waiting in files instead of RAM at once
+    pinned_limit: int | None = None  # decode in strips: pinned bytes a decode may request before it spills
     note: str = ""
 
 
@@ -74,6 +128,7 @@ class Plan:
     budget: int | None  # bytes, whole process; None = unconstrained
     context: int
     stages: dict[str, StagePlan] = field(default_factory=dict)
+    host_budget: int | None = None  # bytes of host RAM, whole process; None = unconstrained
 
     def __getitem__(self, stage: str) -> StagePlan:
         return self.stages[stage]
@@ -87,17 +142,18 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
           "kib": 1024, "mib": MiB, "gib": GiB, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
 
 
-def parse_size(text: str) -> int | str:
-    """'1.5GiB', '6GB', '800MiB', '2g' -> bytes; 'auto' -> 'auto' (what the GPU has free)."""
+def parse_size(text: str, option: str = "--vram-budget") -> int | str:
+    """'1.5GiB', '6GB', '800MiB', '2g' -> bytes; 'auto' -> 'auto' (what the GPU or the machine has free).
+    `option` names the setting in the error."""
     value = str(text).strip().lower().replace(" ", "")
     if value == "auto":
         return "auto"
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", value)
     if not match or match.group(2) not in _UNITS:
-        raise UsageError(f"--vram-budget {text!r}: not a size (examples: 1.5GiB, 6GB, 800MiB, auto)")
+        raise UsageError(f"{option} {text!r}: not a size (examples: 1.5GiB, 6GB, 800MiB, auto)")
     size = int(float(match.group(1)) * _UNITS[match.group(2)])
     if size <= 0:
-        raise UsageError(f"--vram-budget {text!r}: must be more than zero")
+        raise UsageError(f"{option} {text!r}: must be more than zero")
     return size
 
 
@@ -105,10 +161,13 @@ def format_size(value: int | None) -> str:
     return "-" if value is None else f"{value / GiB:.2f} GiB"
 
 
-def _t5_activations(s: Sizes, texts: int, micro: int) -> int:
-    per_prompt = s.text_tokens * (2 * s.text_ff + 6 * s.text_dim) * 4  # one micro-batch inside a block, fp32 worst
-    hidden = texts * s.text_tokens * s.text_dim * s.dtype_bytes * 3  # the whole group's hidden states
-    return micro * per_prompt + hidden
+def _t5_activations(s: Sizes, group: int, micro: int) -> int:
+    """GPU bytes of T5's activations for `group` texts going through it in micro-batches of `micro`."""
+    t, d = s.text_tokens, s.text_dim
+    hidden = t * d * (s.dtype_bytes + T5_HIDDEN_FP32_COPIES * 4)
+    per_text = (t * s.text_ff * (T5_FF_COPIES * s.dtype_bytes + 4) + s.text_heads * t * t * T5_SCORE_COPIES * 4
+                + t * d * T5_HIDDEN_BYTES)
+    return group * hidden + micro * per_text
 
 
 def _dit_activations(s: Sizes, size: tuple[int, int], batch: int) -> int:
@@ -127,68 +186,140 @@ def _peak(context: int, tensors: int) -> int:
 
 def make_plan(budget: int | None, sizes: Sizes, image_sizes: list[tuple[int, int]], *, texts: int = 1,
               encode_batch: int = 1, denoise_batch: int = 1, context: int = CUDA_CONTEXT,
-              encode_on_cpu: bool = False, text_encoder_8bit: bool = False) -> Plan:
-    """Choose each stage's placement for `budget` bytes (None: everything resident, as fast as it goes).
+              encode_on_cpu: bool = False, text_encoder_8bit: bool = False, host_budget: int | None = None) -> Plan:
+    """Choose each stage's placement for `budget` bytes of GPU memory and `host_budget` bytes of host RAM (None:
+    unconstrained; everything resident, as fast as it goes).
 
-    `image_sizes` are the (width, height) the DiT and VAE work at (after resolution binning); `texts` how
-    many texts go through T5 together. An 8-bit T5 (`sizes` counted so) is resident or nothing: bitsandbytes'
-    int8 layers are not streamed."""
+    `image_sizes` are the (width, height) the DiT and VAE work at (after resolution binning); `texts` how many
+    distinct texts the queue encodes (they go through T5 in groups as large as the budget allows). An 8-bit T5
+    (`sizes` counted so) is resident or nothing: bitsandbytes' int8 layers are not streamed."""
     biggest = max(image_sizes, key=lambda wh: wh[0] * wh[1], default=(1024, 1024))
     fits = (lambda need: True) if budget is None else (lambda need: need <= budget)
-    stages = {"encode": _plan_encode(sizes, fits, context, texts, encode_batch, encode_on_cpu, text_encoder_8bit),
-              "denoise": _plan_denoise(sizes, fits, context, biggest, denoise_batch, budget),
-              "decode": _plan_decode(sizes, fits, context, biggest, budget)}
-    return Plan(budget=budget, context=context, stages=stages)
+    # A stage that holds nothing beyond the process always fits: no slower placement would hold less.
+    host_fits = (lambda need: True) if host_budget is None else (
+        lambda need: need == 0 or PROCESS_RSS + need <= host_budget)
+    stages = {"encode": _plan_encode(sizes, fits, host_fits, context, max(1, texts), encode_batch, encode_on_cpu,
+                                     text_encoder_8bit, host_budget),
+              "denoise": _plan_denoise(sizes, fits, host_fits, context, biggest, denoise_batch, budget),
+              "decode": _plan_decode(sizes, fits, host_fits, context, biggest, budget, host_budget)}
+    return Plan(budget=budget, context=context, stages=stages, host_budget=host_budget)
 
 
-def _plan_encode(s: Sizes, fits, context: int, texts: int, micro: int, on_cpu: bool,
-                 eight_bit: bool = False) -> StagePlan:
-    act = _t5_activations(s, texts, micro)
+def _largest(lo: int, hi: int, ok) -> int:
+    """The largest n in lo..hi with ok(n), ok being monotone (true up to some n); lo if none."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def _encode_cpu(s: Sizes, host_fits, texts: int, micro: int, host_budget: int | None, why: str) -> StagePlan:
+    """T5 on the CPU, in float32: its weights and activations in RAM."""
+    micro = min(micro, texts)
+    weights = s.text_encoder * 4 // s.dtype_bytes  # every tensor at 4 bytes (the fp32 `wo` over-counted)
+    fp32 = Sizes(**{**s.__dict__, "dtype_bytes": 4})
+
+    def host(group: int, b: int) -> int:
+        return weights + _t5_activations(fp32, group, b)
+
+    for b in dict.fromkeys((micro, 1)):
+        if host_fits(host(b, b)):
+            group = _largest(b, max(b, texts), lambda g: host_fits(host(g, b)))
+            note = why + (f"; --encode-batch {micro} lowered to 1 to fit in RAM" if b != micro else "")
+            return StagePlan("encode", "cpu", estimate=0, batch=b, group=group, host=host(group, b), note=note)
+    raise PlanError(f"T5 does not fit on the GPU ({why}) and on the CPU it needs ~{format_size(PROCESS_RSS + host(1, 1))}"
+                    f" of RAM, more than the host budget of {format_size(host_budget)}: raise --host-budget or "
+                    f"--vram-budget")
+
+
+def _plan_encode(s: Sizes, fits, host_fits, context: int, texts: int, micro: int, on_cpu: bool,
+                 eight_bit: bool, host_budget: int | None) -> StagePlan:
+    asked, micro = micro, min(micro, texts)  # a micro-batch is never larger than the queue's texts
     if on_cpu:
-        return StagePlan("encode", "cpu", estimate=0, batch=micro, note="asked for: T5 runs on the CPU")
-    resident = _peak(context, s.text_encoder + act)
+        return _encode_cpu(s, host_fits, texts, micro, host_budget, "asked for: T5 runs on the CPU")
     if eight_bit:
+        resident = _peak(context, s.text_encoder + _t5_activations(s, 1, 1))
         if not fits(resident):
             raise PlanError(f"the 8-bit text encoder needs ~{format_size(resident)} on the GPU (CUDA context "
                             f"included) and is never streamed: leave out --text-encoder-8bit, and T5 streams in "
                             f"16 bits within the budget")
-        return StagePlan("encode", "resident", estimate=resident, batch=micro, note="T5 in 8 bits (bitsandbytes)")
-    if fits(resident):
-        return StagePlan("encode", "resident", estimate=resident, batch=micro)
-    for ahead in (1, 0):
-        streamed = _peak(context, s.text_encoder_other + (1 + ahead) * s.text_encoder_block + act)
-        if fits(streamed):
-            return StagePlan("encode", "streamed", estimate=streamed, batch=micro, ahead=ahead,
-                             note=f"T5 weights cross the bus once for {texts} text(s)")
-    return StagePlan("encode", "cpu", estimate=0, batch=micro,
-                     note=f"even one T5 block at a time needs {format_size(streamed)}: T5 runs on the CPU")
+    # Host bytes of a streamed T5: the pinned ring (`ahead` + RING_EXTRA_SLOTS blocks)
+    # and the token embedding table, which stays in RAM.
+    embedding = s.text_vocab * s.text_dim * s.dtype_bytes
+    ways = [("resident", 0, s.text_encoder, 0)] + ([] if eight_bit else [
+        ("streamed", ahead, s.text_encoder_other + (1 + ahead) * s.text_encoder_block,
+         (ahead + RING_EXTRA_SLOTS) * s.text_encoder_block + embedding) for ahead in (1, 0)])
+    least = short_of_ram = None
+    for placement, ahead, weights, host in ways:
+        # The placement is the one that fits one text at a time: a batch option never changes it.
+        need = _peak(context, weights + _t5_activations(s, 1, 1))
+        least = need
+        if fits(need) and not host_fits(host):
+            short_of_ram = host
+        if not (fits(need) and host_fits(host)):
+            continue
+        batch = micro if fits(_peak(context, weights + _t5_activations(s, micro, micro))) else 1
+        group = _largest(batch, max(batch, texts),
+                         lambda g: fits(_peak(context, weights + _t5_activations(s, g, batch))))
+        notes = ["T5 in 8 bits (bitsandbytes)"] if eight_bit else []
+        if placement == "streamed":
+            notes.append(f"T5 weights cross the bus once for every {group} text(s)")
+        if batch != micro:
+            notes.append(f"--encode-batch {asked} does not fit beside it: batch 1")
+        return StagePlan("encode", placement, estimate=_peak(context, weights + _t5_activations(s, group, batch)),
+                         batch=batch, group=group, ahead=ahead, host=host, note="; ".join(notes))
+    if short_of_ram is not None:
+        raise PlanError(f"streaming T5 needs ~{format_size(PROCESS_RSS + short_of_ram)} of host RAM (its pinned "
+                        f"blocks and token embedding table, the process included), more than the host budget of "
+                        f"{format_size(host_budget)}; on the CPU it would need more: raise --host-budget")
+    return _encode_cpu(s, host_fits, texts, micro, host_budget,
+                       f"even one T5 block at a time needs {format_size(least)}: T5 runs on the CPU")
 
 
-def _plan_denoise(s: Sizes, fits, context: int, size: tuple[int, int], batch: int, budget: int | None) -> StagePlan:
-    act = _dit_activations(s, size, batch)
-    resident = _peak(context, s.transformer + act)
+def _plan_denoise(s: Sizes, fits, host_fits, context: int, size: tuple[int, int], batch: int,
+                  budget: int | None) -> StagePlan:
+    one = _dit_activations(s, size, 1)
+    resident = _peak(context, s.transformer + one)
     if fits(resident):
-        return StagePlan("denoise", "resident", estimate=resident, batch=batch)
+        if batch > 1 and fits(_peak(context, s.transformer + _dit_activations(s, size, batch))):
+            return StagePlan("denoise", "resident", estimate=_peak(context, s.transformer + _dit_activations(
+                s, size, batch)), batch=batch)
+        note = f"--denoise-batch {batch} does not fit beside it: batch 1" if batch > 1 else ""
+        return StagePlan("denoise", "resident", estimate=resident, batch=1, note=note)
     # Two blocks copied ahead of the one computing hide the copies (bench/stream_profile.py, H100: 42.7 ms a
-    # step against 41.3 resident; with one ahead, 48.9); one ahead where two do not fit.
+    # step against 41.3 resident; with one ahead, 48.9); one ahead where two do not fit. The placement is the
+    # one that fits at batch 1; the batch stays as asked where it fits beside it, else 1.
     for ahead in (2, 1):
-        streamed = _peak(context, s.transformer_other + (1 + ahead) * s.transformer_block + act)
-        if fits(streamed):
-            # Blocks that fit in what is left stay on the GPU: fewer bytes cross the bus at every step.
-            spare = (budget - streamed) / FRAGMENTATION * 0.7 if budget is not None else 0
-            keep = max(0, min(s.transformer_blocks - 1 - ahead, int(spare // max(1, s.transformer_block))))
-            estimate = _peak(context, s.transformer_other + (1 + ahead + keep) * s.transformer_block + act)
-            return StagePlan("denoise", "streamed", estimate=estimate, batch=batch, ahead=ahead,
-                             resident_blocks=keep)
-    if batch > 1:
-        return _plan_denoise(s, fits, context, size, 1, budget)
+        streamed = _peak(context, s.transformer_other + (1 + ahead) * s.transformer_block + one)
+        if not fits(streamed):
+            continue
+        b = batch
+        act = _dit_activations(s, size, b)
+        if not fits(_peak(context, s.transformer_other + (1 + ahead) * s.transformer_block + act)):
+            b, act = 1, one
+        # Blocks that fit in what is left stay on the GPU: fewer bytes cross the bus at every step.
+        used = _peak(context, s.transformer_other + (1 + ahead) * s.transformer_block + act)
+        spare = (budget - used) / FRAGMENTATION * DIT_KEEP_SHARE if budget is not None else 0
+        keep = max(0, min(s.transformer_blocks - 1 - ahead, int(spare // max(1, s.transformer_block))))
+        estimate = _peak(context, s.transformer_other + (1 + ahead + keep) * s.transformer_block + act)
+        # Host: every streamed block pinned in RAM, read once; where RAM is short, a ring of `ahead` + 2 pinned
+        # buffers refilled from the files at every step (slower: the page cache feeds every step).
+        held = (s.transformer_blocks - keep) * s.transformer_block
+        ring = (ahead + RING_EXTRA_SLOTS) * s.transformer_block
+        hold = host_fits(held)
+        notes = [] if hold else ["not enough RAM to hold the DiT's blocks: read from the files at every step"]
+        if b != batch:
+            notes.append(f"--denoise-batch {batch} does not fit beside it: batch 1")
+        return StagePlan("denoise", "streamed", estimate=estimate, batch=b, ahead=ahead, resident_blocks=keep,
+                         hold_in_ram=hold, host=held if hold else ring, note="; ".join(notes))
     raise PlanError(f"a VRAM budget of {format_size(budget)} is too small to denoise {size[0]}x{size[1]} images: "
                     f"it needs at least {format_size(streamed)} (CUDA context {format_size(context)} included)")
 
 
-def _plan_decode(s: Sizes, fits, context: int, size: tuple[int, int], budget: int | None) -> StagePlan:
+def _plan_decode(s: Sizes, fits, host_fits, context: int, size: tuple[int, int], budget: int | None,
+                 host_budget: int | None) -> StagePlan:
     w, h = size
-    whole = _peak(context, s.vae + _vae_activations(s, w, h))
+    whole = _peak(context, s.vae + _vae_activations(s, w, h)) + DECODE_WHOLE_EXTRA
     if fits(whole):
         return StagePlan("decode", "whole", estimate=whole)
     room = int((budget - context - RESERVE - s.vae) / STRIP_FRAGMENTATION)
@@ -197,8 +328,21 @@ def _plan_decode(s: Sizes, fits, context: int, size: tuple[int, int], budget: in
         raise PlanError(f"a VRAM budget of {format_size(budget)} is too small to decode {w}x{h} images: even in "
                         f"strips it needs at least {format_size(least)}")
     estimate = context + RESERVE + s.vae + int(room * STRIP_FRAGMENTATION)
-    return StagePlan("decode", "strips", estimate=estimate, room=room, tile=tile_for(s, room),
-                     note="exact: whole-image GroupNorm statistics, one-row halos")
+    item = s.vae_dtype_bytes or s.dtype_bytes
+    pinned, _ = strip_host_bytes(s.vae_channels, s.vae_layers, w, h, item, room)
+    note = "exact: whole-image GroupNorm statistics, one-row halos"
+    if host_fits(pinned):
+        return StagePlan("decode", "strips", estimate=estimate, room=room, tile=tile_for(s, room), host=pinned,
+                         note=note)
+    # Not enough RAM for all the activations that wait off the GPU: what RAM holds is pinned, the rest waits in
+    # files in the run folder (memory-mapped: the kernel writes their pages back and drops them as RAM runs
+    # short; their copies are slower).
+    limit = max(0, host_budget - PROCESS_RSS)  # host_fits failed, so there is a host budget
+    held, spilled = strip_host_bytes(s.vae_channels, s.vae_layers, w, h, item, room, pinned_limit=limit)
+    return StagePlan("decode", "strips", estimate=estimate, room=room, tile=tile_for(s, room), host=held,
+                     spill=spilled, pinned_limit=limit,
+                     note=f"{note}; {format_size(pinned)} of activations would not fit in RAM: up to "
+                          f"{format_size(spilled)} wait in files in the run folder")
 
 
 def tile_for(s: Sizes, room: int) -> int:
@@ -212,7 +356,10 @@ def tile_for(s: Sizes, room: int) -> int:
 def format_plan(plan: Plan) -> str:
     head = ("unconstrained (no --vram-budget)" if plan.budget is None
             else f"VRAM budget {format_size(plan.budget)} (whole process, CUDA context ~{format_size(plan.context)})")
-    lines = [f"plan for {head}:"]
+    if plan.host_budget is not None:
+        head += f", host budget {format_size(plan.host_budget)} (whole process, ~{format_size(PROCESS_RSS)} of it " \
+                f"the process itself)"
+    lines = [f"plan for {head}:", f"  {'stage':<8} {'placement':<60} {'GPU peak':>11}  {'host RAM':>11}"]
     for st in plan.stages.values():
         how = st.placement
         if st.room:
@@ -221,6 +368,9 @@ def format_plan(plan: Plan) -> str:
             how += f" ({st.ahead} block(s) ahead" + (f", {st.resident_blocks} kept" if st.resident_blocks else "") + ")"
         if st.stage in ("encode", "denoise"):
             how += f", batch {st.batch}"
-        estimate = "on the CPU" if st.placement == "cpu" else f"~{format_size(st.estimate)} peak"
-        lines.append(f"  {st.stage:<8} {how:<46} {estimate}" + (f"  [{st.note}]" if st.note else ""))
+        if st.stage == "encode" and st.group:
+            how += f", {st.group} text(s) a group"
+        estimate = "on the CPU" if st.placement == "cpu" else f"~{format_size(st.estimate)}"
+        host = f"~{format_size(st.host)}" + (f" (+{format_size(st.spill)} file)" if st.spill else "")
+        lines.append(f"  {st.stage:<8} {how:<60} {estimate:>11}  {host:>11}" + (f"  [{st.note}]" if st.note else ""))
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from .presets import PRESET_HELP, PRESETS  # noqa: F401  (in a module without to
 from .resolve import resolve_device
 
 MARKER = "pixart_lowvram_random.json"  # written last: its presence means the folder is complete
-_FORMAT = 1  # bump when the weights or layout a preset produces change
+_FORMAT = 2  # bump when the weights or layout a preset produces change
 _TAG = "_pixart_lowvram_random"  # in model_index.json (written first): the folder is ours even if half-written
 _TMP_PREFIX = ".pixart_lowvram_tmp"
 
@@ -65,7 +65,9 @@ EXTRA_IDS = 100
 MAX_TOKENS = 512  # T5's model_max_length; the pipeline itself pads and truncates to 120
 
 
-def _tokenizer_vocab() -> list[tuple[str, float]]:
+def _tokenizer_vocab(pieces: int = 0) -> list[tuple[str, float]]:
+    """The pieces, with `pieces` in all where more are asked for than the words give: the rest are placeholder
+    pieces that no prompt contains (`<unused_N>`), as a full-size T5's 32,100 pieces fill its 32,128 rows."""
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -12.0)]
     seen = {piece for piece, _ in vocab}
 
@@ -84,16 +86,26 @@ def _tokenizer_vocab() -> list[tuple[str, float]]:
         add("▁" + char, -10.0)
     for char in _CHARS:
         add(char, -11.0)
+    for i in range(max(0, pieces - EXTRA_IDS - len(vocab))):
+        add(f"<unused_{i}>", -20.0)
     for i in reversed(range(EXTRA_IDS)):
         add(f"<extra_id_{i}>", 0.0)
     return vocab
 
 
-def build_tokenizer():
-    """The project's T5 tokenizer: a few hundred English pieces plus single characters and T5's 100 extra ids."""
+T5_PIECES_SHORT_OF_ROWS = 28  # T5 v1.1: 32,100 pieces in a 32,128-row embedding table
+
+
+def build_tokenizer(vocab_size: int | None = None):
+    """The project's T5 tokenizer: a few hundred English pieces plus single characters and T5's 100 extra ids;
+    for a text encoder of `vocab_size` rows far more than those, filled up to that size as T5's own is (the
+    tokenizer check refuses a tokenizer much smaller than its text encoder: it would not be this model's)."""
     from transformers import T5Tokenizer  # noqa: PLC0415 - heavy import, only when building
 
-    return T5Tokenizer(vocab=_tokenizer_vocab(), extra_ids=EXTRA_IDS, model_max_length=MAX_TOKENS)
+    pieces = 0
+    if vocab_size is not None and vocab_size - len(_tokenizer_vocab()) >= 128:
+        pieces = vocab_size - T5_PIECES_SHORT_OF_ROWS
+    return T5Tokenizer(vocab=_tokenizer_vocab(pieces), extra_ids=EXTRA_IDS, model_max_length=MAX_TOKENS)
 
 
 def _tiny_vocab_size() -> int:
@@ -415,7 +427,7 @@ def make_random_model(path: str | os.PathLike, preset: str = "tiny", *, seed: in
     for done, component in enumerate(COMPONENTS, start=1):
         folder = root / component
         if component == "tokenizer":
-            build_tokenizer().save_pretrained(folder)
+            build_tokenizer(spec.text_encoder["vocab_size"]).save_pretrained(folder)
         elif component == "scheduler":
             import diffusers  # noqa: PLC0415
 

@@ -10,7 +10,8 @@ import torch
 
 from .errors import InputErrors, PixartError, Problem, QueueError, UsageError
 from .jobs import Job
-from .models import DEFAULT_MODEL, ModelInfo, bitsandbytes_available, resolve_model
+from .models import DEFAULT_MODEL, ModelInfo, bitsandbytes_available, resolve_model, vae_dtype
+from .memory import resolve_host_budget
 from .placement import parse_size
 
 
@@ -34,6 +35,16 @@ class Settings:
     # shard by shard onto the GPU; embeddings deviate (BENCHMARKS.md, "Precision")
     text_encoder_8bit: bool = False
     embed_cache: str | Path | None = "default"  # prompt embeddings shared across runs; None: off
+    # components that compute in float32 in a 16-bit run, where their 16-bit values overflow (text_encoder,
+    # transformer, vae). A precision fallback, like the batch sizes: it applies to what is still to make and
+    # redoes nothing finished
+    upcast: tuple[str, ...] = ()
+    # host RAM the whole process may hold (pinned buffers included): bytes, "16GiB", or "auto" (what the process
+    # holds plus what the machine has available, less placement.HOST_MARGIN); None: unconstrained
+    host_budget: str | int | None = "auto"
+
+
+UPCASTABLE = ("text_encoder", "transformer", "vae")
 
 
 @dataclass(frozen=True)
@@ -45,10 +56,18 @@ class Resolved:
     device: torch.device
     dtype: torch.dtype
     budget: int | str | None  # whole-process GPU bytes; "auto": what the GPU has free when the run starts
+    host_budget: int | None = None  # whole-process host RAM bytes; None: unconstrained (or unknown)
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    def compute_dtype(self, component: str) -> torch.dtype:
+        """What `component` computes in: float32 where asked to upcast; the VAE as `vae_dtype` decides (Σ's SDXL
+        VAE in float32 in a float16 run); otherwise the run's dtype."""
+        if component in self.settings.upcast:
+            return torch.float32
+        return vae_dtype(self.info, self.dtype) if component == "vae" else self.dtype
 
 
 def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -> Resolved:
@@ -70,9 +89,11 @@ def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -
     if settings.text_encoder_8bit and device is not None:
         attempt(check_text_encoder_8bit, device, settings.encode_on_cpu)
     attempt(check_batches, settings)
+    attempt(check_upcast, settings)
     budget = settings.vram_budget
     if isinstance(budget, str):
         budget = attempt(parse_size, budget)
+    host_budget = attempt(resolve_host_budget, settings.host_budget)
     if problems:  # a run that cannot start does not fetch its model (a hub id downloads gigabytes)
         raise problems[0] if len(problems) == 1 else InputErrors(problems)
     info = attempt(lambda: resolve_model(settings.model, settings.allow_pickle, hash_weights=hash_weights))
@@ -80,7 +101,15 @@ def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -
         attempt(check_jobs, jobs, info)
     if problems:
         raise problems[0] if len(problems) == 1 else InputErrors(problems)
-    return Resolved(settings=settings, info=info, device=device, dtype=dtype, budget=budget)
+    return Resolved(settings=settings, info=info, device=device, dtype=dtype, budget=budget,
+                    host_budget=host_budget)
+
+
+def check_upcast(settings: Settings) -> None:
+    unknown = [c for c in settings.upcast if c not in UPCASTABLE]
+    if unknown:
+        raise UsageError(f"--upcast {','.join(unknown)}: not a component that can compute in float32 (choose from "
+                         f"{', '.join(UPCASTABLE)})")
 
 
 def check_batches(settings: Settings) -> None:
@@ -145,6 +174,12 @@ def check_jobs(jobs: list[Job], info: ModelInfo) -> None:
         sampler = job.sampler or defaults.sampler
         steps = defaults.steps if job.steps is None else job.steps
         where = dict(job_index=job.index, job_name=job.name)
+        for name, side in (("width", job.width), ("height", job.height)):
+            wrong = info.geometry.side_problem(side or defaults.size)
+            if wrong:
+                message, hint = wrong
+                default = "" if side else " (the model's default size)"
+                problems.append(Problem(f"{message}{default}", field=name, hint=hint, **where))
         if sampler not in NAMES and sampler != info.sampler:
             problems.append(Problem(f"unknown sampler {sampler!r} (known: {', '.join(NAMES)})", field="sampler",
                                     **where))

@@ -19,7 +19,6 @@ class Sampler:
     name: str  # what a job writes
     scheduler: str  # the diffusers class
     label: str  # as AUTOMATIC1111, ComfyUI and civitai name it (the PNG's "Sampler" field)
-    stochastic: bool  # draws fresh noise at every step
     # step() also returns the predicted clean sample, which PixArtAlphaPipeline takes when it runs one step
     # (the DMD recipe); a sampler without it fails there.
     returns_denoised: bool
@@ -27,20 +26,19 @@ class Sampler:
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("dpm-solver", "DPMSolverMultistepScheduler", "DPM++ 2M", False, False),
+    Sampler("dpm-solver", "DPMSolverMultistepScheduler", "DPM++ 2M", False),
     # as PixArt-XL-2's model card builds it: SASolverScheduler.from_config(..., algorithm_type="data_prediction")
     # (DPM-Solver's "dpmsolver++" is not an SA-Solver algorithm)
-    Sampler("sa-solver", "SASolverScheduler", "SA-Solver", True, False, {"algorithm_type": "data_prediction"}),
-    Sampler("euler", "EulerDiscreteScheduler", "Euler", False, True),
-    Sampler("euler-a", "EulerAncestralDiscreteScheduler", "Euler a", True, True),
+    Sampler("sa-solver", "SASolverScheduler", "SA-Solver", False, {"algorithm_type": "data_prediction"}),
+    Sampler("euler", "EulerDiscreteScheduler", "Euler", True),
+    Sampler("euler-a", "EulerAncestralDiscreteScheduler", "Euler a", True),
     # diffusers' DDIM and DDPM clip the predicted sample to [-1, 1] by default, meant for pixels: latents are not
     # bounded so, and Stable Diffusion's own DDIM configs turn it off too.
-    Sampler("ddim", "DDIMScheduler", "DDIM", False, True, {"clip_sample": False}),
-    Sampler("lcm", "LCMScheduler", "LCM", True, True),
-    Sampler("ddpm", "DDPMScheduler", "DDPM", True, True, {"clip_sample": False}),  # the DMD checkpoint's own
+    Sampler("ddim", "DDIMScheduler", "DDIM", True, {"clip_sample": False}),
+    Sampler("lcm", "LCMScheduler", "LCM", True),
+    Sampler("ddpm", "DDPMScheduler", "DDPM", True, {"clip_sample": False}),  # the DMD checkpoint's own
 )}
 NAMES = tuple(SAMPLERS)
-DEFAULT = "dpm-solver"  # PixArt-α's and Σ's own scheduler
 
 
 def own_sampler(scheduler_class: str) -> str:

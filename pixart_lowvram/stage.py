@@ -21,16 +21,31 @@ class StageContext:
     info: ModelInfo
     folder: RunFolder
     device: torch.device
-    dtype: torch.dtype  # the run's dtype (a component may compute in another: vae_dtype, T5 on the CPU)
+    dtype: torch.dtype  # the run's dtype: embeddings are stored in it
     plan: StagePlan
     reporter: Reporter = field(default_factory=Reporter)
     meter: StageMeter | None = None  # the run's measurement of the stage; None: unmeasured
     stop: threading.Event = field(default_factory=threading.Event)
+    compute_dtype: torch.dtype | None = None  # what the stage's component computes in; None: `dtype`
+    # what came out non-finite (overflow): text keys (encode) or item ids (denoise, decode); nothing of them is
+    # written, so a rerun makes them again
+    failed: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype is None:
+            self.compute_dtype = self.dtype
 
     def checkpoint(self) -> None:
         """A safe point: everything finished so far is on disk. Stop here if the user asked to."""
         if self.stop.is_set():
             raise Interrupted("stop requested")
+
+    def finite(self, tensor: torch.Tensor, what: str) -> bool:
+        """Whether `tensor` holds only finite values; where not, `what` is recorded as failed."""
+        if bool(torch.isfinite(tensor).all()):
+            return True
+        self.failed.append(what)
+        return False
 
     def loaded(self, *components) -> None:
         """Loading is over; `components` are what the stage loaded, watched so that their release is checked."""

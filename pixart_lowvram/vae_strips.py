@@ -19,7 +19,10 @@ caller then falls back to diffusers' tiling.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +30,25 @@ from torch import nn
 
 # GPU bytes per element of a strip, beyond its input and output: the float32 copies GroupNorm works in, the
 # normalised float16 copy, the activation, the padded copy, the convolution's output (at 3.0 the strips went over
-# their room on the H100; at 6.0 the 1.5 GiB run's decode allocated 0.51 GiB against 0.52 planned)
-_WORK_FACTOR = 6.0
+# their room on the H100; at 6.0 the 1.5 GiB run's decode allocated 0.51 GiB against 0.52 planned, BENCHMARKS.md)
+WORK_FACTOR = 6.0
+# A resnet runs whole on the GPU when this many tensors of its widest activation fit in the room: its input, the
+# two convolutions' outputs, GroupNorm's float32 copy and SiLU's output (diffusers' ResnetBlock2D.forward keeps
+# them alive together); the same count as WORK_FACTOR, which the 1.5 GiB run measured.
+RESNET_WHOLE_TENSORS = 6
+# An upsampler runs whole when three upsampled-size tensors fit: the interpolated copy, the convolution's output
+# and its padded input (Upsample2D.forward).
+UPSAMPLE_WHOLE_TENSORS = 3
+# A layer that runs in strips keeps its outputs on the GPU (instead of pinned host memory) when they fit in this
+# share of the room, so the other share is left to the strips' own work; a chosen split: half keeps the strips
+# about as tall as when nothing is kept, and most of SD-VAE's half-resolution layers stay on the GPU at 1.5 GiB.
+KEEP_SHARE = 0.5
+# Tensors a strip-run resnet keeps on the GPU when KEEP_SHARE allows: its input, the middle activation, its output.
+RESNET_KEPT_TENSORS = 3
+UPSAMPLE_KEPT_TENSORS = 2  # an upsampler's input and output
+# What a strip may always use, whatever the tensors kept on the GPU hold: a floor so that the strips never shrink
+# to a row or two (a chosen floor: an eighth of the room still makes strips of tens of rows at 1.5 GiB).
+MIN_STRIP_SHARE = 1 / 8
 
 
 def supports(vae) -> bool:
@@ -103,13 +123,26 @@ def _normalize(x: torch.Tensor, stats: _Stats, norm: nn.GroupNorm) -> torch.Tens
 
 
 class _HostRows:
-    """An NCHW activation held in pinned host memory as (H, N, C, W): rows lo..hi are one contiguous block.
-    Copies go on the current stream, so they are ordered with the kernels around them without waiting."""
+    """An NCHW activation held in host memory as (H, N, C, W): rows lo..hi are one contiguous block.
+    Copies go on the current stream, so they are ordered with the kernels around them without waiting.
 
-    def __init__(self, shape, dtype: torch.dtype):
+    In pinned memory by default; with `spill_dir`, in a file there, memory-mapped: the kernel writes its pages
+    back and drops them when RAM runs short, so a large decode takes disk instead of RAM (copies from pageable
+    memory are slower and synchronous). The file is unlinked at once: it goes when the tensor does."""
+
+    def __init__(self, shape, dtype: torch.dtype, spill_dir: Path | None = None):
         n, c, h, w = shape
-        self.shape, self.dtype, self.device = torch.Size(shape), dtype, torch.device("cpu")
-        self.data = torch.empty((h, n, c, w), dtype=dtype, pin_memory=True)
+        # on the host: never the decoder's device, not even a CPU decoder's (whose spilled rows live in files)
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, None
+        if spill_dir is None:
+            self.data = torch.empty((h, n, c, w), dtype=dtype, pin_memory=True)
+            return
+        fd, name = tempfile.mkstemp(dir=spill_dir, prefix=".strips.", suffix=".tmp")
+        os.close(fd)
+        try:
+            self.data = torch.from_file(name, shared=True, size=h * n * c * w, dtype=dtype).view(h, n, c, w)
+        finally:
+            os.unlink(name)
 
     def rows(self, lo: int, hi: int, device: torch.device) -> torch.Tensor:
         return self.data[lo:hi].to(device, non_blocking=True).permute(1, 2, 0, 3)
@@ -132,7 +165,8 @@ def _write(out, a: int, b: int, y: torch.Tensor) -> None:
 class StripDecoder:
     """Decodes latents exactly within `room` bytes of GPU memory for activations (weights not counted)."""
 
-    def __init__(self, vae, device: torch.device, room: int):
+    def __init__(self, vae, device: torch.device, room: int, spill_dir: str | os.PathLike | None = None,
+                 pinned_limit: int | None = None):
         if not supports(vae):
             raise ValueError(f"{type(vae).__name__}: not a decoder that can be decoded in strips")
         self.vae = vae
@@ -141,12 +175,25 @@ class StripDecoder:
         if self.device.type == "cuda" and self.device.index is None:  # tensors name their GPU's index
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.room = int(room)
+        # Activations that wait off the GPU are pinned in RAM, up to `pinned_limit` bytes a decode (counted as
+        # torch's allocator rounds them) where `spill_dir` is given; past it they wait in files there.
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self.pinned_limit = pinned_limit if spill_dir is not None else None
+        self._pinned = 0  # pinned bytes requested in this decode
+        self.spilled = 0  # activations that waited in files in the last decode (tensors)
         self.strips_used = 0  # layers that ran in strips (for tests and the report)
 
     # -- storage ---------------------------------------------------------------------------------------------
     def _empty(self, shape, dtype, *, on_gpu: bool):
-        if on_gpu or self.device.type == "cpu":
+        on_cpu = self.device.type == "cpu"
+        if on_gpu or (on_cpu and self.spill_dir is None):
             return torch.empty(shape, dtype=dtype, device=self.device)
+        rounded = _pinned_size(self._bytes(shape, dtype))
+        if self.spill_dir is not None and (on_cpu or self.pinned_limit is None
+                                           or self._pinned + rounded > self.pinned_limit):
+            self.spilled += 1
+            return _HostRows(shape, dtype, self.spill_dir)
+        self._pinned += rounded
         return _HostRows(shape, dtype)
 
     @staticmethod
@@ -159,7 +206,7 @@ class StripDecoder:
     def _rows(self, width: int, c_in: int, c_out: int, dtype, spare: int) -> int:
         """Rows per strip: as many as fit in what is left of the room."""
         item = torch.empty((), dtype=dtype).element_size()
-        per_row = width * (c_in + c_out) * item * (1 + _WORK_FACTOR)
+        per_row = width * (c_in + c_out) * item * (1 + WORK_FACTOR)
         return max(1, int(spare // per_row))
 
     # -- the walk --------------------------------------------------------------------------------------------
@@ -167,6 +214,7 @@ class StripDecoder:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """What `vae.decode(z).sample` computes (z already divided by the scaling factor)."""
         z = z.to(self.device)
+        self._pinned = self.spilled = 0
         vae, dec = self.vae, self.decoder
         if vae.post_quant_conv is not None:
             z = vae.post_quant_conv(z)
@@ -186,11 +234,11 @@ class StripDecoder:
 
     def _resnet(self, resnet, x: torch.Tensor, stats: _Stats | None):
         c_out = resnet.conv2.out_channels
-        if x.device == self.device and self._whole_fits(x, c_out, 6):
+        if x.device == self.device and self._whole_fits(x, c_out, RESNET_WHOLE_TENSORS):
             return resnet(x, None), None
         self.strips_used += 1
         n, _, h, w = x.shape
-        keep = 3 * self._bytes((n, max(x.shape[1], c_out), h, w), x.dtype) <= self.room // 2
+        keep = RESNET_KEPT_TENSORS * self._bytes((n, max(x.shape[1], c_out), h, w), x.dtype) <= self.room * KEEP_SHARE
         if stats is None or stats.groups != resnet.norm1.num_groups:
             stats = self._gather(x, resnet.norm1.num_groups)
         mid, mid_stats = self._norm_act_conv(x, stats, resnet.norm1, resnet.nonlinearity, resnet.conv1, on_gpu=keep,
@@ -211,7 +259,7 @@ class StripDecoder:
         n, c, h, w = x.shape
         held = self._bytes(x.shape, x.dtype) if x.device == self.device else 0
         held += self._bytes((n, c_out, h, w), x.dtype) if on_gpu else 0
-        return max(self.room - held, self.room // 8)
+        return max(self.room - held, int(self.room * MIN_STRIP_SHARE))
 
     def _norm_act_conv(self, x, stats, norm, act, conv, *, on_gpu: bool, next_groups: int | None = None,
                        residual=None):
@@ -243,11 +291,11 @@ class StripDecoder:
 
     def _upsample(self, up, x: torch.Tensor):
         n, c, h, w = x.shape
-        if x.device == self.device and 3 * self._bytes((n, c, 2 * h, 2 * w), x.dtype) <= self.room:
+        if x.device == self.device and UPSAMPLE_WHOLE_TENSORS * self._bytes((n, c, 2 * h, 2 * w), x.dtype) <= self.room:
             return up(x), None
         self.strips_used += 1
         H, W = 2 * h, 2 * w
-        keep = 2 * self._bytes((n, c, H, W), x.dtype) <= self.room // 2
+        keep = UPSAMPLE_KEPT_TENSORS * self._bytes((n, c, H, W), x.dtype) <= self.room * KEEP_SHARE
         out = self._empty((n, c, H, W), x.dtype, on_gpu=keep)
         rows = self._rows(W, c, c, x.dtype, self._spare(x, keep, 4 * c))
         rows += rows % 2
@@ -258,6 +306,88 @@ class StripDecoder:
             big = F.interpolate(src, scale_factor=2.0, mode="nearest")[:, :, lo - 2 * (lo // 2):][:, :, :hi - lo]
             _write(out, a, b, _conv_rows(up.conv, big, top=(a == 0), bottom=(b == H)))
         return out, None
+
+
+def _pinned_size(size: int) -> int:
+    """What torch's caching host allocator takes for a pinned block of `size` bytes: the next power of two."""
+    return 1 << max(0, (size - 1).bit_length())
+
+
+class _HostPool:
+    """Host bytes as torch's caching host allocator holds them: each pinned block rounded up to a power of two,
+    freed blocks kept for reuse by a request of the same rounded size (never returned within the stage). Blocks
+    past `pinned_limit` (counted as the decoder counts them, every pinned request of one decode) go to a file."""
+
+    def __init__(self, pinned_limit: int | None):
+        self.limit = pinned_limit
+        self.free: list[int] = []
+        self.counted = self.held = self.in_files = self.peak_in_files = 0
+
+    def alloc(self, size: int) -> tuple[int, bool]:
+        rounded = _pinned_size(size)
+        if self.limit is not None and self.counted + rounded > self.limit:
+            self.in_files += size
+            self.peak_in_files = max(self.peak_in_files, self.in_files)
+            return size, False
+        self.counted += rounded
+        if rounded in self.free:
+            self.free.remove(rounded)
+        else:
+            self.held += rounded
+        return rounded, True
+
+    def release(self, block: tuple[int, bool] | None) -> None:
+        if block is not None:
+            size, pinned = block
+            if pinned:
+                self.free.append(size)
+            else:
+                self.in_files -= size
+
+
+def host_bytes(channels: list[int] | tuple[int, ...], layers: int, width: int, height: int, itemsize: int,
+               room: int, pinned_limit: int | None = None) -> tuple[int, int]:
+    """Host bytes a `StripDecoder` with `room` (and `pinned_limit`) holds to decode one `width` x `height` image
+    of a VAE with these `block_out_channels` and `layers_per_block`: (pinned RAM as torch's allocator holds it,
+    the most bytes alive at once in spill files). Pure arithmetic: the walk of `decode` with the same rules for
+    what runs whole, what stays on the GPU and what waits on the host."""
+    pool = _HostPool(pinned_limit)
+    order = list(reversed(channels))
+    h, w = height >> (len(order) - 1), width >> (len(order) - 1)
+    c = order[0]
+    on_host = None  # the current activation's block where it waits on the host
+
+    def size(ch: int, rows: int, cols: int) -> int:
+        return ch * rows * cols * itemsize
+
+    for i, c_out in enumerate(order):
+        for _ in range(layers + 1):
+            widest = size(max(c, c_out), h, w)
+            if on_host is None and widest * RESNET_WHOLE_TENSORS <= room:
+                c = c_out
+                continue
+            if RESNET_KEPT_TENSORS * widest <= room * KEEP_SHARE:
+                pool.release(on_host)
+                on_host = None
+            else:
+                mid = pool.alloc(size(c_out, h, w))
+                out = pool.alloc(size(c_out, h, w))
+                pool.release(mid)
+                pool.release(on_host)
+                on_host = out
+            c = c_out
+        if i < len(order) - 1:  # every up block but the last ends in an upsampler
+            h, w = 2 * h, 2 * w
+            if on_host is None and UPSAMPLE_WHOLE_TENSORS * size(c, h, w) <= room:
+                continue
+            if UPSAMPLE_KEPT_TENSORS * size(c, h, w) <= room * KEEP_SHARE:
+                pool.release(on_host)
+                on_host = None
+            else:
+                out = pool.alloc(size(c, h, w))
+                pool.release(on_host)
+                on_host = out
+    return pool.held, pool.peak_in_files
 
 
 def _conv_rows(conv: nn.Conv2d, strip: torch.Tensor, *, top: bool, bottom: bool) -> torch.Tensor:

@@ -117,3 +117,52 @@ def test_plan_without_a_gpu_says_the_budget_is_for_a_gpu(tiny_model, tmp_path, c
     assert main(["plan", str(queue), "--model", tiny_model, "--device", "cpu", "--vram-budget", "1GiB"]) == 0
     out, err = capsys.readouterr()
     assert "plan for VRAM budget 1.00 GiB" in out and "the run would use the CPU" in err
+
+
+def test_plan_of_a_hub_model_reads_its_headers_from_the_hub_without_downloading_weights(tiny_model, tmp_path,
+                                                                                        monkeypatch):
+    """A hub id whose weights are not in the cache: `plan` fetches configs, tokenizer and index files, and reads
+    each weights file's safetensors header from the hub (range requests), never a weight. The plan equals the
+    plan of the same model as a local folder. (The hub is played by the tiny model's folder.)"""
+    import shutil
+    from pathlib import Path
+
+    import huggingface_hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+    from huggingface_hub.utils._safetensors import SafetensorsFileMetadata, TensorInfo
+
+    from pixart_lowvram.generate import Settings, plan_queue
+    from pixart_lowvram.jobs import jobs_from_options
+    from pixart_lowvram.models import SAFETENSORS_DTYPES, read_safetensors
+
+    hub = Path(tiny_model)
+    files = sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file())
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False, **kwargs):
+        import fnmatch
+
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        snapshot = tmp_path / "hf-cache" / repo_id.replace("/", "--")
+        for name in files:
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                fetched.append(name)
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(hub / name, snapshot / name)
+        return str(snapshot)
+
+    def parse_safetensors_file_metadata(self, repo_id, filename, **kwargs):
+        names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+        return SafetensorsFileMetadata(metadata={}, tensors={
+            key: TensorInfo(dtype=names[s.dtype], shape=list(s.shape), data_offsets=(0, s.nbytes))
+            for key, s in read_safetensors(hub / filename).items()})
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **k: files)
+    monkeypatch.setattr(huggingface_hub.HfApi, "parse_safetensors_file_metadata", parse_safetensors_file_metadata)
+    jobs = jobs_from_options("a fox", width=256, height=256)
+    settings = dict(device="cpu", vram_budget="1GiB")
+    remote = plan_queue(jobs, Settings(model="someone/tiny-pixart", **settings))
+    assert fetched and not [name for name in fetched if name.endswith(".safetensors")], "weights were downloaded"
+    assert remote == plan_queue(jobs, Settings(model=tiny_model, **settings))

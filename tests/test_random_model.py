@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pixart_lowvram.errors import UsageError
+from pixart_lowvram.presets import PRESETS
 from pixart_lowvram.random_model import (
     COMPONENTS,
     MARKER,
@@ -192,3 +193,19 @@ def test_xl_has_the_real_shapes_on_the_meta_device():
     assert models["vae"].config.block_out_channels == (128, 256, 512, 512) or \
         list(models["vae"].config.block_out_channels) == [128, 256, 512, 512]
     assert preset_config("xl").dtype == torch.float16
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_presets_tokenizer_covers_its_text_encoders_vocabulary(preset, tmp_path):
+    """The tokenizer each preset writes passes the check every model folder gets (a full-size T5's table of
+    32,128 rows gets a tokenizer of 32,100 pieces, as the real checkpoint's), and tokenizes words as the small one."""
+    from pixart_lowvram.models import check_tokenizer
+    from pixart_lowvram.random_model import build_tokenizer, preset_config
+
+    vocab_size = preset_config(preset).text_encoder["vocab_size"]
+    tokenizer = build_tokenizer(vocab_size)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    size = check_tokenizer(tmp_path / "tokenizer", vocab_size)
+    assert vocab_size - 128 < size <= vocab_size
+    words = "a lighthouse on a cliff at dusk, oil painting"
+    assert tokenizer(words).input_ids == build_tokenizer()(words).input_ids

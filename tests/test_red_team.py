@@ -339,7 +339,7 @@ def test_help_lists_every_exit_code():
     result = subprocess.run([sys.executable, "-m", "pixart_lowvram.cli", "--help"], capture_output=True, text=True)
     text = " ".join(result.stdout.split())
     for code in ("0 done", "1 the run folder could not be used or written", "2 bad input", "3 out of GPU memory",
-                 "130 interrupted"):
+                 "4 some images not made", "130 interrupted"):
         assert code in text
 
 
