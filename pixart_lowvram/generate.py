@@ -26,7 +26,7 @@ from .decode import decode_items
 from .denoise import denoise_items
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory
-from .items import Item, assign_keys, binned_size, embed_shapes, expand, latent_shapes
+from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, latent_shapes
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
 from .models import component_sizes
@@ -105,7 +105,7 @@ def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = C
     settings = resolved.settings
     budget = resolved.budget if isinstance(resolved.budget, int) else None
     sizes = planned_sizes(resolved)
-    binned = [binned_size(resolved.info, it.width, it.height) for it in items]
+    binned = binned_sizes(resolved.info, items)
     return make_plan(budget, sizes, binned, texts=max(1, texts), encode_batch=settings.encode_batch,
                      denoise_batch=settings.denoise_batch, context=context, encode_on_cpu=settings.encode_on_cpu,
                      text_encoder_8bit=settings.text_encoder_8bit,

@@ -146,6 +146,15 @@ def binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
     return info.geometry.denoise_size(width, height)
 
 
+def binned_sizes(info: ModelInfo, items: list[Item]) -> list[tuple[int, int]]:
+    """binned_size of each item, each distinct size worked out once (a long queue asks for few sizes)."""
+    known: dict[tuple[int, int], tuple[int, int]] = {}
+    for item in items:
+        if (item.width, item.height) not in known:
+            known[(item.width, item.height)] = binned_size(info, item.width, item.height)
+    return [known[(item.width, item.height)] for item in items]
+
+
 def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_on_cpu: bool = False,
                 text_encoder_8bit: bool = False) -> dict[str, str]:
     """Key each artifact to everything that decides its content. Returns text key -> text for the embeddings.
