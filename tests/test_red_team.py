@@ -424,3 +424,17 @@ def test_plan_with_a_budget_and_no_gpu_shows_the_plan_on_such_a_gpu_and_says_why
     out, err = capsys.readouterr()
     assert "plan for VRAM budget 2" in out and "unconstrained" not in out
     assert "planned for a GPU with this budget" in err and "the run would use the CPU" in err
+
+
+def test_a_long_queue_keeps_one_short_manifest_line_per_image(tiny_model, tmp_path):
+    import threading
+
+    jobs = queue('prompt = "a lighthouse"\ncount = 2000')
+    stop = threading.Event()
+    stop.set()  # stops as the first stage starts: the manifest is written by then
+    with pytest.raises(Interrupted):
+        run_queue(jobs, tmp_path / "run", Settings(model=tiny_model, **CPU32), stop=stop)
+    text = (tmp_path / "run" / MANIFEST).read_text()
+    item_lines = [line for line in text.splitlines() if line.startswith('    {"id": ')]
+    assert len(item_lines) == 2000 and len(json.loads(text)["items"]) == 2000
+    assert max(len(line) for line in item_lines) < 800
