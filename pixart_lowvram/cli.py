@@ -1,4 +1,7 @@
-"""The command line: argument parsing and calls into the Python API, nothing more."""
+"""The command line: argument parsing and calls into the Python API, nothing more.
+
+Importing this module loads nothing heavy (torch, diffusers and transformers load inside `main`), so a Ctrl-C in
+the first seconds lands in main's handler: a message and exit code 130, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +16,6 @@ import time
 from pathlib import Path
 
 from .errors import PixartError
-from .memory import format_bytes
 from .reporting import Bar, Reporter
 from .samplers import NAMES as SAMPLER_NAMES
 
@@ -27,8 +29,11 @@ examples:
   pixart-lowvram make-random-model --preset xl ./pixart-xl-random
 
 Running the same command again resumes: finished embeddings, latents and images are kept and skipped.
-Exit codes: 0 done, 1 the run folder could not be written (disk full), 2 bad input (queue, options, model
-folder), 3 out of GPU memory, 4 some images not made (a component overflowed: see --upcast), 130 interrupted.
+A finished image is never replaced by one made from other parameters: the new one gets another name (NAME~2).
+Exit codes: 0 done; 1 the run folder could not be used or written (locked by another run, read-only, disk
+full); 2 bad input (queue, options, model, --out not a run folder; nothing was loaded or written); 3 out of GPU
+memory; 4 some images not made (a component overflowed: see --upcast); 130 interrupted (Ctrl-C). Finished work
+is kept in every case.
 """
 
 QUEUE_HELP = """\
@@ -128,7 +133,12 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                         "applies to what is still to make, so a rerun with it redoes only the failed images")
     g.add_argument("--no-embed-cache", dest="embed_cache", action="store_const", const=None, default="default",
                    help="do not share prompt embeddings across runs (default: ~/.cache/pixart-lowvram/embeds)")
-    g.add_argument("--force", action="store_true", help="redo everything instead of resuming")
+    g.add_argument("--force", action="store_true",
+                   help="make every image again instead of resuming (the same images: seeds drawn at random "
+                        "before are kept)")
+    g.add_argument("--new-seeds", action="store_true",
+                   help="draw new random seeds for jobs without a seed (new images; the earlier ones are kept, "
+                        "the new ones get other names)")
     g.add_argument("--allow-pickle", action="store_true",
                    help="load pickled .bin weights where a component has no safetensors (they can run code "
                         "when loaded: only for sources you trust)")
@@ -193,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and no GPU; the images are noise (the weights are random).")
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if there is one)")
-    p.add_argument("--force", action="store_true", help="redo everything instead of resuming")
+    p.add_argument("--force", action="store_true", help="make every image again instead of resuming")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the summary")
 
     from .presets import PRESET_HELP  # noqa: PLC0415
@@ -222,8 +232,14 @@ def _settings(args: argparse.Namespace, **overrides):
     return Settings(**values)
 
 
+SHOW_IMAGES = 10  # a run of at most this many images lists each image's file
+
+
 def print_summary(result, seconds: float) -> None:
-    """The end-of-run table: per stage, what it made, how long it took and its memory peaks."""
+    """The end-of-run table: per stage, what it made, how long it took and its memory peaks; then where the
+    images are (each one, for a short queue)."""
+    from .memory import format_bytes  # noqa: PLC0415
+
     rows = [("stage", "made", "time", "loading", "torch peak", "GPU (NVML)", "host RSS")]
     for s in result.stages:
         load = "-" if s.load_seconds is None else f"{s.load_seconds:.1f} s"
@@ -239,6 +255,10 @@ def print_summary(result, seconds: float) -> None:
         for what in s.over_budget():
             print(f"over budget: {s.name}: {what}")
     done = sum(1 for p in result.images.values() if p.is_file())
+    if len(result.images) <= SHOW_IMAGES:
+        print()
+        for path in result.images.values():
+            print(f"  {path}")
     print(f"\n{done}/{len(result.images)} images in {result.folder / 'images'} "
           f"({seconds:.1f} s, {result.device}, {result.dtype}; figures in {result.folder / 'run.json'})")
 
@@ -292,12 +312,12 @@ def cmd_run(args) -> int:
 
 def cmd_generate(args) -> int:
     from .jobs import jobs_from_options  # noqa: PLC0415
-    from .items import slugify  # noqa: PLC0415
+    from .items import prompt_folder_name  # noqa: PLC0415
 
     jobs = jobs_from_options(args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                              height=args.height, seed=args.seed, cfg=args.cfg, steps=args.steps, count=args.count,
                              name=args.name, sampler=args.sampler)
-    out = Path(args.out) if args.out else Path("runs") / slugify(args.prompt)
+    out = Path(args.out) if args.out else Path("runs") / prompt_folder_name(args.prompt)
     return _run(jobs, out, _settings(args), args.quiet)
 
 
@@ -347,10 +367,12 @@ def set_allocator_defaults() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    set_allocator_defaults()
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    """Run one command; returns its exit code (the README's table). Every failure this tool foresees ends in a
+    message on stderr and its code, Ctrl-C included, wherever it lands (loading the libraries too)."""
     try:
+        set_allocator_defaults()
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
         return COMMANDS[args.command](args)
     except PixartError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,8 +23,26 @@ def demo_jobs() -> list[Job]:
 
 
 def demo_model(cache_dir: Path, reporter: Reporter) -> Path:
+    """The demo's tiny model in the cache folder, built on first use. The cache is ours: a copy found damaged
+    (a truncated or missing weights file, say) is built again, with a word to the user, never reported as a
+    model to download again."""
+    from .errors import ModelError  # noqa: PLC0415
+    from .models import resolve_model  # noqa: PLC0415
+    from .random_model import MARKER  # noqa: PLC0415
+
+    path = cache_dir / "tiny-random"
+    model = _build(path, reporter)
+    try:
+        resolve_model(str(model))
+    except ModelError as exc:
+        reporter.info(f"the demo model in {model} is damaged ({exc}); building it again")
+        (model / MARKER).unlink(missing_ok=True)  # without its marker the folder counts as half-written
+        model = _build(path, reporter)
+    return model
+
+
+def _build(path: Path, reporter: Reporter) -> Path:
     from .random_model import make_random_model  # noqa: PLC0415
 
     with reporter.bar("tiny model", total=None, unit="part", transient=True) as bar:
-        return make_random_model(cache_dir / "tiny-random", "tiny", seed=0,
-                                 progress=lambda done, total, what: bar.update())
+        return make_random_model(path, "tiny", seed=0, progress=lambda done, total, what: bar.update())

@@ -102,7 +102,7 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> i
             for item, latent in zip(batch, latents):
                 if ctx.finite(latent, item.id):
                     folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent},
-                                         item.latent_key, item=item.id)
+                                         item.latent_key, item=item.id, **item.seed_record())
                     done += 1
     finally:
         steps.close()

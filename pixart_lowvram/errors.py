@@ -81,7 +81,13 @@ class ModelError(PixartError):
 
 
 class RunFolderError(PixartError):
-    """The run folder cannot be used (unwritable, locked by another run, ...)."""
+    """The run folder cannot be used or written (unwritable, locked by another run, a file in its way)."""
+
+    exit_code = 1
+
+
+class NotARunFolder(RunFolderError):
+    """--out names a file, or a folder of other files: not an empty folder nor one of our run folders."""
 
     exit_code = 2
 

@@ -26,7 +26,7 @@ from .decode import decode_items
 from .denoise import denoise_items
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory
-from .items import Item, assign_keys, binned_size, embed_shapes, expand, latent_shapes
+from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, latent_shapes
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
 from .models import component_sizes
@@ -105,7 +105,7 @@ def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = C
     settings = resolved.settings
     budget = resolved.budget if isinstance(resolved.budget, int) else None
     sizes = planned_sizes(resolved)
-    binned = [binned_size(resolved.info, it.width, it.height) for it in items]
+    binned = binned_sizes(resolved.info, items)
     return make_plan(budget, sizes, binned, texts=max(1, texts), encode_batch=settings.encode_batch,
                      denoise_batch=settings.denoise_batch, context=context, encode_on_cpu=settings.encode_on_cpu,
                      text_encoder_8bit=settings.text_encoder_8bit,
@@ -179,40 +179,42 @@ class _Run:
 
     # -- what is left to do ----------------------------------------------------------------------------------
     def prepare(self) -> None:
-        previous = self.folder.read_manifest() or {}
-        drawn = previous.get("drawn_seeds", {}) if not self.settings.force else {}
+        earlier = self.folder.previous_run()
+        if earlier.damage:
+            self.reporter.info(earlier.damage)
+        previous = earlier.manifest
+        drawn = {} if self.settings.new_seeds else earlier.drawn_seeds
         self.items, remembered = expand(self.jobs, self.info.defaults, drawn)
-        self.drawn_seeds = {**drawn, **remembered}
+        self.drawn_seeds = {**previous.get("drawn_seeds", {}), **remembered}
         self.texts = assign_keys(self.items, self.info, self.dtype, self.settings.encode_on_cpu,
                                  self.settings.text_encoder_8bit)
-        self.left_alone = self.removed_images(previous)
+        self.previous = previous
+        self.claim_image_names()
+        self.left_alone = self.folder.images_left_behind(self.items, previous)
         if self.left_alone:
             names = ", ".join(p.name for p in self.left_alone[:5]) + (", ..." if len(self.left_alone) > 5 else "")
             self.reporter.info(f"{len(self.left_alone)} image(s) of jobs no longer in the queue are left in place "
                                f"({names})")
         self.write_manifest()
 
-    def removed_images(self, previous: dict) -> list[Path]:
-        """Images an earlier run of this folder made for jobs that are gone from the queue (or were edited
-        and now make another file): they are kept, never deleted, and reported."""
-        current = {self.folder.image_path(it) for it in self.items}
-        gone = []
-        for old in previous.get("items", []) + [{"image": str(p)} for p in previous.get("left_alone", [])]:
-            path = self.folder.path / str(old.get("image", ""))
-            if path.parent == self.folder.images and path not in current and path.is_file() and path not in gone:
-                gone.append(path)
-        return gone
+    def claim_image_names(self) -> None:
+        """Image files for the items' current keys: a finished image from other parameters is never replaced."""
+        for item, former in getattr(self, "renamed", []):
+            item.id = former
+        self.renamed = self.folder.claim_image_names(self.items, self.previous)
+        for item, former in self.renamed:
+            self.reporter.info(f"{self.folder.images / (former + '.png')} holds an image made from other "
+                               f"parameters: kept; the new one is {item.id}.png")
 
     def pending_images(self) -> list[Item]:
         if self.settings.force:
             return list(self.items)
-        return [it for it in self.items if not self.folder.png_is_done(self.folder.image_path(it), it.image_key)]
+        return self.folder.unfinished_images(self.items)
 
     def pending_latents(self, items: list[Item]) -> list[Item]:
         if self.settings.force:
             return items
-        return [it for it in items if self.folder.read_tensors(
-            self.folder.latent_path(it.latent_key), it.latent_key, latent_shapes(self.info, it)) is None]
+        return self.folder.unfinished_latents(items, lambda it: latent_shapes(self.info, it))
 
     def pending_texts(self, items: list[Item]) -> dict[str, str]:
         needed = {}
@@ -311,6 +313,8 @@ class _Run:
             if self.plan["encode"].placement == "cpu" and not self.settings.encode_on_cpu:
                 # The planner moved T5 to the CPU (fp32 there): those embeddings are other artifacts, keyed so.
                 self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True)
+                self.claim_image_names()
+                todo_images = self.pending_images()
                 todo_latents = self.pending_latents(todo_images)
                 todo_texts = self.restore_from_cache(self.pending_texts(todo_latents))
             self.reporter.info(format_plan(self.plan))
@@ -340,13 +344,7 @@ class _Run:
         import diffusers  # noqa: PLC0415
         import transformers  # noqa: PLC0415
 
-        items = []
-        for it in self.items:
-            image = self.folder.image_path(it)
-            items.append({**it.to_json(),
-                          "image": str(image.relative_to(self.folder.path)),
-                          "latents": str(self.folder.latent_path(it.latent_key).relative_to(self.folder.path)),
-                          "done": self.folder.png_is_done(image, it.image_key)})
+        items = self.folder.manifest_items(self.items)
         self.folder.write_manifest({
             "version": 1,
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

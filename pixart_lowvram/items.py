@@ -15,16 +15,30 @@ from .models import ModelInfo, caption_cleaning
 
 
 KEY_FORMAT = 2  # part of every artifact's key: a change to what keys hold makes every artifact new
+# What json.dumps(parts, sort_keys=True, default=str) builds on every call, built once: a long queue hashes
+# a few keys per image.
+_ENCODER = json.JSONEncoder(sort_keys=True, default=str)
 
 
 def digest(*parts: object) -> str:
     """A short stable hash of JSON-able parts."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return hashlib.sha256(_ENCODER.encode(parts).encode()).hexdigest()[:24]
 
 
 def slugify(text: str, limit: int = 40) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return slug[:limit].rstrip("-") or "image"
+
+
+def prompt_folder_name(prompt: str, limit: int = 40) -> str:
+    """`generate`'s default run folder for a prompt: its slug where that stands for the whole prompt, else the
+    slug and a short hash of the prompt, so prompts that share their first 40 characters, or have no letters
+    or digits at all (emoji), get folders of their own."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    if slug and len(slug) <= limit:
+        return slug
+    short = slug[:limit].rstrip("-") or "prompt"
+    return f"{short}-{hashlib.sha256(prompt.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 @dataclass
@@ -44,13 +58,23 @@ class Item:
     name: str | None
     seed_was_drawn: bool
     sampler: str = "dpm-solver"
+    # Where a drawn seed is remembered: the manifest's drawn_seeds[seed_slot][copy]. The PNG carries it too, so
+    # a damaged manifest loses no drawn seed (RunFolder.recover_drawn_seeds). Empty for a seed the job gave.
+    seed_slot: str = ""
     prompt_key: str = ""
     negative_key: str = ""
     latent_key: str = ""
     image_key: str = ""
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # every field is a plain value: no deep copy (asdict) needed
+
+    def seed_record(self) -> dict[str, str]:
+        """Where a drawn seed came from, as text metadata for the item's latents (its PNG has the whole item):
+        what RunFolder.recover_drawn_seeds reads back when run.json is damaged. Empty for a seed the job gave."""
+        if not self.seed_was_drawn:
+            return {}
+        return {"seed_slot": self.seed_slot, "copy": str(self.copy), "seed": str(self.seed)}
 
 
 def _job_spec(job: Job, defaults: JobDefaults) -> dict:
@@ -64,12 +88,13 @@ def _job_spec(job: Job, defaults: JobDefaults) -> dict:
     return spec
 
 
-def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[int]],
+def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[int | None]],
            rng: random.Random | None = None) -> tuple[list[Item], dict[str, list[int]]]:
     """Jobs -> items, with the model's `defaults` for what a job leaves out. A job's seed gives seed, seed+1, ...
     to its copies; a missing seed is drawn at random, and remembered under the job's spec in `drawn_seeds` (kept
-    in the manifest), so running the same queue again finds the same seeds. Identical jobs (the article's three
-    'supercar' jobs) are told apart by occurrence."""
+    in the manifest), so running the same queue again finds the same seeds; a None there (a copy whose seed could
+    not be recovered) is drawn again. Identical jobs (the article's three 'supercar' jobs) are told apart by
+    occurrence."""
     rng = rng or random.SystemRandom()
     seen: dict[str, int] = {}
     items: list[Item] = []
@@ -83,30 +108,33 @@ def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[i
         if job.seed is not None:
             seeds = [job.seed + k for k in range(job.count)]
         else:
-            seeds = list(drawn_seeds.get(slot, []))[: job.count]
-            seeds += [rng.randrange(0, 2**32) for _ in range(job.count - len(seeds))]
+            known = list(drawn_seeds.get(slot, []))[: job.count]
+            known += [None] * (job.count - len(known))
+            seeds = [rng.randrange(0, 2**32) if seed is None else seed for seed in known]
             remembered[slot] = seeds
+        stem = job.name or f"{job.index:03d}-{slugify(job.prompt)}"
         for k, seed in enumerate(seeds):
             assert 0 <= seed <= MAX_SEED
-            if job.name:
-                item_id = job.name if job.count == 1 else f"{job.name}-{k + 1}"
-            else:
-                item_id = f"{job.index:03d}-{slugify(job.prompt)}" + (f"-{k + 1}" if job.count > 1 else "")
+            item_id = stem if job.count == 1 else f"{stem}-{k + 1}"
             items.append(Item(
                 id=item_id, job_index=job.index, copy=k, prompt=job.prompt, negative_prompt=job.negative_prompt,
                 width=job.width or defaults.size, height=job.height or defaults.size, seed=seed,
                 cfg=spec["cfg"], steps=spec["steps"], sampler=job.sampler or defaults.sampler, name=job.name,
-                seed_was_drawn=job.seed is None))
+                seed_was_drawn=job.seed is None, seed_slot="" if job.seed is not None else slot))
     _make_ids_unique(items)
     return items, remembered
 
 
 def _make_ids_unique(items: list[Item]) -> None:
-    # Job names are unique (validated), but a generated id can meet a name: number the later ones.
-    taken: set[str] = set()
+    """A name the user gave is theirs: named items keep their ids (unique, checked with the queue), and an id
+    made from a prompt that meets one of them, or another made id, is numbered instead (001-cat~2).
+    Compared ignoring case, for case-insensitive file systems."""
+    taken = {item.id.lower() for item in items if item.name}
     for item in items:
+        if item.name:
+            continue
         base, n = item.id, 2
-        while item.id.lower() in taken:  # case-insensitive file systems
+        while item.id.lower() in taken:
             item.id = f"{base}~{n}"
             n += 1
         taken.add(item.id.lower())
@@ -116,6 +144,15 @@ def binned_size(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
     """The size the reference pipeline actually denoises at: the nearest entry of its aspect-ratio bins, or the
     size asked where the model has none."""
     return info.geometry.denoise_size(width, height)
+
+
+def binned_sizes(info: ModelInfo, items: list[Item]) -> list[tuple[int, int]]:
+    """binned_size of each item, each distinct size worked out once (a long queue asks for few sizes)."""
+    known: dict[tuple[int, int], tuple[int, int]] = {}
+    for item in items:
+        if (item.width, item.height) not in known:
+            known[(item.width, item.height)] = binned_size(info, item.width, item.height)
+    return [known[(item.width, item.height)] for item in items]
 
 
 def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_on_cpu: bool = False,
@@ -133,11 +170,14 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
                "int8" if text_encoder_8bit else "16-bit")
     decoder = (KEY_FORMAT, info.identity["vae"], dtype_name)
     texts: dict[str, str] = {}
+    text_keys: dict[str, str] = {}  # text -> its key, each text hashed once (a job's copies share their texts)
     for item in items:
-        item.prompt_key = digest("embed", encoder, item.prompt)
-        item.negative_key = digest("embed", encoder, item.negative_prompt)
-        texts[item.prompt_key] = item.prompt
-        texts[item.negative_key] = item.negative_prompt
+        for text in (item.prompt, item.negative_prompt):
+            if text not in text_keys:
+                text_keys[text] = digest("embed", encoder, text)
+                texts[text_keys[text]] = text
+        item.prompt_key = text_keys[item.prompt]
+        item.negative_key = text_keys[item.negative_prompt]
         item.latent_key = digest("latent", KEY_FORMAT, info.identity["transformer"], info.identity["scheduler"],
                                  dtype_name, item.prompt_key, item.negative_key, item.width, item.height,
                                  item.steps, item.cfg, item.seed, item.sampler)

@@ -12,6 +12,7 @@ import numbers
 import os
 import re
 import reprlib
+import stat
 import sys
 import unicodedata
 from dataclasses import dataclass
@@ -38,6 +39,15 @@ MAX_COUNT = 10_000
 # the models have loaded.
 MAX_STEPS = 1000
 MAX_NAME = 100
+# Limits that keep a queue's cost bounded before anything is read or loaded (README, "Limits").
+MAX_IMAGES = 100_000  # images in one queue (every job's count added up)
+MAX_QUEUE_BYTES = 32 * 2**20  # a queue file; 100,000 one-line JSONL jobs take ~10 MB
+# A prompt's characters. T5 reads at most 120 (PixArt-α) or 300 (Σ) tokens, ~1,500 characters of English; the
+# reference pipeline's caption cleaning (`_clean_caption`) takes time that grows with the square of some
+# texts' length (8,000 characters of "a." take 1.4 s, 40,000 take ~50 s), so a prompt is refused past this
+# instead of being cleaned for seconds and cut by the tokenizer anyway. Every prompt within it is encoded
+# exactly as the reference does.
+MAX_PROMPT = 4_000
 
 SUFFIXES = {".toml": "toml", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -92,9 +102,11 @@ def load_queue(path: str | os.PathLike) -> list[Job]:
         raise QueueError([Problem(f"cannot tell the queue's format from {what}",
                                   hint="name it .toml, .json, .jsonl or .ndjson")], source=source)
     try:
-        data = path.read_bytes()
+        data = read_limited(path, MAX_QUEUE_BYTES)
     except OSError as error:
         raise QueueError([Problem(f"cannot read {path}: {error.strerror or error}")], source=source) from None
+    except ValueError as error:
+        raise QueueError([Problem(f"{path} {error}")], source=source) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -102,6 +114,25 @@ def load_queue(path: str | os.PathLike) -> list[Job]:
         raise QueueError([Problem(f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line})",
                                   hint="save the file as UTF-8")], source=source) from None
     return parse_queue(text, fmt, source)
+
+
+def read_limited(path: str | os.PathLike, limit: int) -> bytes:
+    """A regular file's bytes, reading at most `limit` of them: ValueError (with a message that follows the
+    file's name) for a device, a pipe or a folder (/dev/zero would never end) and for a file past the limit.
+    OSError where it cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO must not block us
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a device, pipe or socket"
+            raise ValueError(f"is {kind}, not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"is larger than {limit // 2**20} MiB, the most this tool reads")
+    return data
 
 
 def parse_queue(text: str, fmt: str, source: str = "<string>") -> list[Job]:
@@ -298,7 +329,7 @@ def _check_cfg(value: object) -> Bad:
     return None
 
 
-def _check_text(value: object) -> Bad:
+def _check_plain_text(value: object) -> Bad:
     if not isinstance(value, str):
         return f"must be text, not {_show(value)}", None
     if "\0" in value:
@@ -308,6 +339,14 @@ def _check_text(value: object) -> Bad:
     except UnicodeEncodeError:
         return "is not valid Unicode text (it holds a lone surrogate)", None
     return None
+
+
+def _check_text(value: object) -> Bad:
+    bad = _check_plain_text(value)
+    if bad is None and len(value) > MAX_PROMPT:
+        return (f"must be at most {MAX_PROMPT} characters, not {len(value)}",
+                "T5 reads only the first 120 tokens (PixArt-α) or 300 (PixArt-Σ), about 500 or 1,300 characters")
+    return bad
 
 
 def _check_prompt(value: object) -> Bad:
@@ -332,8 +371,8 @@ def _check_name(value: object) -> Bad:
     if len(value) > MAX_NAME:
         return f"must be at most {MAX_NAME} characters, not {len(value)}", f"for example {_safe_name(value)!r}"
     if not _NAME.fullmatch(value):
-        return ("may hold only letters, digits, '.', '_' and '-', and may not start with '.' or '-': "
-                "it becomes a file name", f"for example {_safe_name(value)!r}")
+        return ("may hold only ASCII letters (a-z, A-Z), digits, '.', '_' and '-', and may not start with '.' "
+                "or '-': it becomes a file name on any system", f"for example {_safe_name(value)!r}")
     return None
 
 
@@ -398,9 +437,32 @@ def validate_document(doc: object, source: str, *, fmt: str = "json") -> list[Jo
             jobs.append(job)
     if jobs_doc == []:
         problems.append(Problem("the queue has no jobs", hint=_MINIMAL.get(fmt, _MINIMAL["json"])))
+    problems += _image_name_clashes(jobs)
+    total = sum(job.count for job in jobs)
+    if total > MAX_IMAGES:
+        problems.append(Problem(f"the queue asks for {total} images; one queue makes at most {MAX_IMAGES}",
+                                hint="split it into several queues, each with its own run folder"))
     if problems:
         raise QueueError(problems, source=source)
     return jobs
+
+
+def _image_name_clashes(jobs: list[Job]) -> list[Problem]:
+    """A named job with a count makes NAME-1, NAME-2, ...: one of those may be another job's own name. Both are
+    names the user gave, so neither may silently yield: the queue is refused, naming both jobs."""
+    named = {job.name.lower(): job for job in jobs if job.name}
+    problems = []
+    for other in jobs:
+        found = re.fullmatch(r"(.+)-([1-9][0-9]*)", other.name or "")
+        job = named.get(found[1].lower()) if found else None
+        k = int(found[2]) if found else 0
+        if job is not None and job is not other and job.count > 1 and k <= job.count:
+            problems.append(Problem(
+                f"name {other.name!r} is also the file name of image {k} of job {job.index} "
+                f"({job.name!r}, count {job.count})", job_index=other.index, job_name=other.name, field="name",
+                hint=f"rename one of them: job {job.index}'s images are named {job.name}-1 to "
+                     f"{job.name}-{job.count}"))
+    return problems
 
 
 def _split(doc: object, fmt: str, problems: list[Problem]) -> tuple[object, list | None]:

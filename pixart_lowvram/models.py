@@ -772,6 +772,8 @@ def resolve_model(source: str, allow_pickle: bool = False, *, hash_weights: bool
             path, remote = _fetch_without_weights(source)  # a plan downloads no weights
         elif path is None:
             path = _fetch(source, allow_pickle)
+    elif os.path.exists(expanded):
+        raise ModelError(f"{source}: is a file; --model takes a model folder (with model_index.json) or a hub id")
     else:
         raise ModelError(f"{source}: no such model folder")
 

@@ -26,7 +26,8 @@ class Settings:
     # larger batches are faster on big queues but change fp16 rounding (measured in BENCHMARKS.md).
     encode_batch: int = 1
     denoise_batch: int = 1  # images denoised at once (same size, steps and guidance)
-    force: bool = False  # redo everything, ignoring finished artifacts
+    force: bool = False  # make every artifact again (the same ones: drawn seeds are kept)
+    new_seeds: bool = False  # draw new seeds for jobs without one (earlier images are kept, new ones renamed)
     allow_pickle: bool = False  # load pickled .bin weights (they can run code when loaded) if no safetensors
     vram_budget: str | int | None = None  # whole-process GPU memory: bytes, "1.5GiB", "auto"; None: unconstrained
     encode_on_cpu: bool = False  # T5 on the CPU: no VRAM for the encoder, slow

@@ -240,6 +240,8 @@ def test_killed_anywhere_the_same_command_finishes_with_the_same_images(
     if manifest_survives:
         assert items(run)[DRAWN]["seed"] == reference["drawn_seed"]
 
+    # The lighthouse's latents and image record the seed drawn for it, once finished
+    seed_recorded = any(reference["drawn_seed"] in seeds for seeds in RunFolder(run).recover_drawn_seeds().values())
     run_again(children, cmd)
     assert temp_files(run) == [], "the rerun removed the temporaries the kill left"
 
@@ -249,9 +251,13 @@ def test_killed_anywhere_the_same_command_finishes_with_the_same_images(
         # Exactly what was not finished is made again: nothing finished is redone, nothing half-made is kept.
         redo = {s: TOTAL[s] for s in after} | {stage: TOTAL[stage] - finished}
         assert made_by_last_run(run) == {s: k for s, k in redo.items() if k}
+    elif seed_recorded:
+        # run.json is torn, but the lighthouse's finished latents or image record its drawn seed: read back
+        assert items(run)[DRAWN]["seed"] == reference["drawn_seed"]
+        assert_finished_like_the_reference(run, reference, NAMES)
     else:
-        # Without run.json the seed drawn for the lighthouse is lost (README: it is read back from run.json), so
-        # the rerun draws another one and makes that image anew: compare only the seeded images.
+        # Without run.json and before the lighthouse's latents exist, its drawn seed is lost: the rerun draws
+        # another one and makes that image anew, so only the seeded images are compared.
         assert items(run)[DRAWN]["seed"] != reference["drawn_seed"]
         assert_finished_like_the_reference(run, reference, SEEDED)
         assert made_by_last_run(run) == {"denoise": 1, "decode": 1}
@@ -275,16 +281,15 @@ def test_after_a_power_cut_truncated_files_are_redone_and_a_garbled_manifest_is_
 
     run_again(children, cmd)
 
-    # The manifest was lost, and with it the seed drawn for the lighthouse: the rerun draws another one and makes
-    # that image anew, so only the seeded images are compared with the reference.
-    assert_finished_like_the_reference(run, reference, SEEDED)
+    # The manifest was lost, but not the seed drawn for the lighthouse: its finished latents record it. Boat's
+    # torn image shows it is ours: made again in place.
+    assert_finished_like_the_reference(run, reference, NAMES)
     made = made_by_last_run(run)
-    assert (made["denoise"], made["decode"]) == (2, 4)  # map's latent and the new lighthouse one; every image
-    #                                                     not finished, boat's again
+    assert (made["denoise"], made["decode"]) == (1, 4)  # map's latent; every image not finished, boat's again
     assert whole(latent) and whole(embed)  # map's embedding made again (or taken from the embedding cache)
     lighthouse = items(run)[DRAWN]
     with Image.open(run / "images" / f"{DRAWN}.png") as im:
-        assert json.loads(im.text["pixart_lowvram"])["seed"] == lighthouse["seed"] != reference["drawn_seed"]
+        assert json.loads(im.text["pixart_lowvram"])["seed"] == lighthouse["seed"] == reference["drawn_seed"]
 
 
 # A run.json that parses, with version 1, but with fields of the wrong type is rebuilt like an unreadable one, not
@@ -297,7 +302,7 @@ def test_a_manifest_of_the_wrong_shape_is_rebuilt_too(garbage, queue, tiny_model
     (run / "run.json").write_text(garbage)
     result = run_queue(load_queue(queue), run, Settings(model=tiny_model, device="cpu", dtype="float32"))
     assert all(item["done"] for item in items(run).values())
-    for name in SEEDED:  # the drawn seed went with the manifest: the lighthouse is made again with a new one
+    for name in NAMES:  # the lighthouse's drawn seed is read back from its image, which records it
         assert np.array_equal(pixels(result.images[name]), reference["images"][name]), name
 
 

@@ -112,7 +112,10 @@ def test_an_image_made_with_other_settings_is_redone(tiny_model, tmp_path):
     run_queue(jobs, tmp_path / "run", Settings(model=tiny_model, **CPU32))
     edited = queue('prompt = "a"\nseed = 1\nname = "a"\ncfg = 7')
     result = run_queue(edited, tmp_path / "run", Settings(model=tiny_model, **CPU32))
-    assert result.made == {"denoise": 1, "decode": 1}  # same file name, other parameters: made again
+    assert result.made == {"denoise": 1, "decode": 1}  # other parameters: made again
+    # the first image is kept; the new one takes the next free name
+    assert result.images["a~2"] == tmp_path / "run" / "images" / "a~2.png"
+    assert (tmp_path / "run" / "images" / "a.png").is_file()
 
 
 def test_an_edited_queue_adds_redoes_and_leaves_removed_images_alone(tiny_model, tmp_path):
@@ -123,9 +126,12 @@ def test_an_edited_queue_adds_redoes_and_leaves_removed_images_alone(tiny_model,
                              'prompt = "edited, now in colour"\nseed = 2\nname = "edited"',
                              'prompt = "new"\nseed = 4\nname = "new"'), tmp_path / "run", settings)
     assert result.made == {"encode": 2, "denoise": 2, "decode": 2}
-    assert [p.name for p in result.left_alone] == ["removed.png"]
+    # the edited job's new image is edited~2.png: its first image, made from other parameters, is kept
+    assert [it.id for it in result.items] == ["kept", "edited~2", "new"]
+    assert [p.name for p in result.left_alone] == ["edited.png", "removed.png"]
     assert (tmp_path / "run" / "images" / "removed.png").is_file()
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["left_alone"] == ["images/removed.png"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["left_alone"] == ["images/edited.png",
+                                                                                      "images/removed.png"]
 
 
 # -- model folders ----------------------------------------------------------------------------------------------
@@ -232,7 +238,7 @@ def test_an_unusable_output_folder_is_reported_before_models_load(tiny_model, tm
     monkeypatch.setattr(encode, "load_text_encoder", lambda *a: pytest.fail("a model was loaded"))
     (tmp_path / "file").write_text("")
     code = main(["generate", "x", "--model", tiny_model, "--out", str(tmp_path / "file" / "run"), "--device", "cpu"])
-    assert code == 2 and "cannot create the run folder" in capsys.readouterr().err
+    assert code == 1 and "cannot create the run folder" in capsys.readouterr().err
 
 
 def test_nothing_is_written_outside_the_run_folder(tiny_model, tmp_path):
