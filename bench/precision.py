@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [Job(index=i, prompt=prompt, seed=seed, steps=steps, width=size, height=size)
             for i, (prompt, seed) in enumerate(((p, s) for p in PROMPTS[:args.prompts] for s in args.seeds), start=1)]
     work = args.work or Path(tempfile.mkdtemp(prefix="pixart-precision-"))
-    shape = {"embeds": (info.max_sequence_length, info.text_dim), "mask": (info.max_sequence_length,)}
+    shape = {"embeds": (info.geometry.max_sequence_length, info.geometry.text_dim), "mask": (info.geometry.max_sequence_length,)}
 
     ways, runs, embeds = [], {}, {}
     for name, dtype, eight_bit in WAYS:

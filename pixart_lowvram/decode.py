@@ -54,7 +54,7 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
                               "(images differ slightly from a whole decode)")
                 vae.enable_tiling()
                 vae.tile_sample_min_size = plan.tile
-                vae.tile_latent_min_size = plan.tile // info.vae_scale_factor
+                vae.tile_latent_min_size = plan.tile // info.geometry.vae_scale_factor
         bar.update()
     pipe = make_pipeline(info, vae=vae)
     ctx.loaded(vae)

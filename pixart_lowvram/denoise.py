@@ -95,7 +95,7 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> i
                     num_inference_steps=first.steps,
                     timesteps=list(info.kind.timesteps) if info.kind.timesteps else None,  # DMD: one step at t=400
                     generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
-                    max_sequence_length=info.max_sequence_length,
+                    max_sequence_length=info.geometry.max_sequence_length,
                     use_resolution_binning=info.geometry.bins is not None,  # without bins, sizes as asked
                     output_type="latent", callback=lambda *_: steps.update(len(batch)), callback_steps=1,
                 ).images

@@ -59,7 +59,7 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
                 group = keys[start:start + size]
                 embeds, mask, _, _ = pipe.encode_prompt(
                     [texts[k] for k in group], do_classifier_free_guidance=False, device=device,
-                    clean_caption=caption_cleaning(), max_sequence_length=info.max_sequence_length)
+                    clean_caption=caption_cleaning(), max_sequence_length=info.geometry.max_sequence_length)
                 for i, key in enumerate(group):
                     tensors = {"embeds": embeds[i].to(store), "mask": mask[i]}
                     if not ctx.finite(tensors["embeds"], key):

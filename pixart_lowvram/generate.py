@@ -352,7 +352,7 @@ class _Run:
                       "pipeline": self.info.pipeline_class, "identity": self.info.identity},
             "settings": {"device": str(self.device), "dtype": self.resolved.dtype_name,
                          "encode_batch": self.settings.encode_batch, "denoise_batch": self.settings.denoise_batch,
-                         "max_sequence_length": self.info.max_sequence_length,
+                         "max_sequence_length": self.info.geometry.max_sequence_length,
                          "text_encoder_8bit": self.settings.text_encoder_8bit,
                          "upcast": list(self.settings.upcast)},
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,

@@ -166,7 +166,7 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
     not what an artifact is, and apply to what is still to make."""
     dtype_name = str(dtype)
     encoder = (KEY_FORMAT, info.identity["tokenizer"], info.identity["text_encoder"], dtype_name,
-               info.max_sequence_length, caption_cleaning(), "cpu-float32" if encode_on_cpu else "device",
+               info.geometry.max_sequence_length, caption_cleaning(), "cpu-float32" if encode_on_cpu else "device",
                "int8" if text_encoder_8bit else "16-bit")
     decoder = (KEY_FORMAT, info.identity["vae"], dtype_name)
     texts: dict[str, str] = {}
@@ -187,8 +187,8 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
 
 def embed_shapes(info: ModelInfo) -> dict[str, tuple[int, ...]]:
     """The tensors of a finished embedding: one text's hidden states and its attention mask."""
-    length = info.max_sequence_length
-    return {"embeds": (length, info.text_dim), "mask": (length,)}
+    length = info.geometry.max_sequence_length
+    return {"embeds": (length, info.geometry.text_dim), "mask": (length,)}
 
 
 def latent_shapes(info: ModelInfo, item: Item) -> dict[str, tuple[int, ...]]:

@@ -92,24 +92,6 @@ class ModelInfo:
         return read_geometry(self.pipeline_class, self.configs, self.path)
 
     @property
-    def vae_scale_factor(self) -> int:
-        return self.geometry.vae_scale_factor
-
-    @property
-    def sample_size(self) -> int:
-        return self.geometry.sample_size
-
-    @property
-    def default_size(self) -> int:
-        """The reference pipeline's default width and height: transformer sample size times VAE scale."""
-        return self.geometry.default_size
-
-    @property
-    def max_sequence_length(self) -> int:
-        """Tokens per prompt, as the reference pipeline pads and truncates them (α 120, Σ 300)."""
-        return self.geometry.max_sequence_length
-
-    @property
     def scheduler_class(self) -> str:
         return self.classes.get("scheduler") or str(self.configs["scheduler"].get("_class_name", ""))
 
@@ -126,20 +108,10 @@ class ModelInfo:
     def defaults(self) -> JobDefaults:
         """What a job that leaves them out gets: the reference usage's size, steps, guidance and sampler."""
         kind = self.kind
-        return JobDefaults(size=self.default_size, steps=kind.steps, cfg=kind.cfg, sampler=self.sampler)
+        return JobDefaults(size=self.geometry.default_size, steps=kind.steps, cfg=kind.cfg, sampler=self.sampler)
 
-    @property
-    def resolution_bins(self) -> dict[str, list[float]] | None:
-        """The aspect-ratio bins the reference pipeline snaps sizes to (None: it uses sizes as asked)."""
-        return self.geometry.bins
 
-    @property
-    def latent_channels(self) -> int:
-        return self.geometry.latent_channels
 
-    @property
-    def text_dim(self) -> int:
-        return self.geometry.text_dim
 
     def weights(self, component: str) -> Weights:
         return find_weights(self.path / component, self.allow_pickle)
@@ -1058,7 +1030,7 @@ def _blocks(sizes: dict[str, int], prefix: str) -> tuple[int, int, int]:
 def component_sizes(info: ModelInfo, dtype: torch.dtype, text_encoder_8bit: bool = False):
     """The planner's input: each component's bytes at `dtype`, from the headers alone."""
     shapes = {c: tensor_shapes(info, c) for c in ("text_encoder", "transformer", "vae")}
-    return sizes_from_shapes(shapes, info.configs, dtype, info.max_sequence_length, text_encoder_8bit,
+    return sizes_from_shapes(shapes, info.configs, dtype, info.geometry.max_sequence_length, text_encoder_8bit,
                              vae_dtype=vae_dtype(info, dtype))
 
 

@@ -66,8 +66,8 @@ def test_each_kind_is_detected_from_its_folder_with_its_reference_defaults(famil
     assert (info.kind.name, info.pipeline_class) == (kind, pipeline)
     assert (info.defaults.size, info.defaults.steps, info.defaults.cfg, info.defaults.sampler) == (
         size, steps, cfg, sampler)
-    assert info.max_sequence_length == tokens == reference_default(pipeline, "max_sequence_length")
-    assert info.resolution_bins is bins
+    assert info.geometry.max_sequence_length == tokens == reference_default(pipeline, "max_sequence_length")
+    assert info.geometry.bins is bins
     if kind in ("alpha", "sigma"):  # the reference pipeline's own defaults, read from its signature
         assert steps == reference_default(pipeline, "num_inference_steps")
         assert cfg == reference_default(pipeline, "guidance_scale")
@@ -92,9 +92,9 @@ def preset_info(preset: str) -> ModelInfo:
 ])
 def test_full_size_presets_are_the_real_checkpoints_kinds_and_sizes(preset, kind, size, bins):
     info = preset_info(preset)
-    assert (info.kind.name, info.default_size) == (kind, size)
-    assert info.resolution_bins is bins
-    assert info.max_sequence_length == (300 if kind == "sigma" else 120)
+    assert (info.kind.name, info.geometry.default_size) == (kind, size)
+    assert info.geometry.bins is bins
+    assert info.geometry.max_sequence_length == (300 if kind == "sigma" else 120)
 
 
 # -- the same images as each model's reference pipeline ------------------------------------------------------------
@@ -133,9 +133,9 @@ def test_every_kind_at_full_size_plans_within_a_small_budget(preset, budget):
     info = preset_info(preset)
     shapes = {name: {k: ("F16", list(p.shape)) for k, p in model.state_dict().items()}
               for name, model in empty_models(preset_config(preset)).items()}
-    sizes = sizes_from_shapes(shapes, info.configs, torch.float16, info.max_sequence_length,
+    sizes = sizes_from_shapes(shapes, info.configs, torch.float16, info.geometry.max_sequence_length,
                               vae_dtype=vae_dtype(info, torch.float16))
-    plan = make_plan(int(budget * GiB), sizes, [binned_size(info, info.default_size, info.default_size)],
+    plan = make_plan(int(budget * GiB), sizes, [binned_size(info, info.geometry.default_size, info.geometry.default_size)],
                      texts=4)
     assert all(stage.estimate <= budget * GiB for stage in plan.stages.values()), format_plan(plan)
     if preset == "xl-sigma-2k":

@@ -112,7 +112,7 @@ def test_a_folder_diffusers_wrote_makes_the_reference_pipelines_image(case, tmp_
     folder = save_folder(tmp_path / "model", pipeline=pipeline, transformer=transformer, vae=vae,
                          scheduler=scheduler)
     info = resolve_model(folder)
-    assert (info.resolution_bins is not None) == binned
+    assert (info.geometry.bins is not None) == binned
     asked = dict(width=size[0], height=size[1]) if size else {}
     prompt = dict(prompt="a lighthouse at dusk, oil painting", negative_prompt="blurry", seed=1152753)
 

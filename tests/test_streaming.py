@@ -288,7 +288,7 @@ def test_every_encode_placement_writes_the_same_embeddings(tiny_model, reference
             with torch.inference_mode():
                 embeds, mask, _, _ = reference_pipeline.encode_prompt(
                     text, do_classifier_free_guidance=False, device="cpu", clean_caption=caption_cleaning(),
-                    max_sequence_length=info.max_sequence_length)
+                    max_sequence_length=info.geometry.max_sequence_length)
             assert torch.equal(resident[f"text{i}"]["embeds"], embeds[0])
             assert torch.equal(resident[f"text{i}"]["mask"], mask[0])
 
