@@ -6,6 +6,13 @@ import re
 from pathlib import Path
 
 
+def queue_arguments(parser) -> None:
+    """What every bench that runs a queue takes: where its results go, the model folder, the queue."""
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="/tmp/pixart-xl-random")
+    parser.add_argument("--queue", default="examples/seed-queue.toml")
+
+
 def replace_section(path: Path, heading: str, text: str) -> None:
     """Replace the section `## heading` (up to the next "## " heading) with `text`, or append it."""
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from benchlib import max_pixel_diff, replace_marked  # noqa: E402
+from benchlib import max_pixel_diff, queue_arguments, replace_marked  # noqa: E402
 GiB = 1024**3
 
 
@@ -75,9 +75,7 @@ def merge(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", default="/tmp/pixart-xl-random")
-    parser.add_argument("--queue", default="examples/seed-queue.toml")
+    queue_arguments(parser)
     parser.add_argument("--rows", nargs="*", default=list(OURS) + list(ANCHORS),
                         help=f"which rows to run (default: all): {', '.join(list(OURS) + list(ANCHORS))}; the "
                              "unconstrained run always runs (its items and seeds are everyone's)")

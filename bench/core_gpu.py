@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from benchlib import max_pixel_diff  # noqa: E402
+from benchlib import max_pixel_diff, queue_arguments  # noqa: E402
 
 GiB = 1024**3
 
@@ -101,9 +101,7 @@ def release_check(model: str, out: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", default="/tmp/pixart-xl-random")
-    parser.add_argument("--queue", default="examples/seed-queue.toml")
+    queue_arguments(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/pixart-bench")

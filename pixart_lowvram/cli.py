@@ -61,7 +61,7 @@ EXIT_NON_FINITE = 4  # the run ended, but a component overflowed for some images
 
 class _TqdmBar(Bar):
     def __init__(self, bar):
-        self._bar, self._desc = bar, bar.desc
+        self._bar = bar
 
     def update(self, n: int = 1) -> None:
         self._bar.update(n)
@@ -238,13 +238,13 @@ SHOW_IMAGES = 10  # a run of at most this many images lists each image's file
 def print_summary(result, seconds: float) -> None:
     """The end-of-run table: per stage, what it made, how long it took and its memory peaks; then where the
     images are (each one, for a short queue)."""
-    from .memory import format_bytes  # noqa: PLC0415
+    from .placement import format_size  # noqa: PLC0415
 
     rows = [("stage", "made", "time", "loading", "torch peak", "GPU (NVML)", "host RSS")]
     for s in result.stages:
         load = "-" if s.load_seconds is None else f"{s.load_seconds:.1f} s"
         rows.append((s.name, "skipped" if s.skipped else str(s.items), "-" if s.skipped else f"{s.seconds:.1f} s", load,
-                     format_bytes(s.torch_peak), format_bytes(s.nvml_peak), format_bytes(s.rss_peak)))
+                     format_size(s.torch_peak), format_size(s.nvml_peak), format_size(s.rss_peak)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print()
     for i, row in enumerate(rows):

@@ -12,7 +12,7 @@ from .stage import StageContext
 from .vae_strips import StripDecoder, supports
 
 # Threads compressing and writing PNGs while the GPU decodes. A chosen number: a 1024x1024 PNG takes longer to
-# compress than to decode (DESIGN.md: ~0.13 s a whole decode on the H100), and PIL's zlib lets go of the GIL, so
+# compress than to decode (~0.13 s a whole decode on the H100, in the plain pipeline), and PIL's zlib lets go of the GIL, so
 # a few threads keep up with the GPU; four leave cores to the decoding thread on small machines.
 PNG_WRITERS = 4
 

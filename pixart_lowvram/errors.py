@@ -8,9 +8,15 @@ from dataclasses import dataclass
 
 
 class PixartError(Exception):
-    """Base of every error this library raises on purpose."""
+    """Base of every error this library raises on purpose. Each kind names its exit code where it is declared:
+    `class StorageError(PixartError, exit_code=1)`."""
 
     exit_code = 1
+
+    def __init_subclass__(cls, exit_code: int | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -42,10 +48,8 @@ class Problem:
         return text
 
 
-class QueueError(PixartError):
+class QueueError(PixartError, exit_code=2):
     """The queue (a file or command-line options) is not valid. Raised before any model loads."""
-
-    exit_code = 2
 
     def __init__(self, problems: list[Problem], source: str | None = None):
         self.problems = list(problems)
@@ -57,16 +61,12 @@ class QueueError(PixartError):
         super().__init__("\n".join(lines))
 
 
-class UsageError(PixartError):
+class UsageError(PixartError, exit_code=2):
     """A command-line option or API argument that cannot work (bad device, dtype, folder...)."""
 
-    exit_code = 2
 
-
-class InputErrors(PixartError):
+class InputErrors(PixartError, exit_code=2):
     """Several inputs are wrong at once (options, model folder, queue): each is told, before anything loads."""
-
-    exit_code = 2
 
     def __init__(self, errors: list[PixartError]):
         self.errors = list(errors)
@@ -74,37 +74,25 @@ class InputErrors(PixartError):
                          "\n".join(f"- {str(e).replace(chr(10), chr(10) + '  ')}" for e in self.errors))
 
 
-class ModelError(PixartError):
+class ModelError(PixartError, exit_code=2):
     """The model cannot be found or loaded: names the file or folder at fault."""
 
-    exit_code = 2
 
-
-class RunFolderError(PixartError):
+class RunFolderError(PixartError, exit_code=1):
     """The run folder cannot be used or written (unwritable, locked by another run, a file in its way)."""
 
-    exit_code = 1
 
-
-class NotARunFolder(RunFolderError):
+class NotARunFolder(RunFolderError, exit_code=2):
     """--out names a file, or a folder of other files: not an empty folder nor one of our run folders."""
 
-    exit_code = 2
 
-
-class StorageError(PixartError):
+class StorageError(PixartError, exit_code=1):
     """Writing to the run folder failed mid-run (disk full, permissions changed); finished work is kept."""
 
-    exit_code = 1
 
-
-class OutOfMemory(PixartError):
+class OutOfMemory(PixartError, exit_code=3):
     """The GPU ran out of memory; finished work is kept and the message says what to try."""
 
-    exit_code = 3
 
-
-class Interrupted(PixartError):
+class Interrupted(PixartError, exit_code=130):
     """The user asked to stop (Ctrl-C); finished work is kept."""
-
-    exit_code = 130

@@ -28,9 +28,9 @@ from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory
 from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, latent_shapes
 from .jobs import Job
-from .memory import GpuMemoryProbe, StageMeter, StageStats, format_bytes, release
+from .memory import GpuMemoryProbe, StageMeter, StageStats, release
 from .models import component_sizes
-from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, Sizes, format_plan, make_plan
+from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, Sizes, format_plan, format_size, make_plan
 from .reporting import Reporter
 from .resolve import Resolved, Settings, resolve
 from .run import EmbeddingCache, RunFolder
@@ -295,9 +295,9 @@ class _Run:
         basis = min(v for v in (reached, total) if v) if (reached or total) else None
         hint = (f"--vram-budget {basis * OOM_HINT_SHARE / 2**30:.1f}GiB" if basis else "--vram-budget SIZE")
         if isinstance(self.budget, int):
-            hint = f"a smaller --vram-budget than {format_bytes(self.budget)} (other programs may share the GPU)"
-        return (f"the GPU ran out of memory in stage {stage} (torch peak {format_bytes(stats.torch_peak)}, "
-                f"whole process {format_bytes(stats.nvml_peak)}, card {format_bytes(total)}).\n"
+            hint = f"a smaller --vram-budget than {format_size(self.budget)} (other programs may share the GPU)"
+        return (f"the GPU ran out of memory in stage {stage} (torch peak {format_size(stats.torch_peak)}, "
+                f"whole process {format_size(stats.nvml_peak)}, card {format_size(total)}).\n"
                 f"  Finished work is kept in {self.folder.path}; run the same command again to resume.\n"
                 f"  To fit: try {hint}; `pixart-lowvram plan QUEUE --vram-budget SIZE` shows what it does.")
 

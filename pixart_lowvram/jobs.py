@@ -76,9 +76,6 @@ class Job:
     name: str | None = None
     sampler: str | None = None  # None: the model's own scheduler
 
-    def label(self) -> str:
-        return f"job {self.index} ({self.name!r})" if self.name else f"job {self.index}"
-
 
 @dataclass(frozen=True)
 class JobDefaults:

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .placement import HOST_MARGIN, format_size, parse_size
+
 GiB = 1024**3
 # NVML sees the allocator's reserved memory, which only grows within a stage (it is returned at the release that
 # ends it), so slow sampling misses nothing that lasts; a fast sampler competes with the stage for the GIL (every
@@ -45,9 +47,9 @@ class StageStats:
         """What went over its budget, in words ("GPU 1.56 GiB over the 1.50 GiB budget"); empty if nothing did."""
         out = []
         if self.vram_budget is not None and self.nvml_peak is not None and self.nvml_peak > self.vram_budget:
-            out.append(f"GPU {format_bytes(self.nvml_peak)} (NVML) over the {format_bytes(self.vram_budget)} budget")
+            out.append(f"GPU {format_size(self.nvml_peak)} (NVML) over the {format_size(self.vram_budget)} budget")
         if self.host_budget is not None and self.ram_peak is not None and self.ram_peak > self.host_budget:
-            out.append(f"host RAM {format_bytes(self.ram_peak)} over the {format_bytes(self.host_budget)} budget")
+            out.append(f"host RAM {format_size(self.ram_peak)} over the {format_size(self.host_budget)} budget")
         return out
 
     def to_json(self) -> dict:
@@ -90,8 +92,6 @@ def resolve_host_budget(value: str | int | None) -> int | None:
     """--host-budget as bytes of the whole process's RAM: a size as given; "auto" (or None): what this process
     holds now plus what the machine can still give it (MemAvailable), less `placement.HOST_MARGIN`; None where the
     machine does not say (no /proc)."""
-    from .placement import HOST_MARGIN, parse_size  # noqa: PLC0415 - placement imports vae_strips, not us
-
     if isinstance(value, str):
         value = parse_size(value, option="--host-budget")
     if isinstance(value, int):
@@ -256,8 +256,3 @@ def release(device: torch.device, components: list[weakref.ref] | None = None) -
         if empty_host is not None:
             empty_host()
 
-
-def format_bytes(value: int | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value / GiB:.2f} GiB"

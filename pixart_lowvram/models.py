@@ -20,6 +20,7 @@ from torch import nn
 
 from . import samplers
 from .errors import ModelError
+from .files import write_atomic
 from .geometry import Geometry, patch_size, read_geometry, vae_scale_factor, with_defaults
 from .jobs import JobDefaults
 from .streaming import BlockStreamer, CpuEmbedding, Stored, load_tensor, micro_batch_blocks, set_parameter
@@ -705,9 +706,7 @@ def file_sha256(path: Path) -> str:
     value = _sha256(path)
     try:  # a cache that cannot be written only costs the next run the same read
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-        tmp.write_text(value, encoding="ascii")
-        os.replace(tmp, entry)
+        write_atomic(entry, lambda f: f.write(value.encode("ascii")))
     except OSError:
         pass
     return value

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError, UsageError
+from .files import is_temporary, write_atomic
 from .models import COMPONENTS, read_json
 from .presets import PRESET_HELP, PRESETS  # noqa: F401  (in a module without torch: the CLI lists them)
 from .resolve import resolve_device
@@ -28,7 +29,6 @@ from .resolve import resolve_device
 MARKER = "pixart_lowvram_random.json"  # written last: its presence means the folder is complete
 _FORMAT = 2  # bump when the weights or layout a preset produces change
 _TAG = "_pixart_lowvram_random"  # in model_index.json (written first): the folder is ours even if half-written
-_TMP_PREFIX = ".pixart_lowvram_tmp"
 
 Progress = Callable[[int, int, str], None]
 
@@ -310,13 +310,7 @@ def materialize(model: nn.Module, component: str, *, seed: int, device: torch.de
 
 # --- the folder -------------------------------------------------------------------------------------------------
 def _write_json_atomic(path: pathlib.Path, data: dict) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}-{os.getpid()}-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")))
 
 
 def _json_or_none(path: pathlib.Path) -> dict | None:
@@ -339,7 +333,7 @@ def _is_ours(root: pathlib.Path) -> bool:
     """A folder this module wrote, complete or not: our marker or tag, or nothing but our temporary files."""
     if (root / MARKER).exists() or _TAG in (_json_or_none(root / "model_index.json") or {}):
         return True
-    return all(p.name.startswith(_TMP_PREFIX) for p in root.iterdir())
+    return all(is_temporary(p.name) for p in root.iterdir())
 
 
 def _existing(root: pathlib.Path, spec: Preset, seed: int) -> bool:
@@ -369,8 +363,9 @@ def _clear(root: pathlib.Path) -> None:
     for component in COMPONENTS:
         if (root / component).is_dir():
             shutil.rmtree(root / component)
-    for leftover in root.glob(f"{_TMP_PREFIX}*"):
-        leftover.unlink(missing_ok=True)
+    for leftover in root.iterdir():
+        if is_temporary(leftover.name):
+            leftover.unlink(missing_ok=True)
 
 
 def _model_index(spec: Preset, seed: int) -> dict:

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from .errors import NotARunFolder, RunFolderError, StorageError
+from .files import TEMP_MARK, write_atomic
 from .items import Item
 from .jobs import MAX_COUNT, MAX_SEED, read_limited
 
@@ -37,7 +38,6 @@ MAX_MANIFEST_BYTES = 256 * 2**20  # read at most this much of run.json (100,000 
 KEY_METADATA = "pixart_lowvram_key"
 # Every temporary file this tool writes is named .<final name>.pixart-lowvram-<random>.tmp: the only files a run
 # ever removes on its own are ones with this mark.
-TEMP_MARK = ".pixart-lowvram-"
 _OUR_TEMP = re.compile(r"\..+\.pixart-lowvram-[A-Za-z0-9_]+\.tmp")
 _OUR_NAMES = {MANIFEST, ".lock", "embeds", "latents", "images"}
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # every whole PNG ends with this IEND chunk
@@ -83,27 +83,6 @@ def _key_in(text: dict[str, str]) -> str | None:
     """The key in a PNG's `pixart_lowvram` text chunk."""
     key = _meta_in(text).get("key")
     return key if isinstance(key, str) else None
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where Linux says it (os.umask would set it for a moment,
-    under the PNG writer threads' feet)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _publish(fd: int) -> None:
-    """Give a temporary file the mode a plain open() would have given it: mkstemp makes it 0600, but images and
-    run folders are meant to be shared and served, as other tools' files are under the same umask."""
-    os.fchmod(fd, 0o666 & ~current_umask())
 
 
 @dataclass
@@ -225,33 +204,13 @@ class RunFolder:
 
     # -- atomic writes ---------------------------------------------------------------------------------------
     def _atomic(self, path: Path, write) -> None:
-        """Write through a temporary file in the same folder, flush it to disk, then rename over `path`:
-        a reader (or a rerun after a crash) sees the old file or the whole new one, never half of one."""
-        tmp = None
+        """`files.write_atomic`, with a failure told as the run folder's (finished work kept, what to do)."""
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp")
-            _publish(fd)
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as exc:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-            if isinstance(exc, OSError):
-                why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-                raise StorageError(f"{path}: cannot write it ({why}). Finished work is kept in {self.path}; "
-                                   "make room (or fix the folder) and run the same command again.") from exc
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            write_atomic(path, write)
+        except OSError as exc:
+            why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            raise StorageError(f"{path}: cannot write it ({why}). Finished work is kept in {self.path}; "
+                               "make room (or fix the folder) and run the same command again.") from exc
 
     def write_tensors(self, path: Path, tensors: dict[str, torch.Tensor], key: str, **metadata: str) -> None:
         data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
@@ -536,19 +495,9 @@ class EmbeddingCache:
     def store(self, key: str, source: Path) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{key}{TEMP_MARK}", suffix=".tmp")
+            write_atomic(self.file(key), lambda f: f.write(source.read_bytes()))
         except OSError:
-            return  # a cache that cannot be written only costs a later run an encode
-        try:
-            _publish(fd)
-            with os.fdopen(fd, "wb") as f:
-                f.write(source.read_bytes())
-            os.replace(tmp, self.file(key))
-        except OSError:
-            try:
-                os.unlink(tmp)  # a full disk, say: leave no partial file behind
-            except OSError:
-                pass
+            pass  # a cache that cannot be written only costs a later run an encode
 
     def restore(self, key: str, shapes: dict, folder: RunFolder) -> bool:
         """Copy a valid cached embedding into the run folder; False if there is none."""

@@ -1,7 +1,7 @@
 """Streamed weights: the mechanism under the planner's "streamed" placements.
 
 T5 (encode) streams through a focused streamer, not diffusers' group offloading, for three reasons measured in
-DESIGN.md and BENCHMARKS.md: group offloading pins a host copy of every weight (25 GiB of RAM for the pipeline,
+BENCHMARKS.md: group offloading pins a host copy of every weight (25 GiB of RAM for the pipeline,
 11 GiB for T5 alone), moves two blocks at a time (two 0.45 GiB T5 blocks plus the CUDA context exceed a
 1.5 GiB budget), and runs the whole model per call. Here each block's bytes are read straight from the
 safetensors files into a small ring of pinned buffers (no copy of the model in RAM), copied to the GPU on a side

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pixart_lowvram.errors import Problem, QueueError
-from pixart_lowvram.jobs import (DEFAULT_CFG, DEFAULT_STEPS, KNOWN_FIELDS, MAX_COUNT, MAX_SEED, MAX_SIDE, Job,
+from pixart_lowvram.jobs import (KNOWN_FIELDS, MAX_COUNT, MAX_SEED, MAX_SIDE, Job,
                                  jobs_from_options, load_queue, parse_queue, validate_document)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "seed-queue.toml"
@@ -42,12 +42,6 @@ def test_a_minimal_job_gets_every_default():
     [job] = parse_queue('[[jobs]]\nprompt = "a lighthouse at dusk"\n', "toml")
     assert job == Job(index=1, prompt="a lighthouse at dusk", negative_prompt="", width=None, height=None,
                       seed=None, cfg=None, steps=None, count=1, name=None, sampler=None)
-    assert (DEFAULT_CFG, DEFAULT_STEPS) == (4.5, 20)  # PixArt-α's, named in hints
-
-
-def test_label_names_the_job():
-    assert Job(index=3, prompt="x", name="pirate").label() == "job 3 ('pirate')"
-    assert Job(index=3, prompt="x").label() == "job 3"
 
 
 def test_known_fields_are_the_job_fields():
@@ -317,26 +311,27 @@ def test_defaults_must_be_a_table():
 
 # ---- defaults ---------------------------------------------------------------------------------------------------
 
-def test_a_problem_in_the_defaults_is_reported_once_on_the_defaults():
-    problem = only_problem('[defaults]\nwidth = 1001\n[[jobs]]\nprompt = "a"\n[[jobs]]\nprompt = "b"\n')
-    assert (problem.job_index, problem.field) == (None, "defaults.width")
-    assert "1000 and 1008" in problem.hint
+# (document, field at fault, where the words are, the words, whether they are all of it)
+DEFAULTS_PROBLEMS = {
+    "a bad width": ('[defaults]\nwidth = 1001\n[[jobs]]\nprompt = "a"\n[[jobs]]\nprompt = "b"\n',
+                    "defaults.width", "hint", "1000 and 1008", False),
+    # a bad default prompt does not make every job miss its prompt
+    "a bad prompt": ('[defaults]\nprompt = ""\n[[jobs]]\nseed = 1\n[[jobs]]\nseed = 2\n', "defaults.prompt", None,
+                     None, False),
+    "a name": ('[defaults]\nname = "ship"\n[[jobs]]\nprompt = "a"\n', "defaults.name", "message", "same name", False),
+    "an unknown key": ('[defaults]\nstep = 3\n[[jobs]]\nprompt = "a"\n', "defaults.step", "hint",
+                       "did you mean 'steps'?", True),
+}
 
 
-def test_a_bad_default_prompt_does_not_make_every_job_miss_its_prompt():
-    problem = only_problem('[defaults]\nprompt = ""\n[[jobs]]\nseed = 1\n[[jobs]]\nseed = 2\n')
-    assert problem.field == "defaults.prompt"
-
-
-def test_defaults_may_not_hold_a_name():
-    problem = only_problem('[defaults]\nname = "ship"\n[[jobs]]\nprompt = "a"\n')
-    assert (problem.job_index, problem.field) == (None, "defaults.name")
-    assert "same name" in problem.message
-
-
-def test_unknown_key_in_defaults():
-    problem = only_problem('[defaults]\nstep = 3\n[[jobs]]\nprompt = "a"\n')
-    assert (problem.field, problem.hint) == ("defaults.step", "did you mean 'steps'?")
+@pytest.mark.parametrize("case", DEFAULTS_PROBLEMS)
+def test_a_problem_in_the_defaults_is_reported_once_on_the_defaults(case):
+    document, field, where, words, whole = DEFAULTS_PROBLEMS[case]
+    problem = only_problem(document)
+    assert (problem.job_index, problem.field) == (None, field)
+    if where:
+        text = getattr(problem, where)
+        assert text == words if whole else words in text
 
 
 # ---- fields -------------------------------------------------------------------------------------------------
