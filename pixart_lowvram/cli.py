@@ -108,9 +108,12 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                         "PixArt-Σ's SDXL VAE overflows float16: it decodes in float32 in a float16 run")
     g.add_argument("--encode-batch", type=int, default=1, metavar="N",
                    help="texts through T5 at once (1: the reference's exact kernels; more is faster on long "
-                        "queues, within fp16 rounding)")
+                        "queues, within fp16 rounding). Under a --vram-budget the plan lowers it where it does not "
+                        "fit, never moving T5 off the GPU for it")
     g.add_argument("--denoise-batch", type=int, default=1, metavar="N",
-                   help="images denoised at once when size, steps, cfg and sampler match (1)")
+                   help="images denoised at once when size, steps, cfg and sampler match (default 1). At 1024x1024 "
+                        "on an H200, 2 to 8 saved 7 to 12%% a image for 0.25 to 1.9 GiB more GPU memory; under a "
+                        "--vram-budget the plan lowers it to 1 where it does not fit")
     g.add_argument("--vram-budget", metavar="SIZE",
                    help="GPU memory the whole process may use, CUDA context included: 1.5GiB, 6GB, 800MiB, or "
                         "auto (what the GPU has free). Components that do not fit stream their weights. "

@@ -22,7 +22,7 @@ STAGE is encode, denoise or decode; N counts from 1 within that stage. POINT:
     manifest-torn   the same, half of run.json written straight over the old one, then killed
 
 The artifact is told by its path (embeds/, latents/, images/, run.json) and, for run.json, by the last stage
-the manifest being written reports (its `stages` list; "prepare" before the first). The writes themselves still go through the library's RunFolder._atomic,
+the manifest being written reports (its `stages` list; "prepare" before the first). The writes themselves still go through the library's files.write_atomic,
 which this only wraps; the model calls are caught by class, however the library loads the models.
 
 `--draw-seed S` makes the seeds drawn for jobs without one come from random.Random(S) instead of the system's
@@ -105,31 +105,36 @@ def install_compute_kill(stage: str, reached) -> None:
 
 
 def install_write_kill(stage: str, point: str, reached) -> None:
+    from pixart_lowvram import run
     from pixart_lowvram.run import MANIFEST, RunFolder
 
-    real_atomic = RunFolder._atomic
+    real_atomic = run.write_atomic
     kind = point.split("-")[-1]  # half, whole, renamed, torn
 
+    cache = os.environ.get("XDG_CACHE_HOME")
+
     def targeted(path: Path) -> bool:
+        if cache and path.is_relative_to(cache):
+            return False  # the shared embedding cache's copies (its folder is named embeds/ too): not the run's
         if point in MANIFEST_POINTS:
             return path.name == MANIFEST and running_stage() == stage
         return STAGE_OF_FOLDER.get(path.parent.name) == stage
 
     one_at_a_time = threading.Lock()
 
-    def atomic(self, path, write) -> None:
+    def atomic(path, write) -> None:
         if not targeted(Path(path)):
-            return real_atomic(self, path, write)
+            return real_atomic(path, write)
         # decode writes its PNGs on threads: counted and written one at a time here, so that when the N-th is
         # reached exactly N-1 are whole (another thread's rename could otherwise slip in before the kill lands)
         with one_at_a_time:
-            return kill_at(self, path, write)
+            return kill_at(path, write)
 
-    def kill_at(self, path, write) -> None:
+    def kill_at(path, write) -> None:
         if not reached():
-            return real_atomic(self, path, write)
+            return real_atomic(path, write)
         if kind == "renamed":
-            real_atomic(self, path, write)
+            real_atomic(path, write)
             die()
         buffer = io.BytesIO()
         write(buffer)
@@ -144,10 +149,10 @@ def install_write_kill(stage: str, point: str, reached) -> None:
             write_and_fsync(f, kept)
             die()
 
-        real_atomic(self, path, write_then_die)  # the library makes and names the temporary file
+        real_atomic(path, write_then_die)  # the library makes and names the temporary file
         raise AssertionError("unreachable: killed inside the write")
 
-    RunFolder._atomic = atomic
+    run.write_atomic = atomic  # every write of the run folder goes through it
     real_write_manifest = RunFolder.write_manifest
 
     def write_manifest(self, manifest: dict) -> None:

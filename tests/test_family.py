@@ -294,13 +294,11 @@ def test_8bit_without_bitsandbytes_says_what_to_install(tiny_model, tmp_path, mo
 
 def test_8bit_loads_t5_with_the_diffusers_recipe(tiny_model, monkeypatch):
     """BitsAndBytesConfig(load_in_8bit=True) straight onto the GPU, never `.to()` (int8 layers cannot move)."""
+    from transformers import T5EncoderModel
+
     calls = []
-
-    def load(info, component, **kwargs):
-        calls.append(kwargs)
-        return torch.nn.Linear(1, 1)
-
-    monkeypatch.setattr(models, "_load", load)
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", classmethod(
+        lambda cls, *args, **kwargs: calls.append(kwargs) or torch.nn.Linear(1, 1)))
     models.load_text_encoder(resolve_model(tiny_model), torch.float16, torch.device("cuda", 1), eight_bit=True)
     (kwargs,) = calls
     assert kwargs["quantization_config"].load_in_8bit and kwargs["device_map"] == {"": 1}
