@@ -166,3 +166,14 @@ def test_plan_of_a_hub_model_reads_its_headers_from_the_hub_without_downloading_
     remote = plan_queue(jobs, Settings(model="someone/tiny-pixart", **settings))
     assert fetched and not [name for name in fetched if name.endswith(".safetensors")], "weights were downloaded"
     assert remote == plan_queue(jobs, Settings(model=tiny_model, **settings))
+
+
+def test_every_wrong_option_is_reported_together_before_the_model_is_touched(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
+    code = main(["generate", "a fox", "--device", "tpu", "--encode-batch", "0", "--vram-budget", "lots",
+                 "--upcast", "unet", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "4 problems, nothing was loaded" in err
+    assert "--device 'tpu'" in err and "encode batch must be a positive integer" in err
+    assert "--vram-budget 'lots'" in err and "--upcast unet" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
