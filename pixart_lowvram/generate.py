@@ -152,6 +152,8 @@ class _Run:
         self.texts: dict[str, str] = {}
         self.drawn_seeds: dict[str, list[int]] = {}
         self.left_alone: list[Path] = []
+        self.previous: dict = {}  # the earlier run's manifest ({} if none)
+        self.renamed: list[tuple[Item, str]] = []  # items whose image took another name, and the one they had
         self.plan: Plan | None = None
         self.stages: list[StageStats] = []
         self.made: dict[str, int] = {}
@@ -199,7 +201,7 @@ class _Run:
 
     def claim_image_names(self) -> None:
         """Image files for the items' current keys: a finished image from other parameters is never replaced."""
-        for item, former in getattr(self, "renamed", []):
+        for item, former in self.renamed:
             item.id = former
         self.renamed = self.folder.claim_image_names(self.items, self.previous)
         for item, former in self.renamed:
