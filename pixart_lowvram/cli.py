@@ -308,20 +308,26 @@ def _stop_on_ctrl_c():
 def cmd_run(args) -> int:
     from .jobs import load_queue  # noqa: PLC0415
 
-    jobs = load_queue(args.queue)
+    from .resolve import jobs_with_options  # noqa: PLC0415
+
+    settings = _settings(args)
+    jobs = jobs_with_options(lambda: load_queue(args.queue), settings)
     out = Path(args.out) if args.out else Path("runs") / Path(args.queue).stem
-    return _run(jobs, out, _settings(args), args.quiet)
+    return _run(jobs, out, settings, args.quiet)
 
 
 def cmd_generate(args) -> int:
     from .jobs import jobs_from_options  # noqa: PLC0415
     from .items import prompt_folder_name  # noqa: PLC0415
 
-    jobs = jobs_from_options(args.prompt, negative_prompt=args.negative_prompt, width=args.width,
-                             height=args.height, seed=args.seed, cfg=args.cfg, steps=args.steps, count=args.count,
-                             name=args.name, sampler=args.sampler)
+    from .resolve import jobs_with_options  # noqa: PLC0415
+
+    settings = _settings(args)
+    jobs = jobs_with_options(lambda: jobs_from_options(
+        args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
+        cfg=args.cfg, steps=args.steps, count=args.count, name=args.name, sampler=args.sampler), settings)
     out = Path(args.out) if args.out else Path("runs") / prompt_folder_name(args.prompt)
-    return _run(jobs, out, _settings(args), args.quiet)
+    return _run(jobs, out, settings, args.quiet)
 
 
 def cmd_demo(args) -> int:
@@ -348,7 +354,11 @@ def cmd_plan(args) -> int:
     from .jobs import load_queue  # noqa: PLC0415
     from .placement import format_plan  # noqa: PLC0415
 
-    print(format_plan(plan_queue(load_queue(args.queue), _settings(args), TqdmReporter(args.quiet))))
+    from .resolve import jobs_with_options  # noqa: PLC0415
+
+    settings = _settings(args)
+    jobs = jobs_with_options(lambda: load_queue(args.queue), settings)
+    print(format_plan(plan_queue(jobs, settings, TqdmReporter(args.quiet))))
     return 0
 
 

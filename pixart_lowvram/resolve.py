@@ -3,6 +3,7 @@ check in one place. `resolve` reports every problem it finds together (settings,
 diffusers' `check_inputs` does, and touches no GPU: it creates no CUDA context and loads no weights."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,34 +76,54 @@ def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -
     InputErrors with all of them (each keeps its own message). The options are checked first, all of them; the
     model folder only when they are sound, then the jobs against the model. Reads configs and safetensors
     headers, and (`hash_weights`, what a run keys its artifacts with) each weights file once, its hash cached."""
+    problems, options = _options(settings)
+    if problems:  # a run that cannot start does not fetch its model (a hub id downloads gigabytes)
+        raise _together(problems)
+    info = _attempt(problems, lambda: resolve_model(settings.model, settings.allow_pickle,
+                                                    hash_weights=hash_weights))
+    if info is not None:
+        _attempt(problems, check_jobs, jobs, info)
+    if problems:
+        raise _together(problems)
+    return Resolved(settings=settings, info=info, **options)
+
+
+def jobs_with_options(load: Callable[[], list[Job]], settings: Settings) -> list[Job]:
+    """The jobs `load` reads (a queue file, the command line's job options), with `settings` checked beside
+    them: a queue that cannot be read and options that cannot work are told together, before anything loads."""
+    try:
+        return load()
+    except QueueError as exc:
+        problems, _ = _options(settings)
+        raise _together([exc, *problems]) from None
+
+
+def _attempt(problems: list[PixartError], check, *args):
+    try:
+        return check(*args)
+    except PixartError as exc:
+        problems.append(exc)
+        return None
+
+
+def _together(problems: list[PixartError]) -> PixartError:
+    return problems[0] if len(problems) == 1 else InputErrors(problems)
+
+
+def _options(settings: Settings) -> tuple[list[PixartError], dict]:
+    """Every option checked: the problems found, and what the options resolve to."""
     problems: list[PixartError] = []
-
-    def attempt(check, *args):
-        try:
-            return check(*args)
-        except PixartError as exc:
-            problems.append(exc)
-            return None
-
-    device = attempt(resolve_device, settings.device)
-    dtype = attempt(resolve_dtype, settings.dtype, device or torch.device("cpu"))
+    device = _attempt(problems, resolve_device, settings.device)
+    dtype = _attempt(problems, resolve_dtype, settings.dtype, device or torch.device("cpu"))
     if settings.text_encoder_8bit and device is not None:
-        attempt(check_text_encoder_8bit, device, settings.encode_on_cpu)
-    attempt(check_batches, settings)
-    attempt(check_upcast, settings)
+        _attempt(problems, check_text_encoder_8bit, device, settings.encode_on_cpu)
+    _attempt(problems, check_batches, settings)
+    _attempt(problems, check_upcast, settings)
     budget = settings.vram_budget
     if isinstance(budget, str):
-        budget = attempt(parse_size, budget)
-    host_budget = attempt(resolve_host_budget, settings.host_budget)
-    if problems:  # a run that cannot start does not fetch its model (a hub id downloads gigabytes)
-        raise problems[0] if len(problems) == 1 else InputErrors(problems)
-    info = attempt(lambda: resolve_model(settings.model, settings.allow_pickle, hash_weights=hash_weights))
-    if info is not None:
-        attempt(check_jobs, jobs, info)
-    if problems:
-        raise problems[0] if len(problems) == 1 else InputErrors(problems)
-    return Resolved(settings=settings, info=info, device=device, dtype=dtype, budget=budget,
-                    host_budget=host_budget)
+        budget = _attempt(problems, parse_size, budget)
+    host_budget = _attempt(problems, resolve_host_budget, settings.host_budget)
+    return problems, dict(device=device, dtype=dtype, budget=budget, host_budget=host_budget)
 
 
 def check_upcast(settings: Settings) -> None:

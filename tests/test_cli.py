@@ -177,3 +177,14 @@ def test_every_wrong_option_is_reported_together_before_the_model_is_touched(tmp
     assert "--device 'tpu'" in err and "encode batch must be a positive integer" in err
     assert "--vram-budget 'lots'" in err and "--upcast unet" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_bad_queue_and_a_bad_option_are_reported_together(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
+    queue = tmp_path / "q.json"
+    queue.write_text(json.dumps({"jobs": [{"prompt": "ok", "stepz": 3}]}))
+    code = main(["run", str(queue), "--dtype", "float32", "--denoise-batch", "0", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "2 problems, nothing was loaded" in err
+    assert "did you mean 'steps'" in err and "denoise batch must be a positive integer" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
