@@ -74,3 +74,18 @@ def test_an_overflowing_text_encoder_is_named_in_encode(tiny_model, tmp_path):
     second = run_queue([CALM], tmp_path / "run", Settings(**settings, upcast=("text_encoder",)))
     assert second.made["encode"] == 2
     assert [(f.stage, f.component, f.dtype) for f in second.failures] == [("denoise", "transformer", "float16")]
+
+
+def test_an_upcast_component_is_planned_at_float32(tiny_model):
+    """The planner counts an upcast component at four bytes a weight, the others as the run's dtype."""
+    from pixart_lowvram.generate import planned_sizes
+    from pixart_lowvram.resolve import resolve
+
+    def sizes(*upcast):
+        return planned_sizes(resolve([CALM], Settings(model=tiny_model, device="cpu", dtype="float16",
+                                                     upcast=upcast), hash_weights=False))
+
+    plain, vae, dit = sizes(), sizes("vae"), sizes("transformer")
+    assert vae.vae == 2 * plain.vae and vae.vae_dtype_bytes == 4 and vae.transformer == plain.transformer
+    assert dit.transformer == 2 * plain.transformer and dit.transformer_block == 2 * plain.transformer_block
+    assert dit.text_encoder == plain.text_encoder and dit.vae == plain.vae
