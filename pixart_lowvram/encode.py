@@ -34,15 +34,16 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
     folder, if given). Returns how many were made. The text encoder lives only inside this function.
     `eight_bit`: T5 in 8 bits (bitsandbytes, resident on the GPU: the planner never streams it)."""
     info, folder, plan, reporter = ctx.info, ctx.folder, ctx.plan, ctx.reporter
-    device, dtype = ctx.device, ctx.dtype
+    device = ctx.device
     keys = list(texts)
     if plan.placement == "cpu":
         # fp16 matrix products are slow or missing on CPUs: compute in fp32, store at the run's dtype
         device, compute_dtype = torch.device("cpu"), torch.float32
     else:
         compute_dtype = ctx.compute_dtype
-    # Stored in the run's dtype; an upcast T5's in float32, which its overflowing values may need
-    store = ctx.compute_dtype if ctx.compute_dtype != dtype else dtype
+    # Stored in the dtype T5 computes in on the device: the run's, or an upcast T5's float32, which its values may
+    # need (on the CPU it computes in float32, but what it makes is stored as a device run would store it)
+    store = ctx.compute_dtype
     streamer = None
     try:
         with reporter.bar("load text encoder", total=2, unit="part", transient=True) as bar:

@@ -10,6 +10,13 @@ from typing import BinaryIO, Callable
 TEMP_MARK = ".pixart-lowvram-"  # in every temporary file's name: .NAME.pixart-lowvram-RANDOM.tmp
 
 
+def cache_dir() -> Path:
+    """The user's cache folder for this tool ($XDG_CACHE_HOME/pixart-lowvram, else ~/.cache/pixart-lowvram): shared
+    prompt embeddings, weights files' hashes, the demo model."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pixart-lowvram"
+
+
 def is_temporary(name: str) -> bool:
     """Whether a file name is one of our temporary files (a write that did not finish)."""
     return name.startswith(".") and TEMP_MARK in name and name.endswith(".tmp")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import platform
 import threading
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from .decode import decode_items
 from .denoise import denoise_items
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory
+from .files import cache_dir
 from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, latent_shapes
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, release
@@ -77,9 +77,7 @@ class NonFinite:
                 f"in {self.stage} for {names}. Fix: run the same command again with {fix}; only these are redone.")
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pixart-lowvram"
+default_cache_dir = cache_dir  # the name the CLI and API users know
 
 
 def planned_sizes(resolved: Resolved) -> Sizes:

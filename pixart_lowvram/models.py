@@ -20,7 +20,7 @@ from torch import nn
 
 from . import samplers
 from .errors import ModelError
-from .files import write_atomic
+from .files import cache_dir, write_atomic
 from .geometry import Geometry, patch_size, read_geometry, vae_scale_factor, with_defaults
 from .jobs import JobDefaults
 from .streaming import BlockStreamer, CpuEmbedding, Stored, load_tensor, micro_batch_blocks, set_parameter
@@ -661,11 +661,6 @@ _HASH_BLOCK = 16 * 2**20
 HASH_CACHE_MIN = 64 * 2**20
 
 
-def _cache_folder() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pixart-lowvram" / "file-hashes"
-
-
 def _hub_sha256(path: Path) -> str | None:
     """The sha256 of a file in the Hugging Face cache, where the cache names it: a snapshot's file links to
     blobs/<etag>, and the etag of a file stored with LFS (every weights file) is its sha256."""
@@ -696,7 +691,7 @@ def file_sha256(path: Path) -> str:
     if st.st_size < HASH_CACHE_MIN:
         return _sha256(path)
     key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}".encode()).hexdigest()
-    entry = _cache_folder() / key[:40]
+    entry = cache_dir() / "file-hashes" / key[:40]
     try:
         cached = entry.read_text(encoding="ascii").strip()
         if re.fullmatch(r"[0-9a-f]{64}", cached):

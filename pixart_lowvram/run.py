@@ -79,9 +79,9 @@ def _meta_in(text: dict[str, str]) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _key_in(text: dict[str, str]) -> str | None:
-    """The key in a PNG's `pixart_lowvram` text chunk."""
-    key = _meta_in(text).get("key")
+def _key_of(meta: dict) -> str | None:
+    """The key an item's PNG metadata carries."""
+    key = meta.get("key")
     return key if isinstance(key, str) else None
 
 
@@ -225,7 +225,7 @@ class RunFolder:
         for k, v in text.items():
             info.add_text(k, v)
         self._atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
-        self._png_keys[path] = (_signature(path), _key_in(text))
+        self._png_keys[path] = (_signature(path), _key_of(_meta_in(text)))
 
     def unfinished_images(self, items: list[Item]) -> list[Item]:
         """The items whose image is not finished (one listing of images/, then only the files that are there are
@@ -247,7 +247,7 @@ class RunFolder:
     def _read_png_key(path: Path) -> str | None:
         """The key a finished PNG carries; None for a file that is not one (truncated, damaged, not ours)."""
         meta = _read_png_meta(path)
-        return None if meta is None else _key_in({"pixart_lowvram": json.dumps(meta)})
+        return None if meta is None else _key_of(meta)
 
     def png_key(self, path: Path) -> str | None:
         """The key of the finished PNG at `path` (None: none there, or not a whole PNG of ours)."""
