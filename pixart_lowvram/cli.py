@@ -134,6 +134,12 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                    help="compute these components in float32 in a 16-bit run: text_encoder, transformer, vae. The "
                         "fix when one overflows float16 (the run then ends with exit code 4 and names it); it "
                         "applies to what is still to make, so a rerun with it redoes only the failed images")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the DiT's repeated blocks (resident or streamed): faster denoising steps on "
+                        "a GPU. The first run on a machine spends ~10 to 20 s compiling, later runs seconds (the "
+                        "cache is kept in ~/.cache/pixart-lowvram/torch-compile). auto (default): on a GPU, for "
+                        "at least 200 transformer calls (steps x batches); never on the CPU. Images within "
+                        "float16 rounding of the uncompiled ones (BENCHMARKS.md, Speed)")
     g.add_argument("--no-embed-cache", dest="embed_cache", action="store_const", const=None, default="default",
                    help="do not share prompt embeddings across runs (default: ~/.cache/pixart-lowvram/embeds)")
     g.add_argument("--force", action="store_true",
@@ -255,6 +261,8 @@ def print_summary(result, seconds: float) -> None:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     for s in result.stages:
+        if s.compile_seconds is not None:
+            print(f"{s.name}: {s.compile_seconds:.1f} s of it compiling (torch.compile)")
         for what in s.over_budget():
             print(f"over budget: {s.name}: {what}")
     done = sum(1 for p in result.images.values() if p.is_file())

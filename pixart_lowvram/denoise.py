@@ -9,6 +9,7 @@ from itertools import groupby
 
 import torch
 
+from .compiling import compile_blocks, compile_cache
 from .memory import available_ram
 from .models import (ModelInfo, component_sizes, load_scheduler, load_transformer, load_transformer_streamed,
                      make_pipeline)
@@ -42,12 +43,19 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     return out
 
 
-def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> int:
-    """Denoise `items`, writing latents/<key>.safetensors for each. Returns how many were made."""
+def transformer_calls(items: list[Item], batch_size: int) -> int:
+    """How many times denoising `items` in batches of `batch_size` calls the transformer (once a step and batch)."""
+    return sum(batch[0].steps for batch in batches(items, batch_size))
+
+
+def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
+                  compile_transformer: bool = False) -> int:
+    """Denoise `items`, writing latents/<key>.safetensors for each. Returns how many were made.
+    `compile_transformer`: the DiT's blocks compiled (compiling.py), resident or streamed."""
     info, folder, plan, reporter, device = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device
     dtype = ctx.compute_dtype  # the DiT's; the latents are stored in it
     embed_shape = embed_shapes(info)
-    streamer = None
+    streamer = compiled = None
     steps = reporter.bar("denoise", total=sum(it.steps for it in items), unit="step")  # image-steps
     try:
         with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
@@ -69,6 +77,10 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> i
             bar.update()
         pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
         ctx.loaded(transformer)
+        if compile_transformer:
+            reporter.info(f"denoise: compiling the transformer's blocks (torch.compile), in its first steps: "
+                          f"~10 to 20 s the first time on a machine, seconds later (cached in {compile_cache()})")
+            compiled = compile_blocks(transformer.transformer_blocks)
         done = 0
         for batch in batches(items, batch_size):
             ctx.checkpoint()
@@ -106,6 +118,8 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> i
                     done += 1
     finally:
         steps.close()
+        if compiled is not None:
+            ctx.compiled(compiled)
         if streamer is not None:
             streamer.close()  # its I/O threads, pinned buffers and hooks: whatever stopped the stage
     return done

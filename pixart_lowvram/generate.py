@@ -22,7 +22,8 @@ import torch
 
 from . import __version__
 from .decode import decode_items
-from .denoise import denoise_items
+from .compiling import should_compile
+from .denoise import denoise_items, transformer_calls
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory
 from .files import cache_dir
@@ -328,8 +329,11 @@ class _Run:
             lost = self.overflowed("encode", failed, todo_images)
             todo_latents = [it for it in todo_latents if it.id not in lost]
             todo_images = [it for it in todo_images if it.id not in lost]
+            batch = self.plan["denoise"].batch
+            compile_transformer = should_compile(self.settings.compile, self.device,
+                                                 transformer_calls(todo_latents, batch))
             failed = self.stage("denoise", len(todo_latents), lambda ctx: denoise_items(
-                ctx, todo_latents, batch_size=self.plan["denoise"].batch))
+                ctx, todo_latents, batch_size=batch, compile_transformer=compile_transformer))
             lost = self.overflowed("denoise", failed, todo_latents)
             todo_images = [it for it in todo_images if it.id not in lost]
             failed = self.stage("decode", len(todo_images), lambda ctx: decode_items(ctx, todo_images))
@@ -354,7 +358,7 @@ class _Run:
                          "encode_batch": self.settings.encode_batch, "denoise_batch": self.settings.denoise_batch,
                          "max_sequence_length": self.info.geometry.max_sequence_length,
                          "text_encoder_8bit": self.settings.text_encoder_8bit,
-                         "upcast": list(self.settings.upcast)},
+                         "upcast": list(self.settings.upcast), "compile": self.settings.compile},
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "memory_source": self.probe.source if self.probe else None,
             "vram_budget": self.budget,

@@ -31,6 +31,7 @@ class StageStats:
     name: str
     seconds: float = 0.0
     load_seconds: float | None = None  # of `seconds`, the part spent loading the component
+    compile_seconds: float | None = None  # of `seconds`, the part spent in torch.compile (None: not compiled)
     items: int = 0
     torch_peak: int | None = None  # torch.cuda.max_memory_allocated during the stage
     torch_reserved_peak: int | None = None  # torch.cuda.max_memory_reserved: the caching allocator's pool

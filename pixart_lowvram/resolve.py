@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .compiling import COMPILE_MODES
 from .errors import InputErrors, PixartError, Problem, QueueError, UsageError
 from .jobs import Job
 from .models import DEFAULT_MODEL, ModelInfo, bitsandbytes_available, resolve_model, vae_dtype
@@ -43,6 +44,9 @@ class Settings:
     # host RAM the whole process may hold (pinned buffers included): bytes, "16GiB", or "auto" (what the process
     # holds plus what the machine has available, less placement.HOST_MARGIN); None: unconstrained
     host_budget: str | int | None = "auto"
+    # torch.compile the DiT's repeated blocks (compiling.py): "on", "off", or "auto" (on a GPU, for a denoise stage
+    # long enough to pay for compiling). Like the batch sizes, not part of an artifact's key: within rounding
+    compile: str = "auto"
 
 
 UPCASTABLE = ("text_encoder", "transformer", "vae")
@@ -119,6 +123,7 @@ def _options(settings: Settings) -> tuple[list[PixartError], dict]:
         _attempt(problems, check_text_encoder_8bit, device, settings.encode_on_cpu)
     _attempt(problems, check_batches, settings)
     _attempt(problems, check_upcast, settings)
+    _attempt(problems, check_compile, settings)
     budget = settings.vram_budget
     if isinstance(budget, str):
         budget = _attempt(problems, parse_size, budget)
@@ -131,6 +136,11 @@ def check_upcast(settings: Settings) -> None:
     if unknown:
         raise UsageError(f"--upcast {','.join(unknown)}: not a component that can compute in float32 (choose from "
                          f"{', '.join(UPCASTABLE)})")
+
+
+def check_compile(settings: Settings) -> None:
+    if settings.compile not in COMPILE_MODES:
+        raise UsageError(f"--compile {settings.compile!r}: choose {', '.join(COMPILE_MODES)}")
 
 
 def check_batches(settings: Settings) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compiling import CompiledBlocks
 from .errors import Interrupted
 from .memory import StageMeter
 from .models import ModelInfo
@@ -46,6 +47,14 @@ class StageContext:
             return True
         self.failed.append(what)
         return False
+
+    def compiled(self, record: CompiledBlocks) -> None:
+        """The stage compiled its model's blocks: the time it took goes into the stage's figures, and a compiler
+        that failed (the stage ran eager instead: the same images, slower) is told."""
+        if self.meter is not None:
+            self.meter.stats.compile_seconds = record.seconds
+        if record.fallback:
+            self.reporter.info(f"torch.compile failed ({record.fallback}): the blocks ran without it")
 
     def loaded(self, *components) -> None:
         """Loading is over; `components` are what the stage loaded, watched so that their release is checked."""

@@ -254,14 +254,19 @@ class BlockStreamer:
         self.bytes_moved += host.numel()
         self.ready[i] = event
         if (i, slot) not in self.views:
-            self.views[(i, slot)] = [nn.Parameter(gpu[o:o + n].view(dtype).view(shape), requires_grad=False)
-                                     for o, n, dtype, shape in layout]
+            with torch.inference_mode(False):  # see _new_buffer
+                self.views[(i, slot)] = [nn.Parameter(gpu[o:o + n].view(dtype).view(shape), requires_grad=False)
+                                         for o, n, dtype, shape in layout]
         self.on_device[i] = self.views[(i, slot)]
         self.buffer_of[i] = slot
 
     def _new_buffer(self) -> int:
         size = max(host.numel() for host, _ in self.flat.values())
-        self.buffers.append(torch.empty(size, dtype=torch.uint8, device=self.device))  # on the compute stream
+        # Ordinary tensors, like the resident blocks' parameters, though made inside the pipeline's inference mode: a
+        # compiled block's graph is guarded on its parameters' dispatch keys, and inference tensors would need a
+        # second graph (compiling.py)
+        with torch.inference_mode(False):
+            self.buffers.append(torch.empty(size, dtype=torch.uint8, device=self.device))  # on the compute stream
         return len(self.buffers) - 1
 
     def _copy(self, i: int) -> None:
@@ -277,7 +282,9 @@ class BlockStreamer:
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         # Allocated on the compute stream, so a block's memory is reused by the next in stream order (one block
         # at a time really is one block); the copy stream first waits for the work queued before it.
-        tensors = [torch.empty(src.shape, dtype=dtype, device=self.device) for _, src, dtype in self.params[i].values()]
+        with torch.inference_mode(False):  # see _new_buffer
+            tensors = [torch.empty(src.shape, dtype=dtype, device=self.device)
+                       for _, src, dtype in self.params[i].values()]
         if self.cuda:
             self.side.wait_stream(main)
         offset = 0

@@ -1,0 +1,106 @@
+"""Regional compilation of the DiT: its repeated transformer blocks compiled with torch.compile, one compiled graph
+shared by every block, resident or streamed, with inductor's caches kept in our cache folder so that a machine
+compiles once.
+
+Only the block's `forward` is compiled, not the module's call: the streamer's hooks (streaming.py) run around it
+eagerly, as without compilation. With torch's default `inline_inbuilt_nn_modules`, the block's parameters are
+inputs of the graph, not constants in it, so swapping a streamed block's weights in and out changes nothing it is
+guarded on: every block of a step, and every step, reuses the graph (tests/test_compiling.py counts it). A new
+image size or batch compiles once more (static shapes give the best kernels)."""
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .files import cache_dir
+
+COMPILE_MODES = ("auto", "on", "off")
+# `auto` compiles on a GPU when the denoise stage makes at least this many transformer calls (one a step and batch):
+# below it, compiling (~2 s with a warm cache, ~12 s for the first run on a machine) costs more than it saves
+# (~9 to 14 ms a call at 1024x1024 on an H200, bench/step_time.py). A chosen break-even, to be refined by
+# bench/budgets.py's compile rows.
+AUTO_MIN_CALLS = 200
+
+
+def compile_cache() -> str:
+    """Where inductor keeps what it compiled: the user's TORCHINDUCTOR_CACHE_DIR if set, else our cache folder
+    (inductor's own default lies in /tmp, which a reboot empties)."""
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(cache_dir() / "torch-compile")
+
+
+def should_compile(mode: str, device: torch.device, calls: int) -> bool:
+    """Whether the denoise stage compiles the DiT's blocks: `mode` is the --compile option, `calls` how many
+    transformer calls the stage makes. On the CPU `auto` never does: compiling there takes longer than most runs."""
+    if mode == "on":
+        return True
+    return mode == "auto" and device.type == "cuda" and calls >= AUTO_MIN_CALLS
+
+
+@dataclass
+class CompiledBlocks:
+    """What compiling a model's blocks did: the time spent in calls that compiled (each new input shape: tracing,
+    and inductor's work where its cache did not have it), and why it fell back to eager, if it did."""
+
+    seconds: float = 0.0
+    fallback: str | None = None
+    _shapes: set = field(default_factory=set)
+
+
+def compile_blocks(blocks: nn.ModuleList, backend: str = "inductor", mode: str | None = None) -> CompiledBlocks:
+    """Compile the `forward` of each block of `blocks` (all of one class) into one shared graph; returns the record
+    that the calls fill in. A failure to compile (no C compiler, no Triton) falls back to eager for every block,
+    recorded in `fallback`: the images are the same, only slower."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache())
+    classes = {type(b) for b in blocks}
+    if len(classes) != 1:
+        raise ValueError(f"blocks of several classes: {sorted(c.__name__ for c in classes)}")
+    cls = classes.pop()
+    compiled = torch.compile(cls.forward, backend=backend, mode=mode, dynamic=False)
+    record = CompiledBlocks()
+    for block in blocks:
+        block.forward = _compiled_forward(weakref.ref(block), cls.forward, compiled, record)
+    return record
+
+
+def uncompile_blocks(blocks: nn.ModuleList) -> None:
+    """Undo `compile_blocks`: each block's own forward again."""
+    for block in blocks:
+        block.__dict__.pop("forward", None)
+
+
+def _compiled_forward(block_ref, eager, compiled, record: CompiledBlocks):
+    # The block is held weakly: a strong reference from its own attribute would keep it (and, through its
+    # parent, the whole DiT) alive until Python's cycle collector ran.
+    def forward(hidden_states: torch.Tensor, *args, **kwargs):
+        block = block_ref()
+        # The first block gets a transposed view from the patch embedding, the others contiguous outputs: made
+        # contiguous here, all blocks match one graph instead of two (the same values: a copy, no arithmetic).
+        hidden_states = hidden_states.contiguous()
+        if record.fallback is not None:
+            return eager(block, hidden_states, *args, **kwargs)
+        shape = tuple(tuple(t.shape) for t in (hidden_states, *args, *kwargs.values()) if torch.is_tensor(t))
+        if shape in record._shapes:
+            return compiled(block, hidden_states, *args, **kwargs)
+        start = time.perf_counter()
+        try:
+            out = compiled(block, hidden_states, *args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as exc:  # the compiler failed, not the computation
+            record.fallback = _why(exc)
+            out = eager(block, hidden_states, *args, **kwargs)
+        record.seconds += time.perf_counter() - start
+        record._shapes.add(shape)
+        return out
+
+    return forward
+
+
+def _why(exc: BaseException) -> str:
+    """A compiler's failure in one line: what the backend raised (dynamo wraps it), its first line."""
+    inner = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    lines = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {lines[0] if lines else ''}"

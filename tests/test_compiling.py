@@ -1,0 +1,132 @@
+"""Regional compilation of the DiT (--compile): one graph serves every block at every step, resident or streamed;
+the images match the uncompiled ones; a compiler that fails leaves an eager run behind, not a failed one."""
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from conftest import max_diff, pixels
+from pixart_lowvram.compiling import compile_blocks, should_compile
+from pixart_lowvram.errors import UsageError
+from pixart_lowvram.generate import Settings, run_queue
+from pixart_lowvram.jobs import jobs_from_options
+from pixart_lowvram.models import (load_scheduler, load_transformer, load_transformer_streamed, make_pipeline,
+                                   resolve_model)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from nothing: torch keeps compiled code on the block class's `forward` for the process."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def latents(pipe, info, batch: int, size: int = 256) -> torch.Tensor:
+    width = info.configs["transformer"]["caption_channels"]
+    embeds = torch.randn(batch, 120, width, generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(batch, 120, dtype=torch.long)
+    with torch.inference_mode():
+        return pipe(prompt=None, negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask,
+                    negative_prompt_embeds=embeds.flip(1), negative_prompt_attention_mask=mask, width=size,
+                    height=size, num_inference_steps=3, output_type="latent",
+                    generator=[torch.Generator().manual_seed(i) for i in range(batch)]).images
+
+
+@pytest.mark.parametrize("placement", ["resident", "streamed, held in RAM", "streamed from the files"])
+def test_one_graph_serves_every_block_and_step(tiny_model, placement):
+    """Streaming swaps each block's weights in and out at every step: the compiled graph takes them as inputs, so
+    nothing recompiles for it. One graph per input shape (batch 1, then 2), each block and step reusing it."""
+    info = resolve_model(tiny_model, hash_weights=False)
+    streamer = None
+    if placement == "resident":
+        transformer = load_transformer(info, torch.float32, CPU)
+    else:
+        transformer, streamer = load_transformer_streamed(info.path / "transformer", torch.float32, CPU, ahead=1,
+                                                          resident=1, hold_in_ram=placement.endswith("RAM"))
+    pipe = make_pipeline(info, transformer=transformer, scheduler=load_scheduler(info))
+    eager = [latents(pipe, info, 1), latents(pipe, info, 2)]
+
+    record = compile_blocks(transformer.transformer_blocks, backend="aot_eager")  # torch's ops, traced
+    compiled = [latents(pipe, info, 1), latents(pipe, info, 1), latents(pipe, info, 2)]
+
+    assert len(transformer.transformer_blocks) >= 2
+    assert counters["stats"]["unique_graphs"] == 2  # batch 1 and batch 2, every block and step
+    assert record.fallback is None and record.seconds > 0
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[0])
+    assert torch.equal(compiled[2], eager[1])
+
+    # Compiling holds no reference to the blocks: the DiT dies with its last reference, without the collector.
+    gc.disable()
+    try:
+        ref = weakref.ref(transformer)
+        if streamer is not None:
+            streamer.close()
+        del transformer, pipe, streamer
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_a_compiler_that_fails_leaves_an_eager_run(tiny_model):
+    info = resolve_model(tiny_model, hash_weights=False)
+    transformer = load_transformer(info, torch.float32, CPU)
+    pipe = make_pipeline(info, transformer=transformer, scheduler=load_scheduler(info))
+    expected = latents(pipe, info, 1)
+
+    def broken(graph, inputs):
+        raise RuntimeError("no C compiler here")
+
+    record = compile_blocks(transformer.transformer_blocks, backend=broken)
+    assert torch.equal(latents(pipe, info, 1), expected)
+    assert "no C compiler here" in record.fallback
+
+
+def test_compiled_images_match_uncompiled_ones(tiny_model, tmp_path):
+    """With inductor, as a run compiles (float32 on the CPU: within 1/255), the DiT streamed; the time spent
+    compiling is in the stage's figures and run.json, and inductor's cache in our cache folder."""
+    from test_streaming import override_plan  # noqa: PLC0415
+    from pixart_lowvram.files import cache_dir  # noqa: PLC0415
+    from pixart_lowvram.placement import StagePlan  # noqa: PLC0415
+
+    jobs = jobs_from_options("a lighthouse at dusk", seed=5, steps=2, count=2, width=256, height=256)
+    settings = dict(model=tiny_model, device="cpu", dtype="float32", embed_cache=None)
+    plain = run_queue(jobs, tmp_path / "plain", Settings(**settings))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # so that leaving the context removes what the run sets
+        patch.delenv("TORCHINDUCTOR_CACHE_DIR")
+        override_plan(patch, denoise=StagePlan("denoise", "streamed", estimate=0, ahead=1, resident_blocks=1))
+        compiled = run_queue(jobs, tmp_path / "compiled", Settings(compile="on", **settings))
+        assert (cache_dir() / "torch-compile").is_dir()
+
+    for item in plain.items:
+        assert max_diff(pixels(plain.images[item.id]), pixels(compiled.images[item.id])) <= 1
+    assert counters["stats"]["unique_graphs"] == 1
+    denoise = {s.name: s for s in compiled.stages}["denoise"]
+    assert 0 < denoise.compile_seconds < denoise.seconds
+    assert {s.name: s for s in plain.stages}["denoise"].compile_seconds is None
+    manifest = json.loads((tmp_path / "compiled" / "run.json").read_text())
+    assert manifest["settings"]["compile"] == "on"
+    assert [s["compile_seconds"] for s in manifest["stages"]] == [None, denoise.compile_seconds, None]
+
+
+def test_auto_compiles_on_a_gpu_for_long_denoise_stages_only():
+    long, short = 640, 110  # 32 images of 20 steps; the seed queue
+    assert should_compile("auto", torch.device("cuda", 0), long)
+    assert not should_compile("auto", torch.device("cuda", 0), short)
+    assert not should_compile("auto", CPU, long)  # compiling on a CPU takes longer than most runs
+    assert should_compile("on", CPU, 1) and not should_compile("off", torch.device("cuda", 0), long)
+
+
+def test_a_wrong_compile_option_is_an_input_error(tiny_model, tmp_path):
+    with pytest.raises(UsageError, match="--compile 'fast': choose auto, on, off"):
+        run_queue(jobs_from_options("a fox"), tmp_path / "run", Settings(model=tiny_model, compile="fast"))
+    assert not (tmp_path / "run").exists()
