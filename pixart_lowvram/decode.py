@@ -5,6 +5,7 @@ import json
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+from PIL import Image
 
 from .models import ModelInfo, load_vae, make_pipeline, sampler_label
 from .items import Item, latent_shapes
@@ -59,37 +60,95 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
     pipe = make_pipeline(info, vae=vae)
     ctx.loaded(vae)
     dtype_name = str(dtype).removeprefix("torch.")
-    # PNGs are compressed and written on threads (PIL's zlib encoder and the file writes let go of the GIL)
-    # while the GPU decodes the next images: a 1024x1024 PNG takes longer to compress than to decode. Whatever
-    # stops the loop, the images already decoded are written first.
-    writer = ThreadPoolExecutor(max_workers=PNG_WRITERS, thread_name_prefix="png-writer")
-    written: list[Future] = []
+    writer = PngWriter(folder)
+    pending: list[tuple[Item, torch.Tensor, torch.Tensor]] = []  # decoded (queued on the GPU), not yet handed over
+
+    def hand_over() -> None:
+        """The image decoded last, to the PNG writer (waiting for the GPU to finish it)."""
+        item, finite, pixels = pending.pop()
+        if not bool(finite):
+            ctx.failed.append(item.id)  # postprocess would clamp it to a black or grey image: none is written
+            return
+        text = png_text(item, info, key=item.image_key, dtype=dtype_name)
+        writer.submit(folder.image_path(item), Image.fromarray(pixels.cpu().numpy()), text)
+
     try:
         with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():
             for item in items:
                 ctx.checkpoint()
+                # Read while the GPU decodes the image before this one; that one is handed over before this one
+                # is queued, so a stop or a crash here leaves the same finished images as a plain loop would.
                 stored = folder.read_tensors(folder.latent_path(item.latent_key), item.latent_key,
                                              latent_shapes(info, item))
                 if stored is None:
                     raise RuntimeError(f"the latents of {item.id} vanished between stages")
+                if pending:
+                    hand_over()
                 latents = stored["latents"][None].to(device, vae.dtype)
                 latents = latents / vae.config.scaling_factor
                 image = strips.decode(latents) if strips else vae.decode(latents, return_dict=False)[0]
-                bar.update()
-                if not ctx.finite(image, item.id):
-                    continue  # postprocess would clamp it to a black or grey image: none is written instead
+                finite = torch.isfinite(image).all()
                 # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
                 if info.geometry.bins is not None:
                     image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
-                picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
+                pending.append((item, finite, to_pixels(pipe.image_processor.postprocess(image, output_type="pt"))[0]))
                 bar.describe(item.id)
-                for future in written:
-                    if future.done():
-                        future.result()  # a failed write (disk full) stops the stage here
-                written.append(writer.submit(folder.write_png, folder.image_path(item), picture,
-                                             png_text(item, info, key=item.image_key, dtype=dtype_name)))
+                bar.update()
+            if pending:
+                hand_over()
+    except BaseException:
+        if pending:  # decoded before what stopped the stage: kept, like the images before it
+            try:
+                hand_over()
+            except Exception:  # noqa: BLE001 - what stopped the stage is the error to report
+                pass
+        raise
     finally:
-        writer.shutdown(wait=True)
-    for future in written:
+        writer.close()
+    return writer.finish()
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (N, C, H, W) as 8-bit pixels (N, H, W, C), computed where they are (on the GPU: a quarter
+    of the bytes cross to the host, and the host does no arithmetic). The same numbers as diffusers' `pt_to_numpy`
+    and `numpy_to_pil`: float32, times 255, rounded half to even (numpy's and torch's rounding alike)."""
+    return (images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
+
+
+class PngWriter:
+    """PNGs compressed and written on threads (PIL's zlib encoder and the file writes let go of the GIL) while the
+    GPU decodes the next images: a 1024x1024 PNG takes longer to compress than to decode. At most `backlog`
+    images wait, so a slow disk holds the decoding back instead of filling RAM; a failed write (disk full) stops
+    the stage at the next image. `close` writes what was handed over before returning, whatever stopped the
+    stage."""
+
+    def __init__(self, folder, threads: int = PNG_WRITERS, backlog: int = 2 * PNG_WRITERS):
+        self.folder, self.backlog = folder, backlog
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png-writer")
+        self.queued: list[Future] = []
+        self.written = 0
+
+    def submit(self, path, picture, text: dict[str, str]) -> None:
+        self._collect(done_only=True)
+        while len(self.queued) >= self.backlog:
+            self._take(self.queued[0])
+        self.queued.append(self.pool.submit(self.folder.write_png, path, picture, text))
+
+    def _take(self, future: Future) -> None:
+        self.queued.remove(future)
         future.result()
-    return len(written)
+        self.written += 1
+
+    def _collect(self, done_only: bool) -> None:
+        for future in list(self.queued):
+            if future.done() or not done_only:
+                self._take(future)
+
+    def close(self) -> None:
+        """Wait until every image handed over is written (or failed)."""
+        self.pool.shutdown(wait=True)
+
+    def finish(self) -> int:
+        """After `close`: raise the first failed write, if any; how many images were written."""
+        self._collect(done_only=False)
+        return self.written
