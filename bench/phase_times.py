@@ -129,7 +129,16 @@ def child(kind: str, argv: list[str]) -> None:
             timed(run.RunFolder, attr)
         timed(streaming.BlockStreamer, "close")
         sys.argv = ["pixart-lowvram", *argv]
-        main = pixart_lowvram.cli.console_main  # as the command runs it
+        main = pixart_lowvram.cli.console_main  # as the command runs it: it ends the process through exit_now
+        real_exit = pixart_lowvram.cli.exit_now
+
+        def exit_now(code: int):
+            marks["main returned"] = time.time() - t0
+            Path(os.environ["PHASE_OUT"]).write_text(json.dumps({"marks": marks, "phases": phases, "calls": calls,
+                                                                     "code": code}))
+            real_exit(code)
+
+        pixart_lowvram.cli.exit_now = exit_now
     else:
         from diffusers import DiffusionPipeline
         timed(DiffusionPipeline, "from_pretrained")
