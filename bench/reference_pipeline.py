@@ -5,7 +5,7 @@ Runs the items of an earlier pixart-lowvram run (same prompts, sizes, seeds) one
 `PixArtAlphaPipeline` would, and writes the images and its figures (wall time, torch peak, whole-process peak
 from NVML, host RSS peak) as JSON. Run it in its own process, so its CUDA context and cache are its own.
 
-    python bench/reference_pipeline.py MODEL RUN_DIR OUT_DIR [--dtype float16] [--mode MODE]
+    python bench/reference_pipeline.py MODEL RUN_DIR OUT_DIR [--dtype float16] [--mode MODE] [--device cuda]
 
 Modes: gpu (all on the GPU), model-offload (`enable_model_cpu_offload`: one component on the GPU at a time),
 sequential-offload (`enable_sequential_cpu_offload`: every layer moved in when it runs), group-offload
@@ -34,13 +34,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--mode", default="gpu", choices=["gpu", "model-offload", "sequential-offload",
                                                           "group-offload"])
+    parser.add_argument("--device", default="cuda", help="cpu: a dry check of the bench's plumbing (mode gpu only)")
     args = parser.parse_args()
 
     from diffusers import PixArtAlphaPipeline
 
     items = json.loads((args.run_dir / "run.json").read_text())["items"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     torch.zeros(1, device=device)
     probe = GpuMemoryProbe(device)
     start = time.perf_counter()
