@@ -6,7 +6,10 @@ and with the levers issue 16 names, on random weights in the real shapes (timing
 
 Variants: eager; `blocks`: regional compilation (each BasicTransformerBlock compiled, as diffusers'
 `compile_repeated_blocks` does for models that declare their blocks); `blocks-graphs`: the same with CUDA graphs
-(mode="reduce-overhead"); `whole`: the whole transformer compiled. The FLOP floor is counted by
+(mode="reduce-overhead", `torch.compiler.cudagraph_mark_step_begin()` before each transformer call, so that a call's
+outputs may be overwritten by the next one's); `whole`: the whole transformer compiled; `ours`: the library's own
+regional compilation (`compiling.compile_blocks`: each block's forward, one graph for all, what `--compile on`
+runs); `ours-graphs`: the same with CUDA graphs. The FLOP floor is counted by
 torch.utils.flop_counter on one eager call and divided by `--tflops` (a realistic dense fp16 rate for the GPU).
 Writes OUT/step_time.json and prints a table.
 """
@@ -43,6 +46,7 @@ def transformer_rows(args) -> list[dict]:
     from diffusers import PixArtTransformer2DModel  # noqa: PLC0415
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
+    from pixart_lowvram.compiling import compile_blocks  # noqa: PLC0415
     from pixart_lowvram.random_model import preset_config  # noqa: PLC0415
 
     config = preset_config(args.preset).transformer
@@ -68,9 +72,16 @@ def transformer_rows(args) -> list[dict]:
                     block.compile(fullgraph=True, mode="reduce-overhead")
             elif variant == "whole":
                 model.compile(fullgraph=True)
+            elif variant == "ours":
+                compile_blocks(model.transformer_blocks)
+            elif variant == "ours-graphs":
+                compile_blocks(model.transformer_blocks, mode="reduce-overhead")
+            graphs = variant.endswith("graphs")
 
             @torch.inference_mode()
-            def step(model=model):
+            def step(model=model, graphs=graphs):
+                if graphs:  # a call's outputs may be overwritten by the next call's replay
+                    torch.compiler.cudagraph_mark_step_begin()
                 return model(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
                              added_cond_kwargs=extra, return_dict=False)[0]
             try:
@@ -131,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--images", type=int, nargs="*", default=[1, 2])
-    parser.add_argument("--variants", type=lambda s: s.split(","), default=["eager", "blocks", "blocks-graphs"])
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=["eager", "blocks", "ours", "blocks-graphs", "ours-graphs"])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--tflops", type=float, default=600.0, help="the dense fp16 rate the floor assumes")
     parser.add_argument("--no-vae", action="store_true")
