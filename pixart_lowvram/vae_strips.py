@@ -46,6 +46,12 @@ KEEP_SHARE = 0.5
 # Tensors a strip-run resnet keeps on the GPU when KEEP_SHARE allows: its input, the middle activation, its output.
 RESNET_KEPT_TENSORS = 3
 UPSAMPLE_KEPT_TENSORS = 2  # an upsampler's input and output
+# Where a layer's input or output waits in host memory (on a GPU), its strips come in and go out through buffers
+# of their own, two each way, so that the next strip's copy runs on a side stream beside this strip's kernels
+# (_Transfers): per element of a strip, two more for its input and two for its output. Made on the compute stream
+# and reused, so the allocator's pool holds no more than the room says (an earlier version let the side streams
+# allocate, and the decode's NVML peak rose 0.5 GiB over the budget, BENCHMARKS.md).
+TRANSFER_BUFFERS = 2.0
 # What a strip may always use, whatever the tensors kept on the GPU hold: a floor so that the strips never shrink
 # to a row or two (a chosen floor: an eighth of the room still makes strips of tens of rows at 1.5 GiB).
 MIN_STRIP_SHARE = 1 / 8
@@ -162,6 +168,105 @@ def _write(out, a: int, b: int, y: torch.Tensor) -> None:
         out[:, :, a:b].copy_(y)
 
 
+class _Transfers:
+    """Strips of activations that wait in host memory cross the bus on side streams while the GPU computes: the
+    next strip comes in on one while this one computes, finished strips go out on another. Each direction has two
+    buffers, made on the compute stream and reused, ordered with events; the streams never allocate. Elsewhere (a
+    CPU, or an activation on the device) strips are read and written in line, as `_rows` and `_write` do."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.copy_in = torch.cuda.Stream(device) if self.cuda else None
+        self.copy_out = torch.cuda.Stream(device) if self.cuda else None
+
+    def crossing(self, *tensors) -> bool:
+        """Whether strips of these tensors go through the transfer buffers (counted in a strip's rows)."""
+        return self.cuda and any(isinstance(t, _HostRows) for t in tensors)
+
+    def strips(self, x, ranges: list[tuple[int, int]]):
+        """Rows lo..hi of `x` on the device, NCHW, for each (lo, hi) of `ranges` in turn."""
+        if not (self.cuda and isinstance(x, _HostRows)):
+            for lo, hi in ranges:
+                yield _rows(x, lo, hi, self.device)
+            return
+        main = torch.cuda.current_stream(self.device)
+        n, c, _, w = x.shape
+        most = max(hi - lo for lo, hi in ranges)
+        buffers = [torch.empty((most, n, c, w), dtype=x.dtype, device=self.device) for _ in range(2)]
+        used: list[torch.cuda.Event | None] = [None, None]  # the compute's last use of each buffer
+        # The buffers' memory may have been another tensor's, still read by kernels queued before; and the rows
+        # an earlier layer sent out must have landed before they are read back.
+        self.copy_in.wait_stream(main)
+        self.copy_in.wait_stream(self.copy_out)
+
+        def fetch(k: int):
+            lo, hi = ranges[k]
+            buffer = buffers[k % 2][:hi - lo]
+            if used[k % 2] is not None:
+                self.copy_in.wait_event(used[k % 2])
+            with torch.cuda.stream(self.copy_in):
+                buffer.copy_(x.data[lo:hi], non_blocking=True)
+                arrived = torch.cuda.Event()
+                arrived.record(self.copy_in)
+            return buffer, arrived
+
+        coming = fetch(0)
+        try:
+            for k in range(len(ranges)):
+                buffer, arrived = coming
+                if k + 1 < len(ranges):
+                    coming = fetch(k + 1)
+                main.wait_event(arrived)
+                yield buffer.permute(1, 2, 0, 3)
+                done = torch.cuda.Event()
+                done.record(main)
+                used[k % 2] = done
+        finally:
+            main.wait_stream(self.copy_in)  # no copy writes into the buffers once their memory is free again
+
+    def writer(self, out, rows: int) -> _StripWriter:
+        return _StripWriter(self, out, rows)
+
+
+class _StripWriter:
+    """Writes a layer's output strip by strip into `out`; into host memory, through two buffers on the copy-out
+    stream (`close` then orders the compute after the last copies, so the buffers' memory is free again)."""
+
+    def __init__(self, transfers: _Transfers, out, rows: int):
+        self.t, self.out = transfers, out
+        self.host = transfers.cuda and isinstance(out, _HostRows)
+        if self.host:
+            n, c, _, w = out.shape
+            self.buffers = [torch.empty((rows, n, c, w), dtype=out.dtype, device=transfers.device) for _ in range(2)]
+            self.sent: list[torch.cuda.Event | None] = [None, None]
+            self.count = 0
+
+    def write(self, a: int, b: int, y: torch.Tensor) -> None:
+        if not self.host:
+            _write(self.out, a, b, y)
+            return
+        main = torch.cuda.current_stream(self.t.device)
+        k = self.count % 2
+        self.count += 1
+        if self.sent[k] is not None:
+            main.wait_event(self.sent[k])  # the copy that read this buffer before is out
+        buffer = self.buffers[k][:b - a]
+        buffer.copy_(y.permute(2, 0, 1, 3))
+        ready = torch.cuda.Event()
+        ready.record(main)
+        self.t.copy_out.wait_event(ready)
+        with torch.cuda.stream(self.t.copy_out):
+            self.out.data[a:b].copy_(buffer, non_blocking=True)
+            sent = torch.cuda.Event()
+            sent.record(self.t.copy_out)
+        self.sent[k] = sent
+
+    def close(self) -> None:
+        if self.host:
+            torch.cuda.current_stream(self.t.device).wait_stream(self.t.copy_out)
+
+
 class StripDecoder:
     """Decodes latents exactly within `room` bytes of GPU memory for activations (weights not counted)."""
 
@@ -182,6 +287,7 @@ class StripDecoder:
         self._pinned = 0  # pinned bytes requested in this decode
         self.spilled = 0  # activations that waited in files in the last decode (tensors)
         self.strips_used = 0  # layers that ran in strips (for tests and the report)
+        self.transfers = _Transfers(self.device)
 
     # -- storage ---------------------------------------------------------------------------------------------
     def _empty(self, shape, dtype, *, on_gpu: bool):
@@ -203,10 +309,10 @@ class StripDecoder:
             n *= s
         return n * torch.empty((), dtype=dtype).element_size()
 
-    def _rows(self, width: int, c_in: int, c_out: int, dtype, spare: int) -> int:
-        """Rows per strip: as many as fit in what is left of the room."""
+    def _rows(self, width: int, c_in: int, c_out: int, dtype, spare: int, crossing: bool = False) -> int:
+        """Rows per strip: as many as fit in what is left of the room (`crossing`: with the transfer buffers)."""
         item = torch.empty((), dtype=dtype).element_size()
-        per_row = width * (c_in + c_out) * item * (1 + WORK_FACTOR)
+        per_row = width * (c_in + c_out) * item * (1 + WORK_FACTOR + (TRANSFER_BUFFERS if crossing else 0))
         return max(1, int(spare // per_row))
 
     # -- the walk --------------------------------------------------------------------------------------------
@@ -261,9 +367,9 @@ class StripDecoder:
     def _gather(self, x: torch.Tensor, groups: int) -> _Stats:
         stats = _Stats(groups)
         n, c, h, w = x.shape
-        rows = self._rows(w, c, 0, x.dtype, self.room)
-        for a in range(0, h, rows):
-            stats.add(_rows(x, a, min(a + rows, h), self.device))
+        rows = self._rows(w, c, 0, x.dtype, self.room, self.transfers.crossing(x))
+        for strip in self.transfers.strips(x, [(a, min(a + rows, h)) for a in range(0, h, rows)]):
+            stats.add(strip)
         return stats
 
     def _spare(self, x: torch.Tensor, on_gpu: bool, c_out: int) -> int:
@@ -283,21 +389,24 @@ class StripDecoder:
         out = self._empty((n, c_out, h, w), x.dtype, on_gpu=on_gpu)
         out_stats = _Stats(next_groups) if next_groups else None
         rows = self._rows(w, c + (residual[1].shape[1] if residual else 0), c_out, x.dtype,
-                          self._spare(x, on_gpu, c_out))
-        for a in range(0, h, rows):
-            b = min(a + rows, h)
-            lo, hi = max(a - 1, 0), min(b + 1, h)
-            strip = act(_normalize(_rows(x, lo, hi, self.device), stats, norm))
-            y = _conv_rows(conv, strip, top=(a == 0), bottom=(b == h))
+                          self._spare(x, on_gpu, c_out),
+                          self.transfers.crossing(x, out, *([residual[1]] if residual else [])))
+        owned = [(a, min(a + rows, h)) for a in range(0, h, rows)]
+        halo = [(max(a - 1, 0), min(b + 1, h)) for a, b in owned]  # the rows a 3x3 convolution reads
+        shortcuts = self.transfers.strips(residual[1], owned) if residual is not None else None
+        writer = self.transfers.writer(out, rows)
+        for (a, b), strip in zip(owned, self.transfers.strips(x, halo)):
+            y = _conv_rows(conv, act(_normalize(strip, stats, norm)), top=(a == 0), bottom=(b == h))
             if residual is not None:
-                resnet, inp = residual
-                shortcut = _rows(inp, a, b, self.device)
+                resnet = residual[0]
+                shortcut = next(shortcuts)
                 if resnet.conv_shortcut is not None:
                     shortcut = resnet.conv_shortcut(shortcut)
                 y = (shortcut + y) / resnet.output_scale_factor
             if out_stats is not None:
                 out_stats.add(y)
-            _write(out, a, b, y)
+            writer.write(a, b, y)
+        writer.close()
         return out, out_stats
 
     def _upsample(self, up, x: torch.Tensor):
@@ -308,14 +417,16 @@ class StripDecoder:
         H, W = 2 * h, 2 * w
         keep = UPSAMPLE_KEPT_TENSORS * self._bytes((n, c, H, W), x.dtype) <= self.room * KEEP_SHARE
         out = self._empty((n, c, H, W), x.dtype, on_gpu=keep)
-        rows = self._rows(W, c, c, x.dtype, self._spare(x, keep, 4 * c))
+        rows = self._rows(W, c, c, x.dtype, self._spare(x, keep, 4 * c), self.transfers.crossing(x, out))
         rows += rows % 2
-        for a in range(0, H, rows):
-            b = min(a + rows, H)
-            lo, hi = max(a - 1, 0), min(b + 1, H)  # rows of the upsampled image this strip's conv reads
-            src = _rows(x, lo // 2, (hi + 1) // 2, self.device)
+        owned = [(a, min(a + rows, H)) for a in range(0, H, rows)]
+        halo = [(max(a - 1, 0), min(b + 1, H)) for a, b in owned]  # rows of the upsampled image the conv reads
+        writer = self.transfers.writer(out, rows)
+        sources = self.transfers.strips(x, [(lo // 2, (hi + 1) // 2) for lo, hi in halo])
+        for (a, b), (lo, hi), src in zip(owned, halo, sources):
             big = F.interpolate(src, scale_factor=2.0, mode="nearest")[:, :, lo - 2 * (lo // 2):][:, :, :hi - lo]
-            _write(out, a, b, _conv_rows(up.conv, big, top=(a == 0), bottom=(b == H)))
+            writer.write(a, b, _conv_rows(up.conv, big, top=(a == 0), bottom=(b == H)))
+        writer.close()
         return out, None
 
 

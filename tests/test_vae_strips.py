@@ -2,6 +2,7 @@
 plan says so: same images as the reference pipeline."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -34,6 +35,23 @@ def test_strips_equal_the_whole_decode_in_any_room(vae, latent_hw):
         assert (out - whole).abs().max().item() < 1e-4, room
         used.append(decoder.strips_used)
     assert used[0] == 0 and used[-1] > used[1] > 0, used  # the smaller the room, the more layers go in strips
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side streams and pinned rows of a GPU decode")
+def test_strips_through_host_memory_on_a_gpu_equal_the_whole_decode(vae, monkeypatch):
+    """On a GPU, activations too big for the room wait in pinned host memory and cross the bus on side streams
+    while the strips compute: the same numbers as the whole decode (float32, TF32 off as on the CPU)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    gpu = torch.device("cuda")
+    model = copy.deepcopy(vae).to(gpu)
+    z = torch.randn(2, vae.config.latent_channels, 40, 56, generator=torch.Generator().manual_seed(4)).to(gpu)
+    with torch.inference_mode():
+        whole = model.decode(z).sample
+    for room in (400_000, 150_000, 60_000):
+        decoder = StripDecoder(model, gpu, room)
+        out = decoder.decode(z)
+        assert decoder._pinned > 0, "some activations waited in host memory"
+        assert (out - whole).abs().max().item() < 1e-4, room
 
 
 def test_diffusers_tiling_is_what_strips_avoid(vae):
