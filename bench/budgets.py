@@ -23,7 +23,8 @@ cache warm, as every later run on a machine does.
     python bench/budgets.py --out OUT --device cpu --preset tiny --queue SMALL.toml --rows unconstrained gpu
                                                                   # a dry check of the plumbing on a CPU
 Writes OUT/latest.json (the rows and every run) and OUT/table.md; with --write-benchmarks also
-bench/results/latest.json and the table in BENCHMARKS.md (between the `--marker` markers).
+bench/results/latest.json (MARKER.json for another --marker) and the table in BENCHMARKS.md (between the
+`--marker` markers).
 """
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ def main() -> None:
                         help="make one table from the runs of earlier calls' OUT folders (no run is made)")
     parser.add_argument("--write-benchmarks", action="store_true",
                         help="also put the table into BENCHMARKS.md (between its --marker markers) and the results "
-                             "into bench/results/latest.json")
+                             "into bench/results/latest.json (MARKER.json for another marker)")
     parser.add_argument("--marker", default="budgets-table", help="BENCHMARKS.md's markers --write-benchmarks uses")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -326,8 +327,9 @@ def report(args, runs: dict[str, list[dict]], info: dict) -> None:
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.write_benchmarks:
-        (ROOT / "bench" / "results" / "latest.json").write_text(json.dumps(result, indent=2, default=str))
-        head = (f"Latest run (`bench/results/latest.json`): `{result.get('command')}` on {result.get('gpu')}, torch "
+        name = "latest.json" if args.marker == "budgets-table" else f"{args.marker}.json"
+        (ROOT / "bench" / "results" / name).write_text(json.dumps(result, indent=2, default=str))
+        head = (f"Latest run (`bench/results/{name}`): `{result.get('command')}` on {result.get('gpu')}, torch "
                 f"{result.get('torch')}; wall times are medians over the rounds, ratios divide by the baseline's, "
                 f"{baseline:.1f} s; peaks and pixel differences are the worst of every run:")
         replace_marked(ROOT / "BENCHMARKS.md", args.marker, head + "\n\n" + "\n".join(lines))
