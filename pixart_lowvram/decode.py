@@ -109,9 +109,10 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] (N, C, H, W) as 8-bit pixels (N, H, W, C), computed where they are (on the GPU: a quarter
-    of the bytes cross to the host, and the host does no arithmetic). The same numbers as diffusers' `pt_to_numpy`
-    and `numpy_to_pil`: float32, times 255, rounded half to even (numpy's and torch's rounding alike)."""
+    """Images in [0, 1] (N, C, H, W) as 8-bit pixels (N, H, W, C), computed where they are: on the GPU, half the
+    bytes of a float16 image cross to the host (a quarter of a float32 one) and the host does no arithmetic. The
+    same numbers as diffusers' `pt_to_numpy` and `numpy_to_pil`: float32, times 255, rounded half to even (numpy's
+    and torch's rounding alike)."""
     return (images.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8)
 
 
