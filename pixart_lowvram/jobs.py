@@ -322,9 +322,8 @@ def _check_count(value: object) -> Bad:
     return _whole(value) or _at_least(value, 1) or _at_most(value, MAX_COUNT, "split it into several jobs")
 
 
-def _check_cfg(value: object) -> Bad:
+def _finite_number(value: object, hint: str) -> Bad:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        hint = f"PixArt-α's default is {DEFAULT_CFG}"
         if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,30}(\.[0-9]{1,30})?\s*", value):
             hint = f"write {value.strip()} without quotes"
         return f"must be a number, not {_show(value)}", hint
@@ -333,11 +332,16 @@ def _check_cfg(value: object) -> Bad:
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        return f"must be a finite number, not {_show(value)}", f"PixArt-α's default is {DEFAULT_CFG}"
-    if number < 0:
+        return f"must be a finite number, not {_show(value)}", hint
+    return None
+
+
+def _check_cfg(value: object) -> Bad:
+    bad = _finite_number(value, f"PixArt-α's default is {DEFAULT_CFG}")
+    if bad is None and float(value) < 0:
         return (f"must be 0 or more, not {_show(value)}",
                 f"PixArt-α's default is {DEFAULT_CFG}; 1 or less turns guidance off")
-    return None
+    return bad
 
 
 def _check_plain_text(value: object) -> Bad:
@@ -401,39 +405,25 @@ _LORA_EXAMPLE = 'lora = [{ path = "styles/ink.safetensors", scale = 0.8 }]'
 
 
 def _check_lora(value: object) -> Bad:
+    example = f"for example {_LORA_EXAMPLE}"
     if not isinstance(value, list):
-        return f"must be a list of LoRAs, not {_show(value)}", f"for example {_LORA_EXAMPLE}"
+        return f"must be a list of LoRAs, not {_show(value)}", example
     for n, entry in enumerate(value, start=1):
         where = f"entry {n}" if len(value) > 1 else "the entry"
         if not isinstance(entry, dict):
-            return f"{where} must be a table with a path and a scale, not {_show(entry)}", f"for example {_LORA_EXAMPLE}"
+            return f"{where} must be a table with a path and a scale, not {_show(entry)}", example
         for key in entry:
             if key not in ("path", "scale"):
-                return f"{where} has an unknown key {key!r}", _did_you_mean(key, ("path", "scale")) or "give path and scale"
+                return f"{where} has an unknown key {key!r}", _did_you_mean(key, ("path", "scale")) or example
         if "path" not in entry:
-            return f"{where} has no path", f"for example {_LORA_EXAMPLE}"
+            return f"{where} has no path", example
         bad = _check_plain_text(entry["path"])
         if bad is None and not entry["path"].strip():
             bad = "must not be empty", None
         if bad:
             return f"{where}'s path {bad[0]}", bad[1]
-        if "scale" in entry and (bad := _check_scale(entry["scale"])):
+        if "scale" in entry and (bad := _finite_number(entry["scale"], "1 adds the LoRA as trained, 0 leaves it out")):
             return f"{where}'s scale {bad[0]}", bad[1]
-    return None
-
-
-def _check_scale(value: object) -> Bad:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        hint = "1 adds the LoRA as trained, 0 leaves it out"
-        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,30}(\.[0-9]{1,30})?\s*", value):
-            hint = f"write {value.strip()} without quotes"
-        return f"must be a number, not {_show(value)}", hint
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        return f"must be a finite number, not {_show(value)}", "1 adds the LoRA as trained, 0 leaves it out"
     return None
 
 

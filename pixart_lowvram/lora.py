@@ -110,7 +110,7 @@ class LoraSet:
         """A set from (LoraFile, scale) pairs in any order; scale 0 adds nothing (W + 0 * B @ A is W) and is left
         out, so it makes the same transformer as no LoRA."""
         kept = [(lora, float(scale)) for lora, scale in pairs if scale != 0]
-        return cls(tuple(sorted(kept, key=lambda e: (e[0].identity, str(e[0].path), e[1]))))
+        return cls(tuple(sorted(kept, key=lambda e: (e[0].identity, e[1], str(e[0].path)))))
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -136,8 +136,8 @@ def lora_set(entries: list[dict], loras: Mapping[str, LoraFile]) -> LoraSet:
 def merge(weight: torch.Tensor, patches: list[tuple[Patch, float]], dtype: torch.dtype) -> torch.Tensor:
     """`weight` (as stored, any float dtype, on the CPU) with `patches` added in float32, cast once to `dtype`."""
     merged = weight.to(torch.float32, copy=True)
+    cpu = torch.device("cpu")
     for patch, scale in patches:
-        cpu = torch.device("cpu")
         down = load_tensor(patch.down, torch.float32, cpu)
         up = load_tensor(patch.up, torch.float32, cpu)
         delta = up.reshape(up.shape[0], up.shape[1]) @ down.reshape(down.shape[0], -1)
@@ -409,6 +409,8 @@ def _what_they_are(keys: list[str]) -> str:
         return " (a LyCORIS LoHa/LoKr: only plain LoRA is supported)"
     if "lora_mid" in text:
         return " (LoCon's mid weights: only plain LoRA is supported)"
+    if any(word in text for word in ("down_blocks", "input_blocks", "mid_block", "double_blocks")):
+        return " (a LoRA for another model: Stable Diffusion's UNet or Flux, not PixArt's transformer)"
     return ""
 
 

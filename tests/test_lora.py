@@ -455,3 +455,15 @@ def test_the_command_line_takes_path_and_scale(tiny_model, adapter, tmp_path, ca
     assert code == 0
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["items"][0]["lora"] == [{"path": str(adapter), "scale": 0.7}, {"path": str(adapter), "scale": 1.0}]
+
+
+def test_defaults_give_every_job_a_lora_unless_it_names_its_own(tmp_path):
+    queue = tmp_path / "q.toml"
+    queue.write_text('[defaults]\nlora = [{ path = "ink.safetensors", scale = 0.8 }]\n'
+                     '[[jobs]]\nprompt = "a"\n[[jobs]]\nprompt = "b"\nlora = []\n'
+                     '[[jobs]]\nprompt = "c"\nlora = [{ path = "/abs/boat" }]\n')
+    from pixart_lowvram.jobs import load_queue
+
+    jobs = load_queue(queue)
+    assert [j.lora for j in jobs] == [(LoraSpec(str(tmp_path / "ink.safetensors"), 0.8),), (),
+                                      (LoraSpec("/abs/boat", 1.0),)]
