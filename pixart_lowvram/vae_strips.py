@@ -223,10 +223,21 @@ class StripDecoder:
         for block in dec.up_blocks:
             for resnet in block.resnets:
                 x, stats = self._resnet(resnet, x, stats)
+                self._settle()
             for up in block.upsamplers or []:
                 x, stats = self._upsample(up, x)
+                self._settle()
         out, _ = self._norm_act_conv(x, stats, dec.conv_norm_out, dec.conv_act, dec.conv_out, on_gpu=True)
         return out
+
+    def _settle(self) -> None:
+        """Wait for the GPU to finish the layer just queued, once pinned blocks are in use. Torch's host allocator
+        hands a freed pinned block out again only after the copies that read it have completed; the CPU runs layers
+        ahead of the GPU, so without this wait every layer would pin new blocks instead of reusing the ones the
+        previous layers released (`host_bytes` counts reuse; Σ 2K's decode measured ~4 GiB over it without the
+        wait, BENCHMARKS.md). One wait per layer that ran in strips: tens per image."""
+        if self._pinned and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _whole_fits(self, x: torch.Tensor, c_out: int, factor: float) -> bool:
         n, c, h, w = x.shape
