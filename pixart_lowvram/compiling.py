@@ -9,6 +9,7 @@ guarded on: every block of a step, and every step, reuses the graph (tests/test_
 image size or batch compiles once more (static shapes give the best kernels)."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 import weakref
@@ -51,26 +52,29 @@ class CompiledBlocks:
     _shapes: set = field(default_factory=set)
 
 
-def compile_blocks(blocks: nn.ModuleList, backend: str = "inductor", mode: str | None = None) -> CompiledBlocks:
+def compile_blocks(blocks: nn.ModuleList, backend: str = "inductor", mode: str | None = None,
+                   record: CompiledBlocks | None = None) -> CompiledBlocks:
     """Compile the `forward` of each block of `blocks` (all of one class) into one shared graph; returns the record
-    that the calls fill in. A failure to compile (no C compiler, no Triton) falls back to eager for every block,
-    recorded in `fallback`: the images are the same, only slower."""
+    that the calls fill in (`record`: one to go on filling, for another model of the same blocks). A failure to
+    compile (no C compiler, no Triton) falls back to eager for every block, recorded in `fallback`: the images are
+    the same, only slower."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache())
     classes = {type(b) for b in blocks}
     if len(classes) != 1:
         raise ValueError(f"blocks of several classes: {sorted(c.__name__ for c in classes)}")
     cls = classes.pop()
-    compiled = torch.compile(cls.forward, backend=backend, mode=mode, dynamic=False)
-    record = CompiledBlocks()
+    compiled = _compiled(cls, backend, mode)
+    record = CompiledBlocks() if record is None else record
     for block in blocks:
         block.forward = _compiled_forward(weakref.ref(block), cls.forward, compiled, record)
     return record
 
 
-def uncompile_blocks(blocks: nn.ModuleList) -> None:
-    """Undo `compile_blocks`: each block's own forward again."""
-    for block in blocks:
-        block.__dict__.pop("forward", None)
+@functools.cache
+def _compiled(cls: type, backend, mode: str | None):
+    """One compiled function per block class: torch keeps its graphs with the function's code, guarded on the
+    compiler, so a model loaded again (the next LoRA set, the next run in this process) reuses them."""
+    return torch.compile(cls.forward, backend=backend, mode=mode, dynamic=False)
 
 
 def _compiled_forward(block_ref, eager, compiled, record: CompiledBlocks):

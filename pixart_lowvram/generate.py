@@ -191,7 +191,7 @@ class _Run:
         self.items, remembered = expand(self.jobs, self.info.defaults, drawn)
         self.drawn_seeds = {**previous.get("drawn_seeds", {}), **remembered}
         self.texts = assign_keys(self.items, self.info, self.dtype, self.settings.encode_on_cpu,
-                                 self.settings.text_encoder_8bit)
+                                 self.settings.text_encoder_8bit, loras=self.resolved.loras)
         self.previous = previous
         self.claim_image_names()
         self.left_alone = self.folder.images_left_behind(self.items, previous)
@@ -316,7 +316,8 @@ class _Run:
                                  todo_images or self.items, len(todo_texts), self.context)
             if self.plan["encode"].placement == "cpu" and not self.settings.encode_on_cpu:
                 # The planner moved T5 to the CPU (fp32 there): those embeddings are other artifacts, keyed so.
-                self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True)
+                self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True,
+                                         loras=self.resolved.loras)
                 self.claim_image_names()
                 todo_images = self.pending_images()
                 todo_latents = self.pending_latents(todo_images)
@@ -336,7 +337,8 @@ class _Run:
             compile_transformer = should_compile(self.settings.compile, self.device,
                                                  transformer_calls(todo_latents, batch))
             failed = self.stage("denoise", len(todo_latents), lambda ctx: denoise_items(
-                ctx, todo_latents, batch_size=batch, compile_transformer=compile_transformer))
+                ctx, todo_latents, batch_size=batch, loras=self.resolved.loras,
+                compile_transformer=compile_transformer))
             lost = self.overflowed("denoise", failed, todo_latents)
             todo_images = [it for it in todo_images if it.id not in lost]
             failed = self.stage("decode", len(todo_images), lambda ctx: decode_items(ctx, todo_images))

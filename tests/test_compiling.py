@@ -76,6 +76,19 @@ def test_one_graph_serves_every_block_and_step(tiny_model, placement):
         gc.enable()
 
 
+def test_a_model_loaded_again_reuses_the_graph(tiny_model):
+    """The denoise stage loads the DiT once per LoRA set: the next load's blocks run the graph the first one's
+    compiled, and one record counts the compiling of both."""
+    info = resolve_model(tiny_model, hash_weights=False)
+    record = None
+    for _ in range(2):
+        transformer = load_transformer(info, torch.float32, CPU)
+        pipe = make_pipeline(info, transformer=transformer, scheduler=load_scheduler(info))
+        record = compile_blocks(transformer.transformer_blocks, backend="aot_eager", record=record)
+        latents(pipe, info, 1)
+    assert counters["stats"]["unique_graphs"] == 1 and len(record._shapes) == 1
+
+
 def test_a_compiler_that_fails_leaves_an_eager_run(tiny_model):
     info = resolve_model(tiny_model, hash_weights=False)
     transformer = load_transformer(info, torch.float32, CPU)
