@@ -269,7 +269,7 @@ def measure(args) -> None:
     compiling = [(name, mode) for name, mode in mine if mode == "on" and name != "capped"]
     if compiling:
         name, mode = compiling[0]
-        keep("cold", {**ours(name, mode, "-cold"), "cold": True})
+        keep(f"cold {name}@{mode}", {**ours(name, mode, "-cold"), "cold": True})
     last_round = 0.0
     for r in range(args.repeat):
         if args.deadline and r and time.perf_counter() - started + last_round > args.deadline:
@@ -318,9 +318,11 @@ def report(args, runs: dict[str, list[dict]], info: dict) -> None:
     for row in rows.values():
         if row["wall_s"] is not None:
             row["ratio"] = row["wall_s"] / baseline
-    if "cold" in rows:
-        rows["cold"]["method"] += ", first run on a machine (empty compile cache)"
-    order = sorted(rows, key=lambda n: (not rows[n].get("reference"), n == "cold"))  # the anchors first
+    for name, row in rows.items():
+        if name.startswith("cold "):
+            row["method"] += ", first run on a machine (empty compile cache)"
+    # the anchors first, the first runs on an empty compile cache last
+    order = sorted(rows, key=lambda n: (not rows[n].get("reference"), n.startswith("cold ")))
     result = {**info, "baseline_wall_s": baseline, "rows": [rows[n] for n in order], "runs": runs}
     (args.out / "latest.json").write_text(json.dumps(result, indent=2, default=str))
     lines = table(rows, order, args.tflops)
