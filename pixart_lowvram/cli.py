@@ -27,14 +27,16 @@ examples:
   pixart-lowvram run queue.toml --model ./my-pixart     a model folder in the diffusers layout
   pixart-lowvram generate "a lighthouse at dusk" --seed 7 --count 4
   pixart-lowvram generate "a fox" --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --sampler euler-a
+  pixart-lowvram run queue.toml --gpus all               one process per GPU, one run folder
+  torchrun --nproc-per-node 4 -m pixart_lowvram.cli run queue.toml     the same, started by torchrun
   pixart-lowvram make-random-model --preset xl ./pixart-xl-random
 
 Running the same command again resumes: finished embeddings, latents and images are kept and skipped.
 A finished image is never replaced by one made from other parameters: the new one gets another name (NAME~2).
 Exit codes: 0 done; 1 the run folder could not be used or written (locked by another run, read-only, disk
 full); 2 bad input (queue, options, model, --out not a run folder; nothing was loaded or written); 3 out of GPU
-memory; 4 some images not made (a component overflowed: see --upcast); 130 interrupted (Ctrl-C). Finished work
-is kept in every case.
+memory; 4 some images not made (a component overflowed: see --upcast); 5 a process of a run over several GPUs
+died (killed, crashed); 130 interrupted (Ctrl-C). Finished work is kept in every case.
 """
 
 QUEUE_HELP = """\

@@ -245,12 +245,13 @@ def _as_torchrun_rank(place: TorchrunPlace, jobs: list[Job], out: str | Path, se
 
 
 def _torchrun_device(device: str, local_rank: int) -> str:
-    """Under torchrun each process takes the GPU of its LOCAL_RANK (or the CPU)."""
+    """Under torchrun each process takes the GPU of its LOCAL_RANK (or the CPU); where the launcher gave each
+    process one GPU of its own (CUDA_VISIBLE_DEVICES), that one."""
     import torch  # noqa: PLC0415
 
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return "cpu"
-    return f"cuda:{local_rank}"
+    return "cuda:0" if torch.cuda.device_count() == 1 else f"cuda:{local_rank}"
 
 
 def _pin(device: str) -> None:

@@ -15,6 +15,7 @@ STAGE is encode, denoise or decode; N counts from 1 within that stage. POINT:
     renamed         killed right after the stage's N-th artifact is renamed into place
     torn            half the N-th artifact's bytes written straight at its final name, then killed: what a writer
                     that skipped the temporary file (or a disk that lost the file's tail) would leave
+    full            the stage's N-th artifact is not written: the disk is full (ENOSPC), and the process goes on
     compute         killed inside the stage's N-th model call: the text encoder's forward, the transformer's
                     forward (one denoising step) or the VAE's decode (one image)
     manifest-half   the run.json write that ends STAGE (N = 1): half of it in the temporary file, then killed
@@ -42,6 +43,7 @@ without it: it can only make the reference image again by reusing the seed the k
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -51,7 +53,7 @@ import threading
 from pathlib import Path
 
 STAGE_OF_FOLDER = {"embeds": "encode", "latents": "denoise", "images": "decode"}
-ARTIFACT_POINTS = ("temp-half", "temp-whole", "renamed", "torn")
+ARTIFACT_POINTS = ("temp-half", "temp-whole", "renamed", "torn", "full")
 MANIFEST_POINTS = ("manifest-half", "manifest-whole", "manifest-torn")
 POINTS = ARTIFACT_POINTS + MANIFEST_POINTS + ("compute", "wait")
 POINT_ENV = "PIXART_LOWVRAM_TEST_POINT"  # the point, for the processes a several-process run spawns
@@ -158,6 +160,8 @@ def install_write_kill(stage: str, point: str, reached) -> None:
     def kill_at(path, write) -> None:
         if not reached():
             return real_atomic(path, write)
+        if kind == "full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         if kind == "renamed":
             real_atomic(path, write)
             die()

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import max_diff, pixels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import max_diff, pixels
 from pixart_lowvram import launch, resolve
 from pixart_lowvram.cli import main
 from pixart_lowvram.generate import Settings, run_queue
@@ -26,7 +26,13 @@ from pixart_lowvram.items import binned_sizes
 from pixart_lowvram.jobs import parse_queue
 from pixart_lowvram.models import resolve_model
 from pixart_lowvram.reporting import Reporter
-from pixart_lowvram.share import DECODE_STEPS, Work, divide_images, divide_texts, total_cost
+from pixart_lowvram.share import (
+    DECODE_STEPS,
+    Work,
+    divide_images,
+    divide_texts,
+    total_cost,
+)
 
 CHILD = Path(__file__).with_name("crash_child.py")
 CPU32 = dict(device="cpu", dtype="float32")
@@ -249,7 +255,7 @@ def test_many_processes_share_the_queue_as_the_division_says_into_one_manifest(r
 def child(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, str(CHILD), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def test_a_rank_killed_mid_run_stops_the_run_and_the_same_command_finishes_it(queue, tiny_model, one_process,
@@ -276,6 +282,21 @@ def test_a_rank_killed_mid_run_stops_the_run_and_the_same_command_finishes_it(qu
     # Only what was missing was made, divided afresh between the two ranks.
     assert made(run)["denoise"] == len(NAMES) - latents_before
     assert "encode" not in made(run)
+
+
+def test_a_rank_that_fails_stops_the_run_with_its_own_error(queue, tiny_model, tmp_path):
+    run = tmp_path / "run"
+    done = child(["--env", f"XDG_CACHE_HOME={tmp_path / 'cache'}", "--kill", "decode:full:1", "--rank", "1", "--",
+                  "run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2", "-q"], tmp_path)
+    # Rank 1 found the disk full at its first image: the run ends with that error's exit code and message, naming
+    # the rank; rank 0 stopped too, and wrote run.json with both ranks' figures.
+    assert done.returncode == 1, done.stderr
+    assert "error: rank 1 (cpu): " in done.stderr and "the disk is full" in done.stderr
+    assert "Traceback" not in done.stderr
+    data = manifest(run)
+    assert [r["missing"] for r in data["ranks"]] == [None, None]
+    assert data["ranks"][1]["made"].get("decode", 0) == 0
+    assert len(list((run / "latents").glob("*.safetensors"))) == len(NAMES), "what was finished is kept"
 
 
 def test_a_run_of_several_processes_holds_the_folder_against_another_run(queue, tiny_model, one_process, tmp_path,
