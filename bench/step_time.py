@@ -70,7 +70,7 @@ def transformer_rows(args) -> list[dict]:
                 model.compile(fullgraph=True)
 
             @torch.inference_mode()
-            def step():
+            def step(model=model):
                 return model(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
                              added_cond_kwargs=extra, return_dict=False)[0]
             try:
