@@ -185,13 +185,16 @@ def main() -> None:
             if wall is not None:
                 manifest = json.loads((folder / "run.json").read_text())
                 made = sum(1 for it in manifest["items"] if it["done"])
-                row.update(images=made, images_per_s=made / wall, ranks=rank_rows(manifest),
+                ranks = rank_rows(manifest)
+                # the stages alone (from each rank's share to its last stage's end): the part that divides
+                row.update(images=made, images_per_s=made / wall, ranks=ranks, work_s=max(r["seconds"] for r in ranks),
                            stages={s["name"]: round(s["seconds"], 2) for s in manifest["stages"]})
                 if label == "1":
                     one = row
                 elif one is not None and one["wall_s"] is not None:
                     row["ratio"] = row["images_per_s"] / one["images_per_s"]
                     row["of_ideal"] = row["ratio"] / gpus
+                    row["work_ratio"] = one["work_s"] / row["work_s"]
                     names = [it["id"] for it in manifest["items"]]
                     row["max_diff_vs_one"] = max(max_pixel_diff(folder / "images" / f"{n}.png",
                                                                 Path(one["folder"]) / "images" / f"{n}.png")
@@ -211,16 +214,17 @@ def markdown(result: dict) -> str:
     head = (f"`{result['command']}` on {result['gpus']} x {result['gpu']}: {result['jobs']} images of "
             f"{result['size']}x{result['size']}, {result['steps']} steps, each of its own prompt "
             f"({result['jobs'] + 1} texts); every run a fresh process, imports and exit included.")
-    columns = ("| budget | GPUs | wall s | images/s | ratio to 1 GPU | of N x 1 GPU | NVML peak per GPU, GiB (each rank) | "
-               "waited for the others, s (each rank) | max px diff vs 1 GPU |")
-    lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|"]
+    columns = ("| budget | GPUs | wall s | images/s | ratio to 1 GPU | of N x 1 GPU | stages s (ratio) | NVML peak per "
+               "GPU, GiB (each rank) | waited for the others, s (each rank) | max px diff vs 1 GPU |")
+    lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r["wall_s"] is None:
-            lines.append(f"| {r['budget']} | {r['gpus']} | failed or timed out | | | | | | |")
+            lines.append(f"| {r['budget']} | {r['gpus']} | failed or timed out | | | | | | | |")
             continue
         ranks = r["ranks"]
         lines.append(f"| {r['budget']} | {r['gpus']} | {r['wall_s']:.1f} | {r['images_per_s']:.3f} | "
                      f"{r.get('ratio', 1.0):.2f} | {r.get('of_ideal', 1.0):.2f} | "
+                     f"{r['work_s']:.1f} ({r.get('work_ratio', 1.0):.2f}) | "
                      f"{', '.join(gib(x['nvml_peak']) for x in ranks)} | "
                      f"{', '.join(format(x['waited'], '.1f') for x in ranks)} | {r.get('max_diff_vs_one', '-')} |")
     per_rank = ("Each rank's share (time s of its stages; images) and what NVML showed on each GPU during the run "

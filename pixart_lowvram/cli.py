@@ -293,7 +293,12 @@ def print_summary(result, seconds: float) -> None:
         print()
         for path in result.images.values():
             print(f"  {path}")
-    device = ", ".join(r.device for r in result.ranks) if result.ranks else result.device
+    if result.ranks:
+        from .team import devices  # noqa: PLC0415
+
+        device = devices([r.device for r in result.ranks])
+    else:
+        device = result.device
     print(f"\n{done}/{len(result.images)} images in {result.folder / 'images'} "
           f"({seconds:.1f} s, {device}, {result.dtype}; figures in {result.folder / 'run.json'})")
 

@@ -101,8 +101,8 @@ class Interrupted(PixartError, exit_code=130):
 class RankFailed(PixartError, exit_code=5):
     """A run over several processes (GPUs) stopped because one of them failed, died or could not be reached; the
     others stopped at their next safe point and finished work is kept. Where the process that failed said why
-    (out of memory, a full disk, Ctrl-C), the run ends with that error's own exit code; 5 where it died without a
-    word (killed, crashed) or could not be reached."""
+    (out of memory, a full disk, Ctrl-C), the run ends with that error's own exit code; 5 where it died (killed,
+    crashed), hung or could not be reached."""
 
     def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(message)

@@ -15,6 +15,7 @@ dtype and parameters) is skipped, so running the same queue again resumes it. `p
 steps alone: it reads configs and safetensors headers, loads no weights and touches no GPU."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import platform
@@ -41,7 +42,7 @@ from .resolve import Resolved, Settings, resolve
 from .run import EmbeddingCache, RunFolder
 from .share import Work, divide_images, divide_texts
 from .stage import StageContext
-from .team import STAGE_UNITS, Team, TeamReporter
+from .team import Team, TeamReporter, devices
 
 __all__ = ["RunResult", "Settings", "plan_queue", "plan_run", "run_queue"]
 
@@ -497,7 +498,8 @@ class _TeamRun(_Run):
         self.team, self.console = team, reporter
         self.share: Share | None = None
         self.shares: list[Share] = []  # rank 0: every rank's
-        self.records = [RankRecord(m.rank, m.device, m.host) for m in team.members]
+        # what run.json says of each rank until rank 0 has its record
+        self.records = [RankRecord(m.rank, m.device, m.host, missing="at work") for m in team.members]
         self.seconds = self.waited = 0.0
 
     def run(self) -> RunResult:
@@ -571,12 +573,12 @@ class _TeamRun(_Run):
             f"{len(self.items)} image(s) in the queue, {sum(len(t.images) for t in todo)} to make over "
             f"{team.size} processes: {each([len(t.texts) for t in todo])} text(s) to encode, "
             f"{each([len(t.latents) for t in todo])} latent(s) to denoise, {each([len(t.images) for t in todo])} "
-            f"image(s) to decode [{self.info.name}, {', '.join(m.device for m in team.members)}, "
+            f"image(s) to decode [{self.info.name}, {devices([m.device for m in team.members])}, "
             f"{self.resolved.dtype_name}]")
         totals = {"encode": sum(len(t.texts) for t in todo),
-                  "denoise": sum(it.steps for t in todo for it in t.latents),
+                  "denoise": sum(it.steps for t in todo for it in t.latents),  # image-steps, as the stage counts
                   "decode": sum(len(t.images) for t in todo)}
-        team.show(self.console, {stage: n for stage, n in totals.items() if n and stage in STAGE_UNITS})
+        team.show(self.console, {stage: n for stage, n in totals.items() if n})
 
     # -- every rank: its share -------------------------------------------------------------------------------
     def work(self, plans: list[Plan]) -> RunResult:
@@ -593,6 +595,10 @@ class _TeamRun(_Run):
                                 "  Run the same command again to resume.")
         except PixartError as exc:
             error = exc
+        except BaseException:
+            with contextlib.suppress(RankFailed):  # the store is gone: nobody left to tell
+                team.stop_all()  # whatever went wrong here, the others are not to go on for nothing
+            raise
         self.seconds = time.perf_counter() - start
         return self.finish(error)
 
@@ -616,10 +622,8 @@ class _TeamRun(_Run):
         team = self.team
         following = team.stopped_by is not None and team.stopped_by != team.rank
         if error is not None and not following and not team.lost:
-            try:
+            with contextlib.suppress(RankFailed):  # the store is gone: nobody left to tell
                 team.stop_all(error)
-            except RankFailed:
-                pass  # the store is gone: nobody left to tell
         m = team.members[team.rank]
         record = RankRecord(team.rank, m.device, m.host, gpu=torch.cuda.get_device_name(self.device)
                             if self.device.type == "cuda" else None, texts=len(self.share.todo.texts),
@@ -640,7 +644,7 @@ class _TeamRun(_Run):
         team.quiet()  # the bars drawn to their end before anything else is printed
         for r, m in enumerate(team.members):
             self.records[r] = records.get(r) or RankRecord(r, m.device, m.host, missing=(
-                "it ended without a word" if r in team.dead else "it did not answer in time"))
+                "it ended unexpectedly" if r in team.dead else "it did not answer in time"))
         present = [r for r in self.records if r.missing is None]
         self.stages = [combined(name, [s for r in present for s in r.stages if s.name == name]) for name in STAGES]
         self.made = {name: sum(r.made.get(name, 0) for r in present) for name in STAGES

@@ -207,8 +207,11 @@ def _worker(rank: int, devices: list[str], port: int, jobs: list[Job], out: str,
     try:
         _quiet_libraries()
         _settle(devices[rank], len(devices))
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=STORE_TIMEOUT)
-        store.set(f"launch/started/{rank}", "")
+        try:
+            store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=STORE_TIMEOUT)
+            store.set(f"launch/started/{rank}", "")
+        except RuntimeError as exc:
+            raise RankFailed(f"rank {rank}: could not reach rank 0 ({exc})") from exc
         with Team.join(rank, len(devices), store, devices[rank]) as team:
             try:
                 run_queue(jobs, out, dataclasses.replace(settings, device=devices[rank]), None, stop, team)

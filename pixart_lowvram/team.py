@@ -43,6 +43,10 @@ GRACE_SECONDS = 20.0
 # The gloo group's timeout for the start-up collectives: rank 0 prepares the run folder while the others wait (a
 # queue of 100,000 images takes seconds), and a rank that dies closes its connections, which ends a wait at once.
 START_TIMEOUT = datetime.timedelta(minutes=30)
+# A wait on the others ends when no rank has counted any progress for this long: one of them is taken for hung (a
+# process that dies is noticed at once, by whatever started it). Long, because progress is counted per text
+# group, denoising step and image, and a group of many texts through T5 on a CPU counts once, at its end.
+STALL_SECONDS = 30 * 60
 _PREFIX = "pixart-lowvram/"
 
 
@@ -63,6 +67,12 @@ class Failure:
     code: int
     message: str
     stage: str | None = None
+
+
+def devices(names: list[str]) -> str:
+    """The ranks' devices, for a line: "cuda:0, cuda:1", or "8 x cpu" for a device several ranks share."""
+    counts = {name: names.count(name) for name in names}
+    return ", ".join(name if n == 1 else f"{n} x {name}" for name, n in counts.items())
 
 
 class Team:
@@ -190,7 +200,7 @@ class Team:
         stage = self._get(f"stage/{rank}") if self._call(self.store.check, [f"stage/{rank}"]) else None
         how = (f"killed by signal {-code}" if code is not None and code < 0 else
                f"exit code {code}" if code is not None else "it stopped answering")
-        return RankFailed(f"{self.label(rank)} ended without a word ({how})" + (f" during {stage}" if stage else "")
+        return RankFailed(f"{self.label(rank)} ended unexpectedly ({how})" + (f" during {stage}" if stage else "")
                           + "; the other processes stopped too. Finished work is kept: run the same command again "
                           "to resume")
 
@@ -200,8 +210,10 @@ class Team:
         (RankFailed, Interrupted) where the team, or this rank, stops first."""
         self._set(f"{name}/{self.rank}", value)
         keys = [f"{name}/{r}" for r in range(self.size)]
+        stall = _Stall(self)
         while not self._call(self.store.check, keys):
             self.check(stop)
+            stall.check([r for r, key in enumerate(keys) if not self._call(self.store.check, [key])])
             time.sleep(POLL_SECONDS)
         return [self._get(key) for key in keys]
 
@@ -223,16 +235,23 @@ class Team:
         left out; once the team or this rank stops, so is any that has not answered within GRACE_SECONDS."""
         records = {0: own}
         deadline = None
+        stall = _Stall(self)
         while True:
             for r in range(1, self.size):
                 if r not in records and self._call(self.store.check, [f"record/{r}"]):
                     records[r] = self._get(f"record/{r}")
-            if all(r in records or r in self.dead for r in range(self.size)):
+            missing = [r for r in range(self.size) if r not in records and r not in self.dead]
+            if not missing:
                 return records
             if deadline is None and (stop.is_set() or self.stopper() is not None):
                 deadline = time.monotonic() + GRACE_SECONDS
             if deadline is not None and time.monotonic() > deadline:
                 return records
+            try:
+                stall.check(missing)
+            except RankFailed as exc:
+                self.stop_all(exc)
+                deadline = time.monotonic()
             time.sleep(POLL_SECONDS)
 
     # -- the team thread: progress, messages, stops ------------------------------------------------------------
@@ -323,6 +342,28 @@ class Team:
             self.lost = True
             raise RankFailed(f"{self.label(self.rank)}: lost contact with the run's other processes ({exc}); "
                              "finished work is kept: run the same command again to resume") from exc
+
+
+class _Stall:
+    """Watches a wait: raises RankFailed, naming the ranks waited for, once no rank has counted progress for
+    STALL_SECONDS."""
+
+    def __init__(self, team: Team):
+        self.team = team
+        self.seen = self.counts()
+        self.since = time.monotonic()
+
+    def counts(self) -> list[int]:
+        return [self.team._call(self.team.store.add, f"progress/{stage}", 0) for stage in STAGE_UNITS]
+
+    def check(self, waiting_for: list[int]) -> None:
+        now = self.counts()
+        if now != self.seen:
+            self.seen, self.since = now, time.monotonic()
+        elif time.monotonic() - self.since > STALL_SECONDS:
+            names = ", ".join(self.team.label(r) for r in waiting_for)
+            raise RankFailed(f"{names}: no progress for {STALL_SECONDS // 60} minutes, taken for hung; the run "
+                             "stopped. Finished work is kept: run the same command again to resume")
 
 
 class _Display:

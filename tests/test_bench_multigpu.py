@@ -28,11 +28,12 @@ def test_each_rank_waits_for_the_slowest_and_the_table_shows_every_gpu():
     assert [round(r["waited"], 1) for r in ranks] == [1.5, 0.2]
     result = {"command": "python bench/multigpu.py --out OUT", "gpus": 2, "gpu": "H200", "jobs": 64, "size": 1024,
               "steps": 20, "rows": [
-                  {"budget": "1.5GiB", "gpus": 1, "wall_s": 100.0, "images_per_s": 0.64, "ranks": ranks[:1],
+                  {"budget": "1.5GiB", "gpus": 1, "wall_s": 100.0, "images_per_s": 0.64, "ranks": ranks[:1], "work_s": 88.0,
                    "sampled": [{"processes": 1, "together": int(1.4 * GiB), "one_process": 0}]},
-                  {"budget": "1.5GiB", "gpus": 2, "wall_s": 55.0, "images_per_s": 1.16, "ratio": 1.81,
+                  {"budget": "1.5GiB", "gpus": 2, "wall_s": 55.0, "images_per_s": 1.16, "ratio": 1.81, "work_s": 45.0,
+                   "work_ratio": 1.96,
                    "of_ideal": 0.91, "max_diff_vs_one": 0, "ranks": ranks,
                    "sampled": [{"processes": 1, "together": int(1.4 * GiB), "one_process": 0}] * 2}]}
     table = multigpu.markdown(result)
-    assert "| 1.5GiB | 2 | 55.0 | 1.160 | 1.81 | 0.91 | 1.38, 1.40 | 1.5, 0.2 | 0 |" in table
+    assert "| 1.5GiB | 2 | 55.0 | 1.160 | 1.81 | 0.91 | 45.0 (1.96) | 1.38, 1.40 | 1.5, 0.2 | 0 |" in table
     assert "| 1.5GiB | 2 | 1 | cuda:1 | 32 | - | 21.0 | - | 31.0 | 1, 1.40 |" in table

@@ -15,24 +15,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import max_diff, pixels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import max_diff, pixels
 from pixart_lowvram import launch, resolve
 from pixart_lowvram.cli import main
+from pixart_lowvram.errors import Interrupted, OutOfMemory, RankFailed
 from pixart_lowvram.generate import Settings, run_queue
 from pixart_lowvram.items import binned_sizes
 from pixart_lowvram.jobs import parse_queue
 from pixart_lowvram.models import resolve_model
 from pixart_lowvram.reporting import Reporter
-from pixart_lowvram.share import (
-    DECODE_STEPS,
-    Work,
-    divide_images,
-    divide_texts,
-    total_cost,
-)
+from pixart_lowvram.share import DECODE_STEPS, Work, divide_images, divide_texts, total_cost
+from pixart_lowvram.team import Member, Team
 
 CHILD = Path(__file__).with_name("crash_child.py")
 CPU32 = dict(device="cpu", dtype="float32")
@@ -126,6 +122,80 @@ def test_each_text_goes_to_one_rank():
     assert sorted(k for share in shares for k in share) == sorted(set(keys))
     assert [len(s) for s in shares] == [3, 3, 3, 2]
     assert divide_texts(list(reversed(keys)), 4) == shares
+
+
+# -- the ranks' store protocol, two ranks as threads of one process ------------------------------------------------
+@pytest.fixture
+def pair():
+    """Ranks 0 and 1 of a team over one TCPStore (no process group: the store alone carries what the stages say)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    members = [Member(0, "cpu", "here"), Member(1, "cpu", "here")]
+    return [Team(rank, 2, dist.PrefixStore("t/", store), members) for rank in (0, 1)]
+
+
+def in_thread(fn):
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, out
+
+
+def test_ranks_that_arrive_apart_exchange_what_they_bring(pair):
+    zero, one = pair
+    thread, out = in_thread(lambda: zero.exchange("encoded", ["a"], threading.Event()))
+    time.sleep(0.5)  # rank 0 waits for rank 1
+    assert thread.is_alive()
+    assert one.exchange("encoded", [], threading.Event()) == [["a"], []]
+    thread.join(10)
+    assert out["value"] == [["a"], []]
+
+
+def test_a_rank_that_stops_the_team_frees_those_waiting_and_names_itself(pair):
+    zero, one = pair
+    thread, out = in_thread(lambda: zero.exchange("encoded", [], threading.Event()))
+    one.stop_all(OutOfMemory("the GPU ran out of memory in stage encode"))
+    thread.join(10)
+    assert isinstance(out["error"], RankFailed) and "stopped because rank 1 (cpu) did" in str(out["error"])
+    cause = zero.cause()
+    assert cause.exit_code == 3 and str(cause) == "rank 1 (cpu): the GPU ran out of memory in stage encode"
+    zero.stop_all(Interrupted("later"))  # the first to stop the team stays the one named
+    assert zero.stopper() == 1
+
+
+def test_rank_0_gathers_every_record_and_leaves_out_a_rank_that_died(pair, monkeypatch):
+    zero, one = pair
+    one.post({"images": 3})
+    assert zero.collect({"images": 2}, threading.Event()) == {0: {"images": 2}, 1: {"images": 3}}
+    zero.store.delete_key("record/1")
+    zero.dead[1] = -9  # what the launcher's watch of its workers sets
+    zero.store.compare_set("stop", "", "1")
+    assert zero.collect({"images": 2}, threading.Event()) == {0: {"images": 2}}
+    assert "rank 1 (cpu) ended unexpectedly (killed by signal 9)" in str(zero.cause())
+
+
+def test_a_wait_on_a_rank_that_makes_no_progress_ends(pair, monkeypatch):
+    import pixart_lowvram.team as team_module
+
+    zero, _ = pair
+    monkeypatch.setattr(team_module, "STALL_SECONDS", 0.5)
+    with pytest.raises(RankFailed, match="rank 1 \\(cpu\\): no progress for"):
+        zero.exchange("encoded", [], threading.Event())
+    zero.store.add("progress/denoise", 1)  # progress anywhere keeps a wait going
+    stall = team_module._Stall(zero)
+    time.sleep(0.3)
+    zero.store.add("progress/denoise", 1)
+    stall.check([1])
+    time.sleep(0.3)
+    stall.check([1])
 
 
 # -- bad input: before anything starts ---------------------------------------------------------------------------
@@ -268,10 +338,10 @@ def test_a_rank_killed_mid_run_stops_the_run_and_the_same_command_finishes_it(qu
     # Rank 1 died inside its second image's denoising: rank 0 noticed, stopped at its next safe point, wrote
     # run.json, named the rank that died and how, and ended with code 5.
     assert killed.returncode == 5, killed.stderr
-    assert "rank 1 (cpu) ended without a word (killed by signal 9) during denoise" in killed.stderr
+    assert "rank 1 (cpu) ended unexpectedly (killed by signal 9) during denoise" in killed.stderr
     assert "run the same command again" in killed.stderr and "Traceback" not in killed.stderr
     data = manifest(run)
-    assert [r["missing"] for r in data["ranks"]] == [None, "it ended without a word"]
+    assert [r["missing"] for r in data["ranks"]] == [None, "it ended unexpectedly"]
     latents_before = len(list((run / "latents").glob("*.safetensors")))
     assert 1 <= latents_before < len(NAMES)
     assert list((run / "embeds").glob("*.safetensors")), "encode had finished: kept"
