@@ -8,7 +8,7 @@ measured its own process (run.json) and as a sampler in this process saw each GP
 context a rank opened on another rank's GPU shows); per rank, the time of its share and how long it waited for the
 others; and the largest pixel difference of any image to the one-GPU run's at the same budget.
 
-    python bench/multigpu.py --out OUT [--gpus N] [--jobs 64] [--budgets none,1.5GiB] [--deadline 510]
+    python bench/multigpu.py --out OUT [--gpus N] [--jobs 64] [--budgets none,1.5GiB] [--deadline 420]
     python bench/multigpu.py --out OUT --device cpu --gpus 2 --jobs 6     # the plumbing, on the CPU: tiny model,
                                                                           # --gpus cpu:N, 128 px, 2 steps
 
@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20; 2 on the CPU)")
     parser.add_argument("--budgets", default="none,1.5GiB", help="--vram-budget of each pair of runs; none: no limit")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--deadline", type=float, default=510, help="start no run after this many seconds")
+    parser.add_argument("--deadline", type=float, default=420,
+                        help="start no run after this many seconds (a run of 64 images takes up to ~100 s)")
     parser.add_argument("--timeout", type=float, default=480, help="seconds one run may take")
     parser.add_argument("--work", type=Path, default=Path("/tmp/pixart-multigpu"))
     args = parser.parse_args()
@@ -181,7 +182,10 @@ def main() -> None:
             argv = cli + ["run", str(queue), "--model", str(model), "--out", str(folder), "--no-embed-cache", "-q",
                           *launch] + ([] if budget == "none" else ["--vram-budget", budget])
             wall, sampled = run(argv, logs / f"{folder.name}.log", 0 if cpu else gpus, args.timeout)
-            row = {"budget": budget, "gpus": int(label), "wall_s": wall, "folder": str(folder), "sampled": sampled}
+            row = {"budget": budget, "gpus": int(label), "wall_s": wall, "folder": str(folder), "sampled": sampled,
+                   # GPUs where NVML saw more processes of this run than one per rank: a context opened on the
+                   # wrong GPU, which would count against that GPU's budget
+                   "stray": [i for i, seen in enumerate(sampled) if seen["processes"] > (i < int(label))]}
             if wall is not None:
                 manifest = json.loads((folder / "run.json").read_text())
                 made = sum(1 for it in manifest["items"] if it["done"])
@@ -241,6 +245,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['budget']} | {r['gpus']} | {x['rank']} | {x['device']} | {x['images']} | "
                          f"{st.get('encode', '-')} | {st.get('denoise', '-')} | {st.get('decode', '-')} | "
                          f"{x['seconds']:.1f} | {seen} |")
+    stray = [f"{r['budget']} on {r['gpus']} GPU(s): GPU {', '.join(map(str, r['stray']))}" for r in result["rows"]
+             if r.get("stray")]
+    lines += ["", "Processes on a GPU that was not theirs: " + ("; ".join(stray) if stray else "none seen.")]
     return "\n".join(lines) + "\n"
 
 

@@ -37,3 +37,6 @@ def test_each_rank_waits_for_the_slowest_and_the_table_shows_every_gpu():
     table = multigpu.markdown(result)
     assert "| 1.5GiB | 2 | 55.0 | 1.160 | 1.81 | 0.91 | 45.0 (1.96) | 1.38, 1.40 | 1.5, 0.2 | 0 |" in table
     assert "| 1.5GiB | 2 | 1 | cuda:1 | 32 | - | 21.0 | - | 31.0 | 1, 1.40 |" in table
+    assert table.endswith("Processes on a GPU that was not theirs: none seen.\n")
+    result["rows"][0]["stray"] = [1]
+    assert "1.5GiB on 1 GPU(s): GPU 1" in multigpu.markdown(result)
