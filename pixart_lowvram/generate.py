@@ -269,7 +269,7 @@ class _Run:
         self.items, remembered = expand(self.jobs, self.info.defaults, drawn)
         self.drawn_seeds = {**previous.get("drawn_seeds", {}), **remembered}
         self.texts = assign_keys(self.items, self.info, self.dtype, self.settings.encode_on_cpu,
-                                 self.settings.text_encoder_8bit)
+                                 self.settings.text_encoder_8bit, loras=self.resolved.loras)
         self.previous = previous
         self.claim_image_names()
         self.left_alone = self.folder.images_left_behind(self.items, previous)
@@ -393,7 +393,8 @@ class _Run:
         self.plan = plan_run(dataclasses.replace(self.resolved, budget=self.budget), todo.images or self.items,
                              len(todo.texts), self.context)
         if self.plan["encode"].placement == "cpu" and not self.settings.encode_on_cpu:
-            self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True)
+            self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True,
+                                     loras=self.resolved.loras)
             self.claim_image_names()
             todo = self.left()
         return todo
@@ -412,7 +413,7 @@ class _Run:
         latents = [it for it in todo.latents if it.id not in lost]
         images = [it for it in todo.images if it.id not in lost]
         failed = self.stage("denoise", len(latents), lambda ctx: denoise_items(
-            ctx, latents, batch_size=self.plan["denoise"].batch))
+            ctx, latents, batch_size=self.plan["denoise"].batch, loras=self.resolved.loras))
         lost = self.overflowed("denoise", failed, latents)
         images = [it for it in images if it.id not in lost]
         failed = self.stage("decode", len(images), lambda ctx: decode_items(ctx, images))

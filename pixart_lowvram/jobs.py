@@ -27,7 +27,8 @@ else:
 from .errors import Problem, QueueError
 from .samplers import NAMES as SAMPLER_NAMES
 
-KNOWN_FIELDS = ("prompt", "negative_prompt", "width", "height", "seed", "cfg", "steps", "sampler", "count", "name")
+KNOWN_FIELDS = ("prompt", "negative_prompt", "width", "height", "seed", "cfg", "steps", "sampler", "count", "name",
+                "lora")
 # The reference PixArtAlphaPipeline's defaults, for hints; a job that leaves cfg, steps or sampler out gets its
 # model's (JobDefaults below: 4 steps without guidance for PixArt-LCM, one step for DMD).
 DEFAULT_CFG = 4.5
@@ -61,6 +62,15 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA a job names: its file or peft folder (relative paths resolved against the queue file's folder) and
+    the weight its update is added with."""
+
+    path: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class Job:
     """One entry of the queue, defaults applied, before expansion into images."""
 
@@ -75,6 +85,7 @@ class Job:
     count: int = 1
     name: str | None = None
     sampler: str | None = None  # None: the model's own scheduler
+    lora: tuple[LoraSpec, ...] = ()  # merged into the transformer for this job's images (lora.py)
 
 
 @dataclass(frozen=True)
@@ -110,7 +121,7 @@ def load_queue(path: str | os.PathLike) -> list[Job]:
         line = data.count(b"\n", 0, error.start) + 1
         raise QueueError([Problem(f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line})",
                                   hint="save the file as UTF-8")], source=source) from None
-    return parse_queue(text, fmt, source)
+    return parse_queue(text, fmt, source, base_dir=path.parent)
 
 
 def read_limited(path: str | os.PathLike, limit: int) -> bytes:
@@ -132,11 +143,13 @@ def read_limited(path: str | os.PathLike, limit: int) -> bytes:
     return data
 
 
-def parse_queue(text: str, fmt: str, source: str = "<string>") -> list[Job]:
-    """Parse and validate a queue given as text; fmt is "toml", "json" or "jsonl"."""
+def parse_queue(text: str, fmt: str, source: str = "<string>", base_dir: str | os.PathLike | None = None
+                ) -> list[Job]:
+    """Parse and validate a queue given as text; fmt is "toml", "json" or "jsonl". Relative paths in it (LoRA
+    files) are taken from `base_dir` (None: the current folder)."""
     text = text.removeprefix("\ufeff")  # editors on Windows like to start UTF-8 files with a BOM
     if fmt == "jsonl":
-        return _parse_jsonl(text, source)
+        return _parse_jsonl(text, source, base_dir)
     if fmt not in ("toml", "json"):
         raise QueueError([Problem(f"unknown queue format {fmt!r}", hint="use 'toml', 'json' or 'jsonl'")],
                          source=source)
@@ -144,10 +157,10 @@ def parse_queue(text: str, fmt: str, source: str = "<string>") -> list[Job]:
         doc = tomllib.loads(text) if fmt == "toml" else _json_loads(text)
     except (ValueError, RecursionError) as error:
         raise QueueError([_syntax_problem(error, text)], source=source) from None
-    return validate_document(doc, source, fmt=fmt)
+    return validate_document(doc, source, fmt=fmt, base_dir=base_dir)
 
 
-def _parse_jsonl(text: str, source: str) -> list[Job]:
+def _parse_jsonl(text: str, source: str, base_dir: str | os.PathLike | None = None) -> list[Job]:
     problems: list[Problem] = []
     unreadable = False
     defaults_line: int | None = None
@@ -174,7 +187,7 @@ def _parse_jsonl(text: str, source: str) -> list[Job]:
     if unreadable:
         raise QueueError(problems, source=source)
     try:
-        jobs = validate_document(doc, source, fmt="jsonl")
+        jobs = validate_document(doc, source, fmt="jsonl", base_dir=base_dir)
     except QueueError as error:
         raise QueueError(problems + error.problems, source=source) from None
     if problems:
@@ -226,10 +239,11 @@ def _syntax_problem(error: Exception, text: str, line: int | None = None) -> Pro
 def jobs_from_options(prompt: str | None, *, negative_prompt: str | None = None, width: int | None = None,
                       height: int | None = None, seed: int | None = None, cfg: float | None = None,
                       steps: int | None = None, count: int | None = None, name: str | None = None,
-                      sampler: str | None = None) -> list[Job]:
-    """A one-job queue from command-line options; None means "not given". Validated like a file's job."""
+                      sampler: str | None = None, lora: list[dict] | None = None) -> list[Job]:
+    """A one-job queue from command-line options; None means "not given". Validated like a file's job; LoRA
+    paths are taken from the current folder."""
     given = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, seed=seed, cfg=cfg,
-                 steps=steps, count=count, name=name, sampler=sampler)
+                 steps=steps, count=count, name=name, sampler=sampler, lora=lora or None)
     job = {key: value for key, value in given.items() if value is not None}
     return validate_document({"jobs": [job]}, "command line")
 
@@ -308,9 +322,8 @@ def _check_count(value: object) -> Bad:
     return _whole(value) or _at_least(value, 1) or _at_most(value, MAX_COUNT, "split it into several jobs")
 
 
-def _check_cfg(value: object) -> Bad:
+def _finite_number(value: object, hint: str) -> Bad:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        hint = f"PixArt-α's default is {DEFAULT_CFG}"
         if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,30}(\.[0-9]{1,30})?\s*", value):
             hint = f"write {value.strip()} without quotes"
         return f"must be a number, not {_show(value)}", hint
@@ -319,11 +332,16 @@ def _check_cfg(value: object) -> Bad:
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        return f"must be a finite number, not {_show(value)}", f"PixArt-α's default is {DEFAULT_CFG}"
-    if number < 0:
+        return f"must be a finite number, not {_show(value)}", hint
+    return None
+
+
+def _check_cfg(value: object) -> Bad:
+    bad = _finite_number(value, f"PixArt-α's default is {DEFAULT_CFG}")
+    if bad is None and float(value) < 0:
         return (f"must be 0 or more, not {_show(value)}",
                 f"PixArt-α's default is {DEFAULT_CFG}; 1 or less turns guidance off")
-    return None
+    return bad
 
 
 def _check_plain_text(value: object) -> Bad:
@@ -383,6 +401,32 @@ def _check_sampler(value: object) -> Bad:
             close or "leave it out for the model's own scheduler")
 
 
+_LORA_EXAMPLE = 'lora = [{ path = "styles/ink.safetensors", scale = 0.8 }]'
+
+
+def _check_lora(value: object) -> Bad:
+    example = f"for example {_LORA_EXAMPLE}"
+    if not isinstance(value, list):
+        return f"must be a list of LoRAs, not {_show(value)}", example
+    for n, entry in enumerate(value, start=1):
+        where = f"entry {n}" if len(value) > 1 else "the entry"
+        if not isinstance(entry, dict):
+            return f"{where} must be a table with a path and a scale, not {_show(entry)}", example
+        for key in entry:
+            if key not in ("path", "scale"):
+                return f"{where} has an unknown key {key!r}", _did_you_mean(key, ("path", "scale")) or example
+        if "path" not in entry:
+            return f"{where} has no path", example
+        bad = _check_plain_text(entry["path"])
+        if bad is None and not entry["path"].strip():
+            bad = "must not be empty", None
+        if bad:
+            return f"{where}'s path {bad[0]}", bad[1]
+        if "scale" in entry and (bad := _finite_number(entry["scale"], "1 adds the LoRA as trained, 0 leaves it out")):
+            return f"{where}'s scale {bad[0]}", bad[1]
+    return None
+
+
 _CHECKS: dict[str, Callable[[object], Bad]] = {
     "prompt": _check_prompt,
     "negative_prompt": _check_text,
@@ -394,13 +438,21 @@ _CHECKS: dict[str, Callable[[object], Bad]] = {
     "count": _check_count,
     "name": _check_name,
     "sampler": _check_sampler,
+    "lora": _check_lora,
 }
 
 
-def _normal(field: str, value: object) -> object:
-    """A checked value in the type Job holds (numpy integers and the like become plain Python numbers)."""
+def _normal(field: str, value: object, base_dir: str | os.PathLike | None = None) -> object:
+    """A checked value in the type Job holds (numpy integers and the like become plain Python numbers; LoRA
+    paths relative to `base_dir`)."""
     if field == "cfg":
         return float(value)
+    if field == "lora":
+        def where(path: str) -> str:
+            path = os.path.expanduser(path)
+            return path if base_dir is None else os.path.join(base_dir, path)
+
+        return tuple(LoraSpec(where(entry["path"]), float(entry.get("scale", 1.0))) for entry in value)
     return int(value) if _is_int(value) else value
 
 
@@ -418,18 +470,20 @@ def _did_you_mean(key: object, choices: tuple[str, ...] | list[str]) -> str | No
 
 # ---- the document -----------------------------------------------------------------------------------------
 
-def validate_document(doc: object, source: str, *, fmt: str = "json") -> list[Job]:
-    """A parsed queue -> jobs, or a QueueError holding every problem found. `fmt` only shapes the hints.
+def validate_document(doc: object, source: str, *, fmt: str = "json", base_dir: str | os.PathLike | None = None
+                      ) -> list[Job]:
+    """A parsed queue -> jobs, or a QueueError holding every problem found. `fmt` only shapes the hints; relative
+    paths are taken from `base_dir` (None: the current folder).
 
     doc is a list of job tables, or a table {"defaults": {...}, "jobs": [...]}.
     """
     problems: list[Problem] = []
     defaults_doc, jobs_doc = _split(doc, fmt, problems)
-    defaults, broken = _check_defaults(defaults_doc, fmt, problems)
+    defaults, broken = _check_defaults(defaults_doc, fmt, problems, base_dir)
     jobs: list[Job] = []
     names: dict[str, tuple[int, str]] = {}
     for index, entry in enumerate(jobs_doc or [], start=1):
-        job = _check_job(index, entry, defaults, broken, names, fmt, problems)
+        job = _check_job(index, entry, defaults, broken, names, fmt, problems, base_dir)
         if job is not None:
             jobs.append(job)
     if jobs_doc == []:
@@ -482,7 +536,8 @@ def _split(doc: object, fmt: str, problems: list[Problem]) -> tuple[object, list
     return doc.get("defaults"), jobs
 
 
-def _check_defaults(raw: object, fmt: str, problems: list[Problem]) -> tuple[dict, set[str]]:
+def _check_defaults(raw: object, fmt: str, problems: list[Problem], base_dir: str | os.PathLike | None = None
+                    ) -> tuple[dict, set[str]]:
     """The defaults table -> (its valid values, the fields whose default was bad)."""
     if raw is None:
         return {}, set()
@@ -504,7 +559,7 @@ def _check_defaults(raw: object, fmt: str, problems: list[Problem]) -> tuple[dic
             problems.append(Problem(bad[0], field=field, hint=bad[1]))
             broken.add(key)
         else:
-            values[key] = _normal(key, value)
+            values[key] = _normal(key, value, base_dir)
     if "seed" in values and "count" in values and (bad := _seed_range(values["seed"], values["count"])):
         problems.append(Problem(bad[0], field="defaults.seed", hint=bad[1]))
         broken.add("seed")
@@ -513,7 +568,7 @@ def _check_defaults(raw: object, fmt: str, problems: list[Problem]) -> tuple[dic
 
 
 def _check_job(index: int, entry: object, defaults: dict, broken: set[str], names: dict[str, tuple[int, str]],
-               fmt: str, problems: list[Problem]) -> Job | None:
+               fmt: str, problems: list[Problem], base_dir: str | os.PathLike | None = None) -> Job | None:
     """One job's table -> a Job with defaults applied, or None after adding its problems to `problems`."""
     if not isinstance(entry, dict):
         hint = "write each job as its own [[jobs]] table" if fmt == "toml" else 'for example {"prompt": "..."}'
@@ -540,7 +595,7 @@ def _check_job(index: int, entry: object, defaults: dict, broken: set[str], name
             report(key, bad)
             bad_fields.add(key)
         else:
-            values[key] = _normal(key, value)
+            values[key] = _normal(key, value, base_dir)
     if "prompt" not in entry and "prompt" not in defaults and "prompt" not in broken:
         report("prompt", ("is missing", "every job needs a prompt (or give one in the defaults)"))
     own = {"seed", "count"} & entry.keys()
