@@ -3,7 +3,8 @@
   resolve  (resolve.py)    settings and model folder -> Resolved; every input check, every problem at once
   expand   (items.py)      jobs -> items with their seeds fixed, each artifact keyed to what makes it
   plan     (placement.py)  component sizes + budget + items -> Plan; pure
-  run      (this file)     the stages in order (encode, denoise, decode), each handed one StageContext
+  run      (this file)     the stages in order (encode, vae-encode for image-to-image's init images, denoise,
+                           decode), each handed one StageContext
 
 Each stage loads its component, works through every pending item, persists what it made and releases the
 component before the next stage loads anything. What is already in the run folder (and made by the same model,
@@ -26,7 +27,7 @@ from .denoise import denoise_items
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory
 from .files import cache_dir
-from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, latent_shapes
+from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, init_shapes, latent_shapes
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, release
 from .models import component_sizes
@@ -35,6 +36,7 @@ from .reporting import Reporter
 from .resolve import Resolved, Settings, resolve
 from .run import EmbeddingCache, RunFolder
 from .stage import StageContext
+from .vae_encode import InitImage, encode_images, pending_images
 
 __all__ = ["RunResult", "Settings", "plan_queue", "plan_run", "run_queue"]
 
@@ -53,7 +55,7 @@ class RunResult:
     failures: list[NonFinite] = field(default_factory=list)  # what overflowed, by stage
 
 
-COMPONENT_OF = {"encode": "text_encoder", "denoise": "transformer", "decode": "vae"}
+COMPONENT_OF = {"encode": "text_encoder", "vae-encode": "vae", "denoise": "transformer", "decode": "vae"}
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,8 @@ def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = C
     return make_plan(budget, sizes, binned, texts=max(1, texts), encode_batch=settings.encode_batch,
                      denoise_batch=settings.denoise_batch, context=context, encode_on_cpu=settings.encode_on_cpu,
                      text_encoder_8bit=settings.text_encoder_8bit,
-                     host_budget=resolved.host_budget if resolved.device.type == "cuda" else None)
+                     host_budget=resolved.host_budget if resolved.device.type == "cuda" else None,
+                     init_sizes=[size for it, size in zip(items, binned) if it.init_image])
 
 
 def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
@@ -227,6 +230,14 @@ class _Run:
         return {k: t for k, t in needed.items()
                 if self.folder.read_tensors(self.folder.embed_path(k), k, shape) is None}
 
+    def pending_inits(self, items: list[Item]) -> list[InitImage]:
+        """The init image encodings the image-to-image items among `items` (latents to make) still need."""
+        wanted = [it for it in items if it.init_key]
+        if not self.settings.force:
+            wanted = [it for it in wanted if self.folder.read_tensors(
+                self.folder.latent_path(it.init_key), it.init_key, init_shapes(self.info, it)) is None]
+        return pending_images(wanted)
+
     def restore_from_cache(self, texts: dict[str, str]) -> dict[str, str]:
         """Take what the shared cache holds; return the texts still to encode."""
         if self.cache is None or self.settings.force:
@@ -279,7 +290,7 @@ class _Run:
         if not failed:
             return set()
         bad = set(failed)
-        lost = [it.id for it in items if bad & {it.id, it.prompt_key, it.negative_key}]
+        lost = [it.id for it in items if bad & {it.id, it.prompt_key, it.negative_key, it.init_key}]
         component = COMPONENT_OF[stage]
         failure = NonFinite(stage, component, str(self.resolved.compute_dtype(component)).removeprefix("torch."),
                             tuple(lost))
@@ -317,15 +328,20 @@ class _Run:
                 todo_images = self.pending_images()
                 todo_latents = self.pending_latents(todo_images)
                 todo_texts = self.restore_from_cache(self.pending_texts(todo_latents))
+            todo_inits = self.pending_inits(todo_latents)
             self.reporter.info(format_plan(self.plan))
+            inits = f"{len(todo_inits)} init image(s) to encode, " if "vae-encode" in self.plan.stages else ""
             self.reporter.info(
                 f"{len(self.items)} image(s) in the queue, {len(todo_images)} to make: {len(todo_texts)} text(s) "
-                f"to encode, {len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
+                f"to encode, {inits}{len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
                 f"[{self.info.name}, {self.device}, {self.resolved.dtype_name}]")
             failed = self.stage("encode", len(todo_texts), lambda ctx: encode_texts(
                 ctx, todo_texts, batch_size=self.plan["encode"].batch, cache=self.cache,
                 eight_bit=self.settings.text_encoder_8bit))
             lost = self.overflowed("encode", failed, todo_images)
+            if "vae-encode" in self.plan.stages:  # image-to-image: a queue without init images has no such stage
+                failed = self.stage("vae-encode", len(todo_inits), lambda ctx: encode_images(ctx, todo_inits))
+                lost |= self.overflowed("vae-encode", failed, todo_images)
             todo_latents = [it for it in todo_latents if it.id not in lost]
             todo_images = [it for it in todo_images if it.id not in lost]
             failed = self.stage("denoise", len(todo_latents), lambda ctx: denoise_items(
