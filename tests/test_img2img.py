@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers.image_processor import PixArtImageProcessor, VaeImageProcessor
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_256_BIN, retrieve_timesteps
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
+    ASPECT_RATIO_256_BIN, ASPECT_RATIO_512_BIN, retrieve_timesteps)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
     StableDiffusionImg2ImgPipeline, retrieve_latents)
 from diffusers.utils import load_image
@@ -22,13 +23,17 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from conftest import max_diff, pixels
-from pixart_lowvram import generate, resolve
+from pixart_lowvram import decode, denoise, encode, generate, resolve, vae_encode
 from pixart_lowvram.cli import main
 from pixart_lowvram.errors import QueueError
 from pixart_lowvram.generate import Settings, run_queue
 from pixart_lowvram.jobs import Job, parse_queue
 from pixart_lowvram.random_model import make_random_model
+from pixart_lowvram.placement import StagePlan
 from pixart_lowvram.samplers import SAMPLERS
+from pixart_lowvram.vae_strips import StripEncoder
+from test_foreign_configs import save_folder, small_vae
+from test_streaming import override_plan
 
 CPU32 = dict(device="cpu", dtype="float32", embed_cache=None)
 
@@ -56,7 +61,7 @@ def reference_img2img(pipe, *, init_image: str, prompt: str, width: int, height:
     pieces and a loop that mirrors PixArtAlphaPipeline's: preprocess, vae.encode, retrieve_latents, get_timesteps,
     add_noise, denoise, decode, resize back from the aspect-ratio bin."""
     scheduler = pipe.scheduler
-    bins = ASPECT_RATIO_256_BIN if pipe.transformer.config.sample_size == 32 else None
+    bins = {32: ASPECT_RATIO_256_BIN, 64: ASPECT_RATIO_512_BIN}.get(pipe.transformer.config.sample_size)
     h, w = PixArtImageProcessor.classify_height_width_bin(height, width, ratios=bins) if bins else (height, width)
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.inference_mode():
@@ -335,3 +340,85 @@ def test_text_to_image_items_are_keyed_and_recorded_as_before(tiny_model, init_i
     spec = dict(prompt="a cat", negative_prompt="", width=None, height=None, seed=None, cfg=4.5, steps=20, count=1,
                 name=None, sampler="dpm-solver")
     assert drawn[0].seed_slot == f"{digest(spec)}-0"
+
+
+# -- other folders, strips, memory ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["vae-3-blocks", "bins-vae-5-blocks"])
+def test_folders_of_other_configs_make_their_recipes_image_whole_and_in_strips(case, init_images, tmp_path,
+                                                                                monkeypatch):
+    """VAEs of other scale factors (4 without resolution bins, 16 with), written by diffusers' save_pretrained; the
+    init image encoded whole, and in strips as a small --vram-budget plans it."""
+    transformer, vae, (w, h) = {"vae-3-blocks": ({}, small_vae(3), (64, 48)),
+                                "bins-vae-5-blocks": ({"sample_size": 32}, small_vae(5), (64, 64))}[case]
+    folder = save_folder(tmp_path / "model", transformer=transformer, vae=vae)
+    jobs = [job(init_images["b"], width=w, height=h, steps=3, strength=0.7)]
+    whole = run_queue(jobs, tmp_path / "whole", Settings(model=folder, **CPU32))
+    expected = reference_img2img(diffusers.PixArtAlphaPipeline.from_pretrained(folder), init_image=init_images["b"],
+                                 prompt="a pirate ship", width=w, height=h, seed=5, strength=0.7, steps=3)
+    assert expected.shape == (h, w, 3) and expected.std() > 2
+    assert max_diff(pixels(whole.images[whole.items[0].id]), expected) <= 1
+
+    made = []
+    real_init = StripEncoder.__init__
+    monkeypatch.setattr(StripEncoder, "__init__", lambda self, *a, **k: (real_init(self, *a, **k), made.append(self))[0])
+    override_plan(monkeypatch, **{"vae-encode": StagePlan("vae-encode", "strips", estimate=0, room=3_000)})
+    strips = run_queue(jobs, tmp_path / "strips", Settings(model=folder, **CPU32))
+    assert made and made[0].strips_used > 0
+    assert max_diff(pixels(strips.images[strips.items[0].id]), expected) <= 1
+
+
+def test_one_component_in_memory_at_a_time_the_vae_encoder_too(tiny_model, init_images, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    alive: list[tuple[str, weakref.ref]] = []
+    events = []
+
+    def tracking(module, name, label):
+        real = getattr(module, name)
+
+        def load(*args, **kwargs):
+            gc.collect()
+            events.append((label, [n for n, ref in alive if ref() is not None]))
+            model = real(*args, **kwargs)
+            alive.append((label, weakref.ref(model)))
+            return model
+
+        monkeypatch.setattr(module, name, load)
+
+    tracking(encode, "load_text_encoder", "T5")
+    tracking(vae_encode, "load_vae", "VAE encoder")
+    tracking(denoise, "load_transformer", "DiT")
+    tracking(decode, "load_vae", "VAE decoder")
+    run_queue([job(init_images["a"], steps=2)], tmp_path / "run", Settings(model=tiny_model, **CPU32))
+    assert [label for label, _ in events] == ["T5", "VAE encoder", "DiT", "VAE decoder"]
+    assert all(still_alive == [] for _, still_alive in events), events
+
+
+def test_an_overflowing_vae_encoder_is_named_and_upcast_redoes_only_it(tiny_model, init_images, tmp_path):
+    """The encoder's first convolution scaled by 1e6: its float16 output overflows, while in float32 the
+    GroupNorm after it takes the scale away again. vae-encode names the VAE; the text-to-image image is made;
+    --upcast vae redoes only the image-to-image one."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e6)
+        vae.encoder.conv_in.bias.mul_(1e6)
+    shutil.rmtree(folder / "vae")
+    vae.save_pretrained(folder / "vae")
+    jobs = [job(init_images["a"], steps=2, width=128, height=128, name="wild"),
+            Job(index=2, prompt="a calm sea", seed=1, steps=2, width=128, height=128, name="calm")]
+    half = dict(model=str(folder), device="cpu", dtype="float16", embed_cache=None)
+    result = run_queue(jobs, tmp_path / "run", Settings(**half))
+    assert [f.to_json() for f in result.failures] == [{"stage": "vae-encode", "component": "vae",
+                                                       "dtype": "float16", "items": ("wild",)}]
+    assert result.images["calm"].is_file() and not result.images["wild"].exists()
+    again = run_queue(jobs, tmp_path / "run", Settings(**half, upcast=("vae",)))
+    assert not again.failures and again.made == {"vae-encode": 1, "denoise": 1, "decode": 1}
+    assert again.images["wild"].is_file()
