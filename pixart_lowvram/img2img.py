@@ -16,8 +16,8 @@ diffusers has no PixArt image-to-image pipeline; this follows its `StableDiffusi
            samplers go on drawing from the same generator, as in the img2img pipeline.
 
 Strength 1 starts at the schedule's first timestep with the init image noised to it, as diffusers' img2img
-does: not pure noise (at DDPM's t=999 about 7% of the image's latents remain), so it is not the text-to-image
-image of the same seed.
+does: nearly, not purely, noise (PixArt's schedule keeps sqrt(alphas_cumprod[999]) = 0.006 of the image's
+latents), so it is not the text-to-image image of the same seed.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .jobs import DEFAULT_STRENGTH
+from .jobs import DEFAULT_STRENGTH, MAX_IMAGE_BYTES, read_limited
 
 
 def steps_to_run(steps: int, strength: float) -> int:
@@ -44,7 +44,7 @@ def start_step(steps: int, strength: float) -> int:
 def image_bytes(path: str | Path) -> tuple[bytes, str]:
     """An init image's bytes and their sha256: what keys its encoding. One read, so what is hashed is what is
     encoded."""
-    data = Path(path).read_bytes()
+    data = read_limited(path, MAX_IMAGE_BYTES)
     return data, hashlib.sha256(data).hexdigest()
 
 

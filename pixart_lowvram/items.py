@@ -7,10 +7,10 @@ import json
 import random
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
+from .img2img import image_bytes
 from .jobs import DEFAULT_STRENGTH, MAX_SEED, Job, JobDefaults
 from .models import ModelInfo, caption_cleaning
 
@@ -205,7 +205,7 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
                   item.sampler)
         if item.init_image:
             if item.init_image not in image_hashes:
-                image_hashes[item.init_image] = hashlib.sha256(Path(item.init_image).read_bytes()).hexdigest()
+                image_hashes[item.init_image] = image_bytes(item.init_image)[1]
             item.init_key = init_image_key(info, dtype, image_hashes[item.init_image], item.width, item.height)
             latent += ("img2img", item.init_key, item.strength)
         item.latent_key = digest(*latent)

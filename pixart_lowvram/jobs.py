@@ -51,6 +51,8 @@ MAX_QUEUE_BYTES = 32 * 2**20  # a queue file; 100,000 one-line JSONL jobs take ~
 MAX_PROMPT = 4_000
 # Image-to-image: diffusers' StableDiffusionImg2ImgPipeline's default strength (how much of the schedule runs).
 DEFAULT_STRENGTH = 0.8
+# An init image file: read whole to hash and to decode it; a photo is a few MB, a 16k x 16k PNG a few hundred.
+MAX_IMAGE_BYTES = 512 * 2**20
 
 SUFFIXES = {".toml": "toml", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -415,18 +417,24 @@ def _check_path_text(value: object) -> Bad:
 def check_init_image(path: Path) -> Bad:
     """Whether `path` is an image file PIL can read whole (missing, unreadable, not an image, damaged: why not).
     Reads the whole image once: a truncated file fails here, not after the models have loaded."""
+    import io  # noqa: PLC0415
+
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     hint = "the path of an image file (PNG, JPEG, WebP, ...); in a queue file, relative to its folder"
     try:
-        with Image.open(path) as image:
-            image.load()
+        data = read_limited(path, MAX_IMAGE_BYTES)  # never blocks on a pipe, never reads a device forever
     except FileNotFoundError:
         return f"{str(path)!r} does not exist", hint
-    except IsADirectoryError:
-        return f"{str(path)!r} is a folder, not an image file", hint
     except PermissionError:
         return f"{str(path)!r} cannot be read (permission denied)", None
+    except OSError as exc:
+        return f"{str(path)!r} cannot be read ({exc.strerror or exc})", None
+    except ValueError as exc:
+        return f"{str(path)!r} {exc}", hint
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
     except UnidentifiedImageError:
         return f"{str(path)!r} is not an image file PIL can read", hint
     except Image.DecompressionBombError as exc:

@@ -187,8 +187,9 @@ def test_small_strength_stays_close_to_the_init_image_and_strength_1_does_not(ti
 def test_strength_1_starts_from_the_noised_init_image_not_from_pure_noise(tiny_model, init_images, tmp_path):
     """As in diffusers' img2img pipeline, strength 1 runs every step, from the init image noised to the first
     timestep: a different init image gives a different image, and neither is the text-to-image one."""
-    jobs = [job(init_images["a"], strength=1.0, name="a"), job(init_images["b"], index=2, strength=1.0, name="b"),
-            Job(index=3, prompt="a pirate ship", seed=5, steps=4, width=256, height=256, name="text")]
+    jobs = [job(init_images["a"], steps=2, strength=1.0, name="a"),
+            job(init_images["b"], index=2, steps=2, strength=1.0, name="b"),
+            Job(index=3, prompt="a pirate ship", seed=5, steps=2, width=256, height=256, name="text")]
     result = run_queue(jobs, tmp_path / "run", Settings(model=tiny_model, **CPU32))
     a, b, text = (latents_of(result, it, it.latent_key)["latents"] for it in result.items)
     assert not torch.allclose(a, b) and not torch.allclose(a, text) and not torch.allclose(b, text)
@@ -223,6 +224,7 @@ def test_the_png_says_it_was_made_from_an_image(tiny_model, init_images, tmp_pat
 def test_bad_init_images_and_strengths_are_queue_errors_naming_job_and_field(init_images, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")  # would block a plain open() forever
     with open(init_images["b"], "rb") as f:
         (tmp_path / "cut.jpg").write_bytes(f.read()[:600])  # a JPEG cut short
     (tmp_path / "queue.toml").write_text(
@@ -235,7 +237,8 @@ def test_bad_init_images_and_strengths_are_queue_errors_naming_job_and_field(ini
         f'[[jobs]]\nprompt = "g"\ninit_image = {json.dumps(init_images["a"])}\nstrength = nan\n'
         f'[[jobs]]\nprompt = "h"\ninit_image = {json.dumps(init_images["a"])}\nstrength = "0.5"\n'
         '[[jobs]]\nprompt = "i"\nstrength = 0.5\n'
-        '[[jobs]]\nprompt = "j"\ninit_image = ""\n')
+        '[[jobs]]\nprompt = "j"\ninit_image = ""\n'
+        '[[jobs]]\nprompt = "k"\ninit_image = "pipe.png"\n')
     from pixart_lowvram.jobs import load_queue
 
     with pytest.raises(QueueError) as error:
@@ -244,7 +247,7 @@ def test_bad_init_images_and_strengths_are_queue_errors_naming_job_and_field(ini
     where = str(tmp_path)  # paths are relative to the queue file's folder
     assert f"job 1, field 'init_image': '{where}/missing.png' does not exist" in text
     assert f"job 2, field 'init_image': '{where}/notes.png' is not an image file PIL can read" in text
-    assert f"job 3, field 'init_image': '{where}/folder.png' is a folder, not an image file" in text
+    assert f"job 3, field 'init_image': '{where}/folder.png' is a folder, not a regular file" in text
     assert f"job 4, field 'init_image': '{where}/cut.jpg' cannot be read as an image" in text
     assert "job 5, field 'strength': must be more than 0 and at most 1, not 0" in text
     assert "job 6, field 'strength': must be more than 0 and at most 1, not 1.5" in text
@@ -252,7 +255,8 @@ def test_bad_init_images_and_strengths_are_queue_errors_naming_job_and_field(ini
     assert "job 8, field 'strength': must be a number, not the text '0.5'" in text
     assert "job 9, field 'strength': is given without init_image" in text
     assert "job 10, field 'init_image': must not be empty" in text
-    assert len(error.value.problems) == 10
+    assert f"job 11, field 'init_image': '{where}/pipe.png' is a device, pipe or socket, not a regular file" in text
+    assert len(error.value.problems) == 11
 
 
 def test_a_default_strength_is_for_the_jobs_with_an_init_image(init_images):
@@ -291,6 +295,9 @@ def test_the_command_line_takes_an_init_image_relative_to_where_it_runs(tiny_mod
     assert "vae-encode" in capsys.readouterr().out
     with Image.open(out / "images" / "001-a-fox.png") as im:
         assert json.loads(im.text["pixart_lowvram"])["init_image"] == "a.png"
+    (tmp_path / "q.json").write_text(json.dumps([{"prompt": "a fox", "init_image": init_images["a"]}]))
+    assert main(["plan", str(tmp_path / "q.json"), "--model", tiny_model, "--device", "cpu"]) == 0
+    assert "vae-encode whole" in capsys.readouterr().out
     monkeypatch.setattr(resolve, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
     assert main(["generate", "a fox", "--init-image", "nothing.png", *common]) == 2
     assert main(["generate", "a fox", "--strength", "2", *common]) == 2
@@ -366,6 +373,26 @@ def test_folders_of_other_configs_make_their_recipes_image_whole_and_in_strips(c
     strips = run_queue(jobs, tmp_path / "strips", Settings(model=folder, **CPU32))
     assert made and made[0].strips_used > 0
     assert max_diff(pixels(strips.images[strips.items[0].id]), expected) <= 1
+
+
+def test_an_encoder_the_strips_cannot_walk_encodes_on_the_cpu(tiny_model, init_images, reference_pipeline,
+                                                               tmp_path, monkeypatch):
+    from pixart_lowvram.reporting import Reporter
+
+    class Told(Reporter):
+        said: list[str] = []
+
+        def info(self, message: str) -> None:
+            self.said.append(message)
+
+    monkeypatch.setattr(vae_encode, "supports_encoder", lambda vae: False)
+    override_plan(monkeypatch, **{"vae-encode": StagePlan("vae-encode", "strips", estimate=0, room=3_000)})
+    result = run_queue([job(init_images["a"], steps=2)], tmp_path / "run", Settings(model=tiny_model, **CPU32),
+                       reporter=Told())
+    assert "this VAE's encoder cannot run in strips: encoding the init images on the CPU" in Told.said
+    expected = reference_img2img(with_sampler(reference_pipeline, None), init_image=init_images["a"],
+                                 prompt="a pirate ship", width=256, height=256, seed=5, strength=0.8, steps=2)
+    assert max_diff(pixels(result.images[result.items[0].id]), expected) <= 1
 
 
 def test_one_component_in_memory_at_a_time_the_vae_encoder_too(tiny_model, init_images, tmp_path, monkeypatch):
