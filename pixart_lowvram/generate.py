@@ -106,8 +106,11 @@ def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = C
     budget = resolved.budget if isinstance(resolved.budget, int) else None
     sizes = planned_sizes(resolved)
     binned = binned_sizes(resolved.info, items)
+    denoise_batch = settings.denoise_batch
+    if denoise_batch is None and resolved.device.type != "cuda":
+        denoise_batch = 1  # the automatic batch is what paid on GPUs; on the CPU a batch is no faster
     return make_plan(budget, sizes, binned, texts=max(1, texts), encode_batch=settings.encode_batch,
-                     denoise_batch=settings.denoise_batch, context=context, encode_on_cpu=settings.encode_on_cpu,
+                     denoise_batch=denoise_batch, context=context, encode_on_cpu=settings.encode_on_cpu,
                      text_encoder_8bit=settings.text_encoder_8bit,
                      host_budget=resolved.host_budget if resolved.device.type == "cuda" else None,
                      init_sizes=[size for it, size in zip(items, binned) if it.init_image])

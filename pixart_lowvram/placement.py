@@ -35,6 +35,12 @@ RESERVE = 200 * MiB
 FRAGMENTATION = 1.10  # what the caching allocator holds over what tensors use, with expandable segments
 VAE_BYTES_PER_PIXEL = 2560  # fp16 SD-VAE decode activations per output pixel (2.42 GiB at 1024x1024, measured)
 DIT_ACTIVATION_FACTOR = 16  # live hidden-state-sized tensors in a DiT block (0.27 GiB at 1024x1024, measured)
+# The denoise batch unless one is asked for. On an H200 (BENCHMARKS.md, the budget sweep) a batch of 4 at 512x512
+# (1024 latent tokens an image) took 0.197 s an image against 0.530 at batch 1, and 8 no less than 4 (0.216); at
+# 1024x1024 (4096 tokens) a batch of 2 saved 7% (0.337 s against 0.364) and more saved little: batching pays
+# until a batch holds about 8192 tokens.
+AUTO_BATCH_TOKENS = 8192
+AUTO_BATCH_MAX = 4
 # A whole VAE decode's convolutions need more beside torch's tensors than RESERVE covers (cuDNN's workspaces and
 # the kernels it loads): at 1024x1024 the decode peaked at 3.63 GiB NVML unconstrained and 3.94 GiB at 8 GiB, the
 # same 2.58 GiB of tensors (BENCHMARKS.md); the estimate without this was 3.72.
@@ -195,14 +201,15 @@ def _peak(context: int, tensors: int) -> int:
 
 
 def make_plan(budget: int | None, sizes: Sizes, image_sizes: list[tuple[int, int]], *, texts: int = 1,
-              encode_batch: int = 1, denoise_batch: int = 1, context: int = CUDA_CONTEXT,
+              encode_batch: int = 1, denoise_batch: int | None = 1, context: int = CUDA_CONTEXT,
               encode_on_cpu: bool = False, text_encoder_8bit: bool = False, host_budget: int | None = None,
               init_sizes: list[tuple[int, int]] | None = None) -> Plan:
     """Choose each stage's placement for `budget` bytes of GPU memory and `host_budget` bytes of host RAM (None:
     unconstrained; everything resident, as fast as it goes).
 
     `image_sizes` are the (width, height) the DiT and VAE work at (after resolution binning); `texts` how many
-    distinct texts the queue encodes (they go through T5 in groups as large as the budget allows). An 8-bit T5
+    distinct texts the queue encodes (they go through T5 in groups as large as the budget allows); `denoise_batch`
+    None: `auto_denoise_batch` for the largest size, lowered to 1 silently where it does not fit. An 8-bit T5
     (`sizes` counted so) is resident or nothing: bitsandbytes' int8 layers are not streamed. `init_sizes`: the
     sizes image-to-image init images are encoded at; where there are any, the plan has a vae-encode stage."""
     biggest = max(image_sizes, key=lambda wh: wh[0] * wh[1], default=(1024, 1024))
@@ -291,15 +298,25 @@ def _plan_encode(s: Sizes, fits, host_fits, context: int, texts: int, micro: int
                        f"even one T5 block at a time needs {format_size(least)}: T5 runs on the CPU")
 
 
-def _plan_denoise(s: Sizes, fits, host_fits, context: int, size: tuple[int, int], batch: int,
+def auto_denoise_batch(s: Sizes, size: tuple[int, int]) -> int:
+    """The denoise batch used unless one is asked for: as many images as keep the batch within AUTO_BATCH_TOKENS
+    latent tokens, at most AUTO_BATCH_MAX (4 at 512x512, 2 at 1024x1024, 1 from 2048x2048 on PixArt-XL)."""
+    w, h = size
+    tokens = (w // s.vae_scale // s.dit_patch) * (h // s.vae_scale // s.dit_patch)
+    return max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_TOKENS // max(1, tokens)))
+
+
+def _plan_denoise(s: Sizes, fits, host_fits, context: int, size: tuple[int, int], batch: int | None,
                   budget: int | None) -> StagePlan:
+    asked = batch is not None
+    batch = batch if asked else auto_denoise_batch(s, size)
     one = _dit_activations(s, size, 1)
     resident = _peak(context, s.transformer + one)
     if fits(resident):
         if batch > 1 and fits(_peak(context, s.transformer + _dit_activations(s, size, batch))):
             return StagePlan("denoise", "resident", estimate=_peak(context, s.transformer + _dit_activations(
                 s, size, batch)), batch=batch)
-        note = f"--denoise-batch {batch} does not fit beside it: batch 1" if batch > 1 else ""
+        note = f"--denoise-batch {batch} does not fit beside it: batch 1" if batch > 1 and asked else ""
         return StagePlan("denoise", "resident", estimate=resident, batch=1, note=note)
     # Two blocks copied ahead of the one computing hide the copies (bench/stream_profile.py, H100: 42.7 ms a
     # step against 41.3 resident; with one ahead, 48.9); one ahead where two do not fit. The placement is the
@@ -323,7 +340,7 @@ def _plan_denoise(s: Sizes, fits, host_fits, context: int, size: tuple[int, int]
         ring = (ahead + RING_EXTRA_SLOTS) * s.transformer_block
         hold = host_fits(held)
         notes = [] if hold else ["not enough RAM to hold the DiT's blocks: read from the files at every step"]
-        if b != batch:
+        if b != batch and asked:
             notes.append(f"--denoise-batch {batch} does not fit beside it: batch 1")
         return StagePlan("denoise", "streamed", estimate=estimate, batch=b, ahead=ahead, resident_blocks=keep,
                          hold_in_ram=hold, host=held if hold else ring, note="; ".join(notes))

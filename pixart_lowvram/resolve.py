@@ -27,7 +27,8 @@ class Settings:
     # Texts through T5 at once. 1 runs the reference pipeline's exact kernels (bit-identical embeddings);
     # larger batches are faster on big queues but change fp16 rounding (measured in BENCHMARKS.md).
     encode_batch: int = 1
-    denoise_batch: int = 1  # images denoised at once (same size, steps and guidance)
+    # images denoised at once (same size, steps and guidance); None: placement.auto_denoise_batch on a GPU, 1 on CPUs
+    denoise_batch: int | None = None
     force: bool = False  # make every artifact again (the same ones: drawn seeds are kept)
     new_seeds: bool = False  # draw new seeds for jobs without one (earlier images are kept, new ones renamed)
     allow_pickle: bool = False  # load pickled .bin weights (they can run code when loaded) if no safetensors
@@ -136,6 +137,8 @@ def check_upcast(settings: Settings) -> None:
 
 def check_batches(settings: Settings) -> None:
     for label, value in (("encode batch", settings.encode_batch), ("denoise batch", settings.denoise_batch)):
+        if value is None and label == "denoise batch":
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UsageError(f"{label} must be a positive integer, not {value!r}")
 

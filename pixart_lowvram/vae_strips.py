@@ -252,6 +252,15 @@ class _StripWalk:
         per_row = width * (c_in + c_out) * item * (1 + WORK_FACTOR)
         return max(1, int(spare // per_row))
 
+    def _settle(self) -> None:
+        """Wait for the GPU to finish the layer just queued, once pinned blocks are in use. Torch's host allocator
+        hands a freed pinned block out again only after the copies that read it have completed; the CPU runs layers
+        ahead of the GPU, so without this wait every layer would pin new blocks instead of reusing the ones the
+        previous layers released (`host_bytes` counts reuse; Σ 2K's decode measured ~4 GiB over it without the
+        wait, BENCHMARKS.md). One wait per layer that ran in strips: tens per image."""
+        if self._pinned and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     # -- the layers both walks share ---------------------------------------------------------------------------
     def _whole_fits(self, x: torch.Tensor, c_out: int, factor: float) -> bool:
         n, c, h, w = x.shape
@@ -340,8 +349,10 @@ class StripDecoder(_StripWalk):
         for block in dec.up_blocks:
             for resnet in block.resnets:
                 x, stats = self._resnet(resnet, x, stats)
+                self._settle()
             for up in block.upsamplers or []:
                 x, stats = self._upsample(up, x)
+                self._settle()
         out, _ = self._norm_act_conv(x, stats, dec.conv_norm_out, dec.conv_act, dec.conv_out, on_gpu=True)
         return out
 
@@ -381,11 +392,14 @@ class StripEncoder(_StripWalk):
         x = self._start(x)
         enc = self.encoder
         x, stats = self._conv_in(enc.conv_in, x, enc.down_blocks[0].resnets[0].norm1.num_groups)
+        self._settle()
         for block in enc.down_blocks:
             for resnet in block.resnets:
                 x, stats = self._resnet(resnet, x, stats)
+                self._settle()
             for down in block.downsamplers or []:
                 x, stats = self._downsample(down, x)
+                self._settle()
         if isinstance(x, _HostRows):  # latent resolution: small, and the mid block's attention needs it whole
             x = x.rows(0, x.shape[2], self.device).contiguous()
         x = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(x))))

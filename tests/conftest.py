@@ -16,7 +16,7 @@ from PIL import Image
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="pixart-lowvram-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
-from pixart_lowvram.random_model import make_random_model
+from pixart_lowvram.random_model import make_random_model  # noqa: E402  (after the cache folder is set)
 
 
 @pytest.fixture(scope="session")

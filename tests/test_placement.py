@@ -209,6 +209,34 @@ def test_a_denoise_batch_that_does_not_fit_falls_back_to_one(xl_sizes):
     assert "--denoise-batch 4" in tight["denoise"].note
 
 
+def test_the_automatic_denoise_batch_follows_the_image_size_and_the_budget(xl_sizes):
+    def auto(size, budget=None):
+        return make_plan(budget, xl_sizes, [size], texts=2, denoise_batch=None)["denoise"]
+
+    # where batching paid on the H200: 4 at 512x512, 2 at 1024x1024, none from 2048x2048
+    assert [auto(size).batch for size in ((512, 512), (1024, 1024), (2048, 512), (2048, 2048))] == [4, 2, 2, 1]
+    assert auto((256, 256)).batch == 4  # never more than 4
+    # it costs GPU memory, so the estimate grows with it
+    assert auto((1024, 1024)).estimate > make_plan(None, xl_sizes, [(1024, 1024)], texts=2)["denoise"].estimate
+    # under a budget too small for it, batch 1 -- and no note about an option nobody gave
+    tight = auto((1024, 1024), gib(1.5))
+    assert tight.batch == 1 and tight.note == "" and tight.estimate <= gib(1.5)
+
+
+def test_the_automatic_denoise_batch_is_one_on_the_cpu(tiny_model):
+    from pixart_lowvram.generate import plan_run
+    from pixart_lowvram.items import expand
+    from pixart_lowvram.jobs import Job
+    from pixart_lowvram.resolve import Settings, resolve
+
+    jobs = [Job(index=1, prompt="a", width=256, height=256, count=4, seed=1)]
+    resolved = resolve(jobs, Settings(model=tiny_model, device="cpu", dtype="float32"))
+    items, _ = expand(jobs, resolved.info.defaults, {})
+    assert plan_run(resolved, items, texts=1)["denoise"].batch == 1
+    asked = resolve(jobs, Settings(model=tiny_model, device="cpu", dtype="float32", denoise_batch=4))
+    assert plan_run(asked, items, texts=1)["denoise"].batch == 4
+
+
 def test_format_plan_names_each_stage_and_the_budget(xl_sizes):
     text = format_plan(seed_plan(xl_sizes, gib(1.5)))
     assert "1.50 GiB" in text
