@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .jobs import DEFAULT_STRENGTH, MAX_IMAGE_BYTES, read_limited
+from .jobs import MAX_IMAGE_BYTES, read_limited
 
 
 def steps_to_run(steps: int, strength: float) -> int:
@@ -122,6 +122,3 @@ def noised_latents(scheduler, moments: list[torch.Tensor], generators: list[torc
     noise = randn_tensor(init.shape, generator=generators, device=device, dtype=dtype)
     return scheduler.add_noise(init, noise, latent_timestep), StartedScheduler(scheduler, begin)
 
-
-__all__ = ["DEFAULT_STRENGTH", "StartedScheduler", "image_bytes", "noised_latents", "preprocess", "start_step",
-           "steps_to_run"]
