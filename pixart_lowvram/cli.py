@@ -26,6 +26,7 @@ examples:
   pixart-lowvram run queue.toml --model ./my-pixart     a model folder in the diffusers layout
   pixart-lowvram generate "a lighthouse at dusk" --seed 7 --count 4
   pixart-lowvram generate "a fox" --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --sampler euler-a
+  pixart-lowvram generate "a harbour at dawn" --lora styles/ink.safetensors:0.8   a LoRA, weighed 0.8
   pixart-lowvram generate "the same street at night" --init-image street.jpg --strength 0.6
   pixart-lowvram make-random-model --preset xl ./pixart-xl-random
 
@@ -40,9 +41,11 @@ is kept in every case.
 QUEUE_HELP = """\
 A queue file is TOML, JSON or JSONL. Each job has a `prompt` and optionally negative_prompt, width, height,
 seed, cfg (guidance scale), steps, sampler, count (images with seeds seed, seed+1, ...), name (the image's
-file name), and for image-to-image init_image (a path, relative to the queue file's folder) and strength (0 to
-1, default 0.8: the share of the steps that runs, from the image noised to match). What a job leaves out follows
-the model's reference usage (PixArt-α and Σ: 20 steps, cfg 4.5; PixArt-LCM: 4 steps, cfg 0; DMD: one step, cfg 1).
+file name), lora (LoRAs merged into the transformer: lora = [{ path = "ink.safetensors", scale = 0.8 }], paths
+relative to the queue file; a .safetensors file as ComfyUI loads for PixArt, or a peft adapter folder), and for
+image-to-image init_image (a path, relative to the queue file's folder) and strength (0 to 1, default 0.8: the
+share of the steps that runs, from the image noised to match). What a job leaves out follows the model's
+reference usage (PixArt-α and Σ: 20 steps, cfg 4.5; PixArt-LCM: 4 steps, cfg 0; DMD: one step, cfg 1).
 Samplers: {samplers} (the first is PixArt-α's and Σ's own).
 A `defaults` table applies to every job. Example (TOML):
 
@@ -153,6 +156,19 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the summary")
 
 
+def _lora(text: str) -> dict:
+    """PATH[:SCALE] -> a queue's LoRA entry; a scale that is not a number is left for the queue's checks to name
+    (a path that itself holds a colon, C:\\styles\\ink.safetensors, stays whole)."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or not path or os.path.exists(text) or "/" in scale or "\\" in scale or scale.endswith(
+            ".safetensors"):
+        return {"path": text}
+    try:
+        return {"path": path, "scale": float(scale)}
+    except ValueError:
+        return {"path": path, "scale": scale}
+
+
 def _components(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -172,6 +188,10 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
                         "scheduler: dpm-solver for PixArt-α and Σ, lcm for LCM, ddpm for DMD)")
     g.add_argument("--count", type=int, help="how many images, with seeds seed, seed+1, ... (default: 1)")
     g.add_argument("--name", help="file name of the image (default: from the prompt)")
+    g.add_argument("--lora", action="append", type=_lora, metavar="PATH[:SCALE]",
+                   help="merge a LoRA into the transformer: a .safetensors file as ComfyUI loads for PixArt, or a "
+                        "peft adapter folder; SCALE (default 1) weighs its update. Repeat for several. Merged into "
+                        "the weights as they load: no GPU memory and no time per step")
     g.add_argument("--init-image", metavar="PATH",
                    help="image-to-image: start from this picture (resized to the image's size), encoded by the VAE "
                         "and noised as diffusers' img2img pipeline does")
@@ -337,7 +357,7 @@ def cmd_generate(args) -> int:
     settings = _settings(args)
     jobs = jobs_with_options(lambda: jobs_from_options(
         args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
-        cfg=args.cfg, steps=args.steps, count=args.count, name=args.name, sampler=args.sampler,
+        cfg=args.cfg, steps=args.steps, count=args.count, name=args.name, sampler=args.sampler, lora=args.lora,
         init_image=args.init_image, strength=args.strength), settings)
     out = Path(args.out) if args.out else Path("runs") / prompt_folder_name(args.prompt)
     return _run(jobs, out, settings, args.quiet)

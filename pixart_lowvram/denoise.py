@@ -2,15 +2,21 @@
 
 Items that share size, steps, guidance and sampler share a batch; each keeps its own CPU generator, for its
 starting noise and for the noise a stochastic sampler adds at each step, so its image does not depend on the
-batch it lands in or on the device. Image-to-image items (those of one strength share a batch) start from their
-init image's encoding, noised to the strength's timestep (img2img.py), and the same pipeline call runs the rest."""
+batch it lands in or on the device. Items with LoRAs are grouped by their set: the transformer is loaded once per
+set, the set merged into its weights as they load (lora.py), and released before the next set's loads.
+Image-to-image items (those of one strength share a batch) start from their init image's encoding, noised to the
+strength's timestep (img2img.py), and the same pipeline call runs the rest."""
 from __future__ import annotations
 
+import weakref
+from collections.abc import Mapping
 from itertools import groupby
 
 import torch
 
 from . import img2img
+from .lora import LoraFile, LoraSet, lora_set
+from .memory import release
 from .memory import available_ram
 from .models import (ModelInfo, component_sizes, load_scheduler, load_transformer, load_transformer_streamed,
                      make_pipeline)
@@ -49,15 +55,41 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     return out
 
 
-def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> int:
-    """Denoise `items`, writing latents/<key>.safetensors for each. Returns how many were made."""
+def lora_groups(items: list[Item], loras: Mapping[str, LoraFile]) -> list[tuple[LoraSet, list[Item]]]:
+    """Items by the LoRA set merged for them (the same set however a job orders it), items without one first."""
+    groups: dict[tuple, tuple[LoraSet, list[Item]]] = {}
+    for item in items:
+        found = lora_set(item.lora, loras)
+        key = (tuple(map(tuple, found.key())), tuple(str(lora.path) for lora, _ in found.entries))
+        groups.setdefault(key, (found, []))[1].append(item)
+    return [groups[key] for key in sorted(groups, key=lambda k: (bool(k[0]), k))]
+
+
+def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
+                  loras: Mapping[str, LoraFile] | None = None) -> int:
+    """Denoise `items`, writing latents/<key>.safetensors for each, with the LoRAs `loras` reads (path -> LoRA)
+    merged where an item names them. Returns how many were made."""
+    steps = ctx.reporter.bar("denoise", total=sum(steps_run(it) for it in items), unit="step")  # image-steps
+    done = 0
+    try:
+        for n, (lora, group) in enumerate(lora_groups(items, loras or {})):
+            if n:  # the previous set's transformer is gone before this one loads
+                release(ctx.device, ctx.meter.components if ctx.meter else None)
+            done += _denoise_group(ctx, group, lora, steps, batch_size=batch_size, first_load=n == 0)
+    finally:
+        steps.close()
+    return done
+
+
+def _denoise_group(ctx: StageContext, items: list[Item], lora: LoraSet, steps, *, batch_size: int,
+                   first_load: bool) -> int:
     info, folder, plan, reporter, device = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device
     dtype = ctx.compute_dtype  # the DiT's; the latents are stored in it
     embed_shape = embed_shapes(info)
     streamer = None
-    steps = reporter.bar("denoise", total=sum(steps_run(it) for it in items), unit="step")  # image-steps
     try:
-        with reporter.bar("load transformer", total=2, unit="part", transient=True) as bar:
+        label = "load transformer" + (f" + {len(lora.entries)} LoRA(s)" if lora else "")
+        with reporter.bar(label, total=2, unit="part", transient=True) as bar:
             scheduler = load_scheduler(info)  # replaced by each batch's own sampler, fresh
             bar.update()
             if plan.placement == "streamed":
@@ -70,12 +102,16 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> i
                                   "from the weights files at every step instead (slower)")
                 transformer, streamer = load_transformer_streamed(info.path / "transformer", dtype, device,
                                                                   ahead=plan.ahead, resident=plan.resident_blocks,
-                                                                  hold_in_ram=hold)
+                                                                  hold_in_ram=hold, lora=lora,
+                                                                  scratch=folder.path)
             else:
-                transformer = load_transformer(info, dtype, device)
+                transformer = load_transformer(info, dtype, device, lora=lora)
             bar.update()
         pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
-        ctx.loaded(transformer)
+        if first_load:
+            ctx.loaded(transformer)
+        elif ctx.meter is not None:
+            ctx.meter.components = [weakref.ref(transformer)]  # watched in its turn, so its release is checked
         done = 0
         for batch in batches(items, batch_size):
             ctx.checkpoint()
@@ -122,7 +158,6 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int) -> i
                                          item.latent_key, item=item.id, **item.seed_record())
                     done += 1
     finally:
-        steps.close()
         if streamer is not None:
             streamer.close()  # its I/O threads, pinned buffers and hooks: whatever stopped the stage
     return done

@@ -193,7 +193,7 @@ class _Run:
         self.items, remembered = expand(self.jobs, self.info.defaults, drawn)
         self.drawn_seeds = {**previous.get("drawn_seeds", {}), **remembered}
         self.texts = assign_keys(self.items, self.info, self.dtype, self.settings.encode_on_cpu,
-                                 self.settings.text_encoder_8bit)
+                                 self.settings.text_encoder_8bit, loras=self.resolved.loras)
         self.previous = previous
         self.claim_image_names()
         self.left_alone = self.folder.images_left_behind(self.items, previous)
@@ -326,7 +326,8 @@ class _Run:
                                  todo_images or self.items, len(todo_texts), self.context)
             if self.plan["encode"].placement == "cpu" and not self.settings.encode_on_cpu:
                 # The planner moved T5 to the CPU (fp32 there): those embeddings are other artifacts, keyed so.
-                self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True)
+                self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True,
+                                         loras=self.resolved.loras)
                 self.claim_image_names()
                 todo_images = self.pending_images()
                 todo_latents = self.pending_latents(todo_images)
@@ -348,7 +349,7 @@ class _Run:
             todo_latents = [it for it in todo_latents if it.id not in lost]
             todo_images = [it for it in todo_images if it.id not in lost]
             failed = self.stage("denoise", len(todo_latents), lambda ctx: denoise_items(
-                ctx, todo_latents, batch_size=self.plan["denoise"].batch))
+                ctx, todo_latents, batch_size=self.plan["denoise"].batch, loras=self.resolved.loras))
             lost = self.overflowed("denoise", failed, todo_latents)
             todo_images = [it for it in todo_images if it.id not in lost]
             failed = self.stage("decode", len(todo_images), lambda ctx: decode_items(ctx, todo_images))

@@ -6,12 +6,14 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .img2img import image_bytes
 from .jobs import DEFAULT_STRENGTH, MAX_SEED, Job, JobDefaults
+from .lora import LoraFile, lora_set
 from .models import ModelInfo, caption_cleaning
 
 
@@ -59,6 +61,8 @@ class Item:
     name: str | None
     seed_was_drawn: bool
     sampler: str = "dpm-solver"
+    # LoRAs merged into the transformer for this image, as the job lists them: {"path", "scale"}; scale 0 left out
+    lora: list[dict] = field(default_factory=list)
     # Where a drawn seed is remembered: the manifest's drawn_seeds[seed_slot][copy]. The PNG carries it too, so
     # a damaged manifest loses no drawn seed (RunFolder.recover_drawn_seeds). Empty for a seed the job gave.
     seed_slot: str = ""
@@ -92,10 +96,12 @@ IMG2IMG_FIELDS = ("init_image", "strength", "init_key")
 
 def _job_spec(job: Job, defaults: JobDefaults) -> dict:
     """What a job asks for, independent of where it sits in the queue, with the model's defaults filled in (a job
-    that names the model's own sampler asks for what one that names none does). A text-to-image job's spec is
-    what it was before image-to-image existed: the seeds drawn for it are found again."""
+    that names the model's own sampler asks for what one that names none does). A job without LoRAs or an init
+    image has the spec it had before either existed: the seeds drawn for it are found again."""
     spec = asdict(job)
     spec.pop("index")
+    if not job.lora:
+        del spec["lora"]
     if job.init_image is None:
         del spec["init_image"], spec["strength"]
     else:
@@ -138,6 +144,7 @@ def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[i
                 id=item_id, job_index=job.index, copy=k, prompt=job.prompt, negative_prompt=job.negative_prompt,
                 width=job.width or defaults.size, height=job.height or defaults.size, seed=seed,
                 cfg=spec["cfg"], steps=spec["steps"], sampler=job.sampler or defaults.sampler, name=job.name,
+                lora=[{"path": e.path, "scale": e.scale} for e in job.lora if e.scale != 0],
                 seed_was_drawn=job.seed is None, seed_slot="" if job.seed is not None else slot,
                 init_image=job.init_image or "", strength=spec.get("strength")))
     _make_ids_unique(items)
@@ -175,16 +182,17 @@ def binned_sizes(info: ModelInfo, items: list[Item]) -> list[tuple[int, int]]:
 
 
 def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_on_cpu: bool = False,
-                text_encoder_8bit: bool = False) -> dict[str, str]:
+                text_encoder_8bit: bool = False, loras: Mapping[str, LoraFile] | None = None) -> dict[str, str]:
     """Key each artifact to everything that decides its content. Returns text key -> text for the embeddings.
 
     An embedding: the tokenizer, T5, the dtype it is stored in, the token length, caption cleaning, where T5 ran
     (the CPU computes in float32) and whether in 8 bits. A latent: the DiT, the scheduler config, the dtype, both
-    embeddings, and the item's size, steps, guidance, seed and sampler; for image-to-image also its strength and
-    the init image's encoding: that image's content (sha256), the size it is encoded at, the VAE and the dtype. An
-    image: its latent, the VAE and the run's dtype. Precision fallbacks (`Settings.upcast`, batch sizes) are not
-    part of a key: they change rounding, not what an artifact is, and apply to what is still to make. Reads each
-    init image once (its hash)."""
+    embeddings, and the item's size, steps, guidance, seed and sampler, and its LoRAs' identities and scales
+    (`loras`: path -> the LoRA read from it; in merge order, so the order a job lists them in does not count); for
+    image-to-image also its strength and the init image's encoding: that image's content (sha256), the size it is
+    encoded at, the VAE and the dtype. An image: its latent, the VAE and the run's dtype. Precision fallbacks
+    (`Settings.upcast`, batch sizes) are not part of a key: they change rounding, not what an artifact is, and
+    apply to what is still to make. Reads each init image once (its hash)."""
     dtype_name = str(dtype)
     encoder = (KEY_FORMAT, info.identity["tokenizer"], info.identity["text_encoder"], dtype_name,
                info.geometry.max_sequence_length, caption_cleaning(), "cpu-float32" if encode_on_cpu else "device",
@@ -192,6 +200,7 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
     decoder = (KEY_FORMAT, info.identity["vae"], dtype_name)
     texts: dict[str, str] = {}
     text_keys: dict[str, str] = {}  # text -> its key, each text hashed once (a job's copies share their texts)
+    lora_keys: dict[tuple, list] = {}  # a job's LoRAs -> their part of the key, worked out once per job
     image_hashes: dict[str, str] = {}  # init image path -> sha256 of its content
     for item in items:
         for text in (item.prompt, item.negative_prompt):
@@ -203,6 +212,11 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
         latent = ("latent", KEY_FORMAT, info.identity["transformer"], info.identity["scheduler"], dtype_name,
                   item.prompt_key, item.negative_key, item.width, item.height, item.steps, item.cfg, item.seed,
                   item.sampler)
+        if item.lora:  # without LoRAs the key is what it always was: finished latents stay valid
+            listed = tuple((e["path"], e["scale"]) for e in item.lora)
+            if listed not in lora_keys:
+                lora_keys[listed] = lora_set(item.lora, loras or {}).key()
+            latent += ("lora", lora_keys[listed])
         if item.init_image:
             if item.init_image not in image_hashes:
                 image_hashes[item.init_image] = image_bytes(item.init_image)[1]

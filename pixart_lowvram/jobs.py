@@ -28,7 +28,7 @@ from .errors import Problem, QueueError
 from .samplers import NAMES as SAMPLER_NAMES
 
 KNOWN_FIELDS = ("prompt", "negative_prompt", "width", "height", "seed", "cfg", "steps", "sampler", "count", "name",
-                "init_image", "strength")
+                "lora", "init_image", "strength")
 # The reference PixArtAlphaPipeline's defaults, for hints; a job that leaves cfg, steps or sampler out gets its
 # model's (JobDefaults below: 4 steps without guidance for PixArt-LCM, one step for DMD).
 DEFAULT_CFG = 4.5
@@ -66,6 +66,15 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA a job names: its file or peft folder (relative paths resolved against the queue file's folder) and
+    the weight its update is added with."""
+
+    path: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class Job:
     """One entry of the queue, defaults applied, before expansion into images."""
 
@@ -80,6 +89,7 @@ class Job:
     count: int = 1
     name: str | None = None
     sampler: str | None = None  # None: the model's own scheduler
+    lora: tuple[LoraSpec, ...] = ()  # merged into the transformer for this job's images (lora.py)
     init_image: str | None = None  # image-to-image: the image's path (a queue's, joined to the queue's folder)
     strength: float | None = None  # image-to-image only; None: DEFAULT_STRENGTH
 
@@ -117,7 +127,7 @@ def load_queue(path: str | os.PathLike) -> list[Job]:
         line = data.count(b"\n", 0, error.start) + 1
         raise QueueError([Problem(f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line})",
                                   hint="save the file as UTF-8")], source=source) from None
-    return parse_queue(text, fmt, source, base=path.parent)
+    return parse_queue(text, fmt, source, base_dir=path.parent)
 
 
 def read_limited(path: str | os.PathLike, limit: int) -> bytes:
@@ -139,12 +149,13 @@ def read_limited(path: str | os.PathLike, limit: int) -> bytes:
     return data
 
 
-def parse_queue(text: str, fmt: str, source: str = "<string>", base: str | os.PathLike | None = None) -> list[Job]:
-    """Parse and validate a queue given as text; fmt is "toml", "json" or "jsonl". Paths in it (init_image) are
-    relative to `base` (None: the current folder): load_queue gives the queue file's folder."""
+def parse_queue(text: str, fmt: str, source: str = "<string>", base_dir: str | os.PathLike | None = None
+                ) -> list[Job]:
+    """Parse and validate a queue given as text; fmt is "toml", "json" or "jsonl". Relative paths in it (LoRA
+    files, init images) are taken from `base_dir` (None: the current folder)."""
     text = text.removeprefix("\ufeff")  # editors on Windows like to start UTF-8 files with a BOM
     if fmt == "jsonl":
-        return _parse_jsonl(text, source, base)
+        return _parse_jsonl(text, source, base_dir)
     if fmt not in ("toml", "json"):
         raise QueueError([Problem(f"unknown queue format {fmt!r}", hint="use 'toml', 'json' or 'jsonl'")],
                          source=source)
@@ -152,10 +163,10 @@ def parse_queue(text: str, fmt: str, source: str = "<string>", base: str | os.Pa
         doc = tomllib.loads(text) if fmt == "toml" else _json_loads(text)
     except (ValueError, RecursionError) as error:
         raise QueueError([_syntax_problem(error, text)], source=source) from None
-    return validate_document(doc, source, fmt=fmt, base=base)
+    return validate_document(doc, source, fmt=fmt, base_dir=base_dir)
 
 
-def _parse_jsonl(text: str, source: str, base: str | os.PathLike | None) -> list[Job]:
+def _parse_jsonl(text: str, source: str, base_dir: str | os.PathLike | None = None) -> list[Job]:
     problems: list[Problem] = []
     unreadable = False
     defaults_line: int | None = None
@@ -182,7 +193,7 @@ def _parse_jsonl(text: str, source: str, base: str | os.PathLike | None) -> list
     if unreadable:
         raise QueueError(problems, source=source)
     try:
-        jobs = validate_document(doc, source, fmt="jsonl", base=base)
+        jobs = validate_document(doc, source, fmt="jsonl", base_dir=base_dir)
     except QueueError as error:
         raise QueueError(problems + error.problems, source=source) from None
     if problems:
@@ -234,12 +245,13 @@ def _syntax_problem(error: Exception, text: str, line: int | None = None) -> Pro
 def jobs_from_options(prompt: str | None, *, negative_prompt: str | None = None, width: int | None = None,
                       height: int | None = None, seed: int | None = None, cfg: float | None = None,
                       steps: int | None = None, count: int | None = None, name: str | None = None,
-                      sampler: str | None = None, init_image: str | None = None,
+                      sampler: str | None = None, lora: list[dict] | None = None, init_image: str | None = None,
                       strength: float | None = None) -> list[Job]:
-    """A one-job queue from command-line options; None means "not given". Validated like a file's job (an
-    init image's path relative to the current folder)."""
+    """A one-job queue from command-line options; None means "not given". Validated like a file's job; LoRA
+    and init image paths are taken from the current folder."""
     given = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, seed=seed, cfg=cfg,
-                 steps=steps, count=count, name=name, sampler=sampler, init_image=init_image, strength=strength)
+                 steps=steps, count=count, name=name, sampler=sampler, lora=lora or None, init_image=init_image,
+                 strength=strength)
     job = {key: value for key, value in given.items() if value is not None}
     return validate_document({"jobs": [job]}, "command line")
 
@@ -318,9 +330,8 @@ def _check_count(value: object) -> Bad:
     return _whole(value) or _at_least(value, 1) or _at_most(value, MAX_COUNT, "split it into several jobs")
 
 
-def _check_cfg(value: object) -> Bad:
+def _finite_number(value: object, hint: str) -> Bad:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        hint = f"PixArt-α's default is {DEFAULT_CFG}"
         if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,30}(\.[0-9]{1,30})?\s*", value):
             hint = f"write {value.strip()} without quotes"
         return f"must be a number, not {_show(value)}", hint
@@ -329,11 +340,16 @@ def _check_cfg(value: object) -> Bad:
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        return f"must be a finite number, not {_show(value)}", f"PixArt-α's default is {DEFAULT_CFG}"
-    if number < 0:
+        return f"must be a finite number, not {_show(value)}", hint
+    return None
+
+
+def _check_cfg(value: object) -> Bad:
+    bad = _finite_number(value, f"PixArt-α's default is {DEFAULT_CFG}")
+    if bad is None and float(value) < 0:
         return (f"must be 0 or more, not {_show(value)}",
                 f"PixArt-α's default is {DEFAULT_CFG}; 1 or less turns guidance off")
-    return None
+    return bad
 
 
 def _check_plain_text(value: object) -> Bad:
@@ -444,6 +460,32 @@ def check_init_image(path: Path) -> Bad:
     return None
 
 
+_LORA_EXAMPLE = 'lora = [{ path = "styles/ink.safetensors", scale = 0.8 }]'
+
+
+def _check_lora(value: object) -> Bad:
+    example = f"for example {_LORA_EXAMPLE}"
+    if not isinstance(value, list):
+        return f"must be a list of LoRAs, not {_show(value)}", example
+    for n, entry in enumerate(value, start=1):
+        where = f"entry {n}" if len(value) > 1 else "the entry"
+        if not isinstance(entry, dict):
+            return f"{where} must be a table with a path and a scale, not {_show(entry)}", example
+        for key in entry:
+            if key not in ("path", "scale"):
+                return f"{where} has an unknown key {key!r}", _did_you_mean(key, ("path", "scale")) or example
+        if "path" not in entry:
+            return f"{where} has no path", example
+        bad = _check_plain_text(entry["path"])
+        if bad is None and not entry["path"].strip():
+            bad = "must not be empty", None
+        if bad:
+            return f"{where}'s path {bad[0]}", bad[1]
+        if "scale" in entry and (bad := _finite_number(entry["scale"], "1 adds the LoRA as trained, 0 leaves it out")):
+            return f"{where}'s scale {bad[0]}", bad[1]
+    return None
+
+
 _CHECKS: dict[str, Callable[[object], Bad]] = {
     "prompt": _check_prompt,
     "negative_prompt": _check_text,
@@ -455,15 +497,23 @@ _CHECKS: dict[str, Callable[[object], Bad]] = {
     "count": _check_count,
     "name": _check_name,
     "sampler": _check_sampler,
+    "lora": _check_lora,
     "init_image": _check_path_text,  # and then the file itself (check_init_image), relative to the queue's folder
     "strength": _check_strength,
 }
 
 
-def _normal(field: str, value: object) -> object:
-    """A checked value in the type Job holds (numpy integers and the like become plain Python numbers)."""
+def _normal(field: str, value: object, base_dir: str | os.PathLike | None = None) -> object:
+    """A checked value in the type Job holds (numpy integers and the like become plain Python numbers; LoRA
+    paths relative to `base_dir`)."""
     if field in ("cfg", "strength"):
         return float(value)
+    if field == "lora":
+        def where(path: str) -> str:
+            path = os.path.expanduser(path)
+            return path if base_dir is None else os.path.join(base_dir, path)
+
+        return tuple(LoraSpec(where(entry["path"]), float(entry.get("scale", 1.0))) for entry in value)
     return int(value) if _is_int(value) else value
 
 
@@ -483,37 +533,37 @@ def _did_you_mean(key: object, choices: tuple[str, ...] | list[str]) -> str | No
 
 @dataclass
 class _Files:
-    """The files a queue names, found relative to `base` (None: the current folder), each checked once."""
+    """The init images a queue names, found relative to `base_dir` (None: the current folder), each checked once."""
 
-    base: str | os.PathLike | None
+    base_dir: str | os.PathLike | None
     checked: dict[str, Bad] = field(default_factory=dict)
 
     def image(self, value: str) -> tuple[str, Bad]:
         """An init image's path as the run will open it, and what is wrong with the file (None: nothing)."""
         path = Path(value).expanduser()
-        if self.base is not None:
-            path = Path(self.base) / path  # an absolute path stays itself
+        if self.base_dir is not None:
+            path = Path(self.base_dir) / path  # an absolute path stays itself
         if str(path) not in self.checked:
             self.checked[str(path)] = check_init_image(path)
         return str(path), self.checked[str(path)]
 
 
-def validate_document(doc: object, source: str, *, fmt: str = "json",
-                      base: str | os.PathLike | None = None) -> list[Job]:
-    """A parsed queue -> jobs, or a QueueError holding every problem found. `fmt` only shapes the hints; files
-    the queue names (init_image) are relative to `base` (None: the current folder).
+def validate_document(doc: object, source: str, *, fmt: str = "json", base_dir: str | os.PathLike | None = None
+                      ) -> list[Job]:
+    """A parsed queue -> jobs, or a QueueError holding every problem found. `fmt` only shapes the hints; relative
+    paths are taken from `base_dir` (None: the current folder).
 
     doc is a list of job tables, or a table {"defaults": {...}, "jobs": [...]}.
     """
     problems: list[Problem] = []
-    files = _Files(base)
+    files = _Files(base_dir)
     defaults_doc, jobs_doc = _split(doc, fmt, problems)
-    defaults, broken = _check_defaults(defaults_doc, fmt, problems)
+    defaults, broken = _check_defaults(defaults_doc, fmt, problems, base_dir)
     _check_files(defaults, broken, files, problems)
     jobs: list[Job] = []
     names: dict[str, tuple[int, str]] = {}
     for index, entry in enumerate(jobs_doc or [], start=1):
-        job = _check_job(index, entry, defaults, broken, names, fmt, problems, files)
+        job = _check_job(index, entry, defaults, broken, names, fmt, problems, base_dir, files)
         if job is not None:
             jobs.append(job)
     if "strength" in defaults and "init_image" not in defaults and "init_image" not in broken and not any(
@@ -570,7 +620,8 @@ def _split(doc: object, fmt: str, problems: list[Problem]) -> tuple[object, list
     return doc.get("defaults"), jobs
 
 
-def _check_defaults(raw: object, fmt: str, problems: list[Problem]) -> tuple[dict, set[str]]:
+def _check_defaults(raw: object, fmt: str, problems: list[Problem], base_dir: str | os.PathLike | None = None
+                    ) -> tuple[dict, set[str]]:
     """The defaults table -> (its valid values, the fields whose default was bad)."""
     if raw is None:
         return {}, set()
@@ -592,7 +643,7 @@ def _check_defaults(raw: object, fmt: str, problems: list[Problem]) -> tuple[dic
             problems.append(Problem(bad[0], field=field, hint=bad[1]))
             broken.add(key)
         else:
-            values[key] = _normal(key, value)
+            values[key] = _normal(key, value, base_dir)
     if "seed" in values and "count" in values and (bad := _seed_range(values["seed"], values["count"])):
         problems.append(Problem(bad[0], field="defaults.seed", hint=bad[1]))
         broken.add("seed")
@@ -613,7 +664,8 @@ def _check_files(values: dict, broken: set[str], files: _Files, problems: list[P
 
 
 def _check_job(index: int, entry: object, defaults: dict, broken: set[str], names: dict[str, tuple[int, str]],
-               fmt: str, problems: list[Problem], files: _Files | None = None) -> Job | None:
+               fmt: str, problems: list[Problem], base_dir: str | os.PathLike | None = None,
+               files: _Files | None = None) -> Job | None:
     """One job's table -> a Job with defaults applied, or None after adding its problems to `problems`."""
     if not isinstance(entry, dict):
         hint = "write each job as its own [[jobs]] table" if fmt == "toml" else 'for example {"prompt": "..."}'
@@ -640,7 +692,7 @@ def _check_job(index: int, entry: object, defaults: dict, broken: set[str], name
             report(key, bad)
             bad_fields.add(key)
         else:
-            values[key] = _normal(key, value)
+            values[key] = _normal(key, value, base_dir)
     if "prompt" not in entry and "prompt" not in defaults and "prompt" not in broken:
         report("prompt", ("is missing", "every job needs a prompt (or give one in the defaults)"))
     own_files = {key: values[key] for key in ("init_image",) if key in entry and key in values}

@@ -23,7 +23,9 @@ from .errors import ModelError
 from .files import cache_dir, write_atomic
 from .geometry import Geometry, patch_size, read_geometry, vae_scale_factor, with_defaults
 from .jobs import JobDefaults
-from .streaming import BlockStreamer, CpuEmbedding, Stored, load_tensor, micro_batch_blocks, set_parameter
+from .lora import LoraSet, merge
+from .streaming import (BlockStreamer, Computed, CpuEmbedding, Stored, load_tensor, micro_batch_blocks,
+                        set_parameter)
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
 SUPPORTED_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
@@ -806,8 +808,18 @@ def bitsandbytes_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def load_transformer(info: ModelInfo, dtype: torch.dtype, device: torch.device):
-    return _load(info, "transformer", torch_dtype=dtype, use_safetensors=True).to(device).eval()
+def load_transformer(info: ModelInfo, dtype: torch.dtype, device: torch.device, lora: LoraSet = LoraSet()):
+    """The DiT as `from_pretrained(torch_dtype=dtype)` gives it, with `lora` merged into its weights on the CPU
+    (each patched weight from its stored values: lora.merge), before it moves to `device`."""
+    model = _load(info, "transformer", torch_dtype=dtype, use_safetensors=True)
+    if lora:
+        stored = info.headers.get("transformer") or stored_tensors(info.path / "transformer")
+        with torch.no_grad():
+            for name, patches in lora.by_parameter().items():
+                param = model.get_parameter(name)
+                param.copy_(merge(load_tensor(stored[name], stored[name].dtype, torch.device("cpu")), patches,
+                                  param.dtype))
+    return model.to(device).eval()
 
 
 # -- built empty, streamed from the files -------------------------------------------------------------------------
@@ -886,7 +898,8 @@ def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.d
 
 
 def load_transformer_streamed(folder: Path, dtype: torch.dtype, device: torch.device, *, ahead: int = 2,
-                              resident: int = 0, hold_in_ram: bool = True):
+                              resident: int = 0, hold_in_ram: bool = True, lora: LoraSet = LoraSet(),
+                              scratch: Path | None = None):
     """The DiT built empty, its first `resident` blocks and everything outside the blocks loaded onto `device`,
     the other blocks streamed, `ahead + 1` at a time (at every step the last block prefetches the first ones of
     the next step). Returns (model, streamer); the model computes what `from_pretrained(torch_dtype=dtype)` gives.
@@ -895,7 +908,11 @@ def load_transformer_streamed(folder: Path, dtype: torch.dtype, device: torch.de
     pinned buffer that stays in RAM (the ~1.2 GiB of PixArt-XL's blocks are needed at every step: reading them
     from the files each time would cost more). Without it (a machine whose RAM cannot hold them, see denoise.py)
     the blocks are read from the files at every step (the page cache serves them while it can) through a small
-    pinned ring."""
+    pinned ring.
+
+    lora: merged into each patched weight on the CPU as it is read (lora.merge): the weights outside the blocks
+    now, the held blocks' when they are read into their buffers. Blocks read at every step are merged once into
+    a scratch file in the folder `scratch` (removed when the streamer closes) and read from there."""
     from accelerate import init_empty_weights  # noqa: PLC0415
     from diffusers import PixArtTransformer2DModel  # noqa: PLC0415
 
@@ -903,23 +920,59 @@ def load_transformer_streamed(folder: Path, dtype: torch.dtype, device: torch.de
         model = PixArtTransformer2DModel.from_config(PixArtTransformer2DModel.load_config(folder))
     model.eval()
     stored = stored_tensors(folder)
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    patches = lora.by_parameter()
 
-    def find(name: str, param) -> Stored:
+    def find(name: str, param) -> Stored | Computed:
         if name not in stored:
             raise ModelError(f"{folder}: no tensor {name!r} in the weights files")
-        return stored[name]
+        if name not in patches:
+            return stored[name]
+        source, target = stored[name], _target_dtype(name, dtype, keep)
+        return Computed(source.shape, target, lambda: merge(
+            load_tensor(source, source.dtype, torch.device("cpu")), patches[name], target))
 
     blocks = len(model.transformer_blocks)
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     per_unit = _place_from_files(model, find, r"transformer_blocks\.(\d+)\.", blocks - resident, dtype, keep,
                                  device, first=resident)
+    spilled = None
+    if not hold_in_ram and patches:
+        spilled = _spill_computed(per_unit, scratch or folder)
     for module in model.modules():
         for leaf, buf in list(module._buffers.items()):
             if buf is not None:  # as computed: from_pretrained leaves them so (the positional embedding in float32)
                 module._buffers[leaf] = buf.to(device)
     streamer = BlockStreamer(list(model.transformer_blocks)[resident:], per_unit, device, ahead=ahead, cyclic=True,
                              hold=hold_in_ram)
+    if spilled is not None:
+        streamer.on_close.append(lambda: spilled.unlink(missing_ok=True))
     return model, streamer
+
+
+def _spill_computed(per_unit: list[dict], folder: Path) -> Path:
+    """Make every computed tensor of the streamed units once and write them one after another to a temporary
+    file in `folder` (named as this tool's temporary files are, so that a run killed meanwhile leaves nothing a
+    later run keeps); each unit's entry then points at its bytes there, to be read at every step like the
+    model's own files. Returns the file."""
+    import tempfile  # noqa: PLC0415
+
+    from .files import TEMP_MARK  # noqa: PLC0415
+
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f".transformer-lora{TEMP_MARK}", suffix=".tmp")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for unit in per_unit:
+                for key, (owner, src, dtype) in unit.items():
+                    if isinstance(src, Computed):
+                        tensor = src.make().contiguous()
+                        start = f.tell()
+                        f.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+                        unit[key] = (owner, Stored(path, start, f.tell() - start, dtype, tuple(tensor.shape)), dtype)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import InputErrors, PixartError, Problem, QueueError, UsageError
 from .jobs import DEFAULT_STRENGTH, Job
+from .lora import LoraFile, LoraFormatError, read_lora
 from .models import DEFAULT_MODEL, ModelInfo, bitsandbytes_available, resolve_model, vae_dtype
 from .memory import resolve_host_budget
 from .placement import parse_size
@@ -60,6 +61,7 @@ class Resolved:
     dtype: torch.dtype
     budget: int | str | None  # whole-process GPU bytes; "auto": what the GPU has free when the run starts
     host_budget: int | None = None  # whole-process host RAM bytes; None: unconstrained (or unknown)
+    loras: dict[str, LoraFile] = field(default_factory=dict)  # each LoRA path the jobs name -> what it holds
 
     @property
     def dtype_name(self) -> str:
@@ -83,11 +85,13 @@ def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -
         raise _together(problems)
     info = _attempt(problems, lambda: resolve_model(settings.model, settings.allow_pickle,
                                                     hash_weights=hash_weights))
+    loras = None
     if info is not None:
         _attempt(problems, check_jobs, jobs, info)
+        loras = _attempt(problems, check_loras, jobs, info, hash_weights)
     if problems:
         raise _together(problems)
-    return Resolved(settings=settings, info=info, **options)
+    return Resolved(settings=settings, info=info, loras=loras, **options)
 
 
 def jobs_with_options(load: Callable[[], list[Job]], settings: Settings) -> list[Job]:
@@ -255,6 +259,34 @@ def _img2img_problems(job: Job, kind, steps: int, where: dict) -> list[Problem]:
     given = "" if job.strength is not None else " (the default)"
     return [Problem(f"strength {strength:g}{given} runs no step of {steps}: image-to-image runs int(steps x "
                     f"strength) of them", field="strength", hint=hint, **where)]
+
+
+def check_loras(jobs: list[Job], info: ModelInfo, hash_files: bool = True) -> dict[str, LoraFile]:
+    """Every LoRA the jobs name, read once and checked against the transformer's safetensors headers (lora.py): a
+    QueueError naming, for each one that cannot be merged, the first job that names it and why. Returns path ->
+    LoRA. `hash_files`: each LoRA's identity is hashed from its bytes (what the latents' keys hold)."""
+    users: dict[str, list[Job]] = {}
+    for job in jobs:
+        for entry in job.lora:
+            users.setdefault(entry.path, []).append(job)
+    if not users:
+        return {}
+    transformer = info.headers.get("transformer")
+    found, problems = {}, []
+    for path, named_by in users.items():
+        try:
+            if transformer is None:
+                raise LoraFormatError(f"{path}: a LoRA is merged into the transformer's safetensors weights, and "
+                                      f"{info.path / 'transformer'} has none (pickled weights)")
+            found[path] = read_lora(path, transformer, hash_files=hash_files)
+        except LoraFormatError as exc:
+            others = sorted({job.index for job in named_by[1:]} - {named_by[0].index})
+            also = f"jobs {', '.join(map(str, others[:10]))}{' ...' if len(others) > 10 else ''} name it too"
+            problems.append(Problem(str(exc), job_index=named_by[0].index, job_name=named_by[0].name, field="lora",
+                                    hint=also if others else None))
+    if problems:
+        raise QueueError(problems, source=f"{info.name} ({info.kind.title})")
+    return found
 
 
 def _scheduler_refuses(info: ModelInfo, sampler: str, steps: int) -> str | None:

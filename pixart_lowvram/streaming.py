@@ -23,6 +23,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -104,6 +105,19 @@ class Stored:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class Computed:
+    """A tensor made on the CPU when it is first needed rather than read as stored: a weight with a LoRA merged in
+    (lora.py). `make` returns it in `dtype`. Only held units (read once) can be made of these."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
 # page cache -> pinned memory on the H100 machines: 5.5 GB/s with one thread, 15.4 with 4, 22.6 with 8
 # (bench/stream_profile.py); with 4 the encode stage still waited 0.5 s on reads (bench/profile.sh)
 READ_THREADS = min(8, os.cpu_count() or 1)
@@ -135,7 +149,9 @@ def read_pieces(pool: ThreadPoolExecutor, stored: Stored, out: torch.Tensor) -> 
             for lo in range(0, stored.nbytes, READ_PIECE)]
 
 
-def load_tensor(stored: Stored, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def load_tensor(stored: Stored | Computed, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(stored, Computed):
+        return stored.make().to(device=device, dtype=dtype)
     raw = torch.empty(stored.nbytes, dtype=torch.uint8)
     read_into(stored, raw)
     return raw.view(stored.dtype).reshape(stored.shape).to(device=device, dtype=dtype)
@@ -153,8 +169,10 @@ class BlockStreamer:
     while one computes; host reads run further ahead on a thread, into a ring of `ahead + 2` pinned buffers."""
 
     def __init__(self, units: list[nn.Module],
-                 params: list[dict[str, tuple[tuple[nn.Module, str], Stored, torch.dtype]]],
+                 params: list[dict[str, tuple[tuple[nn.Module, str], Stored | Computed, torch.dtype]]],
                  device: torch.device, ahead: int = 1, cyclic: bool = False, hold: bool = False):
+        if not hold and any(isinstance(src, Computed) for p in params for _, src, _ in p.values()):
+            raise ValueError("computed tensors stream only from units held in RAM")
         self.units, self.params, self.device, self.ahead = units, params, device, ahead
         # cyclic: the units run again and again (the DiT, at every step): the last one prefetches the first ones
         self.cyclic = cyclic
@@ -162,8 +180,8 @@ class BlockStreamer:
         self.side = torch.cuda.Stream(device) if self.cuda else None
         # hold: every unit's weights stay in RAM, one pinned buffer each, read once; else they are read from the
         # files at each use into a ring of pinned buffers
-        sizes = [sum(_aligned(s.nbytes) for _, s, _ in p.values()) for p in params]
-        slots = ahead + 2 if max(sizes, default=0) and not hold else 0
+        sizes = [] if hold else [sum(_aligned(s.nbytes) for _, s, _ in p.values()) for p in params]
+        slots = ahead + 2 if max(sizes, default=0) else 0
         self.slots = [torch.empty(max(sizes), dtype=torch.uint8, pin_memory=self.cuda) for _ in range(slots)]
         self.slot_free: list[torch.cuda.Event | None] = [None] * len(self.slots)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-read")  # one block after another
@@ -176,6 +194,7 @@ class BlockStreamer:
             self.handles.append(unit.register_forward_pre_hook(lambda m, a, i=i: self._before(i)))
             self.handles.append(unit.register_forward_hook(lambda m, a, o, i=i: self._after(i)))
         self.bytes_moved = 0
+        self.on_close: list[Callable[[], None]] = []  # run when it closes (a scratch file of merged weights)
         # what stands in for a unit's weights while it is not on the device (made once: a run swaps them
         # ~50,000 times, and making them anew cost ~0.3 s of the main thread's time a run)
         self.meta = [[nn.Parameter(torch.empty(src.shape, dtype=dtype, device="meta"), requires_grad=False)
@@ -203,9 +222,9 @@ class BlockStreamer:
             buffer = torch.empty(total, dtype=torch.uint8, pin_memory=self.cuda)
             for (offset, nbytes, dtype, shape), (_, src, _) in zip(layout, self.params[i].values()):
                 out = buffer[offset:offset + nbytes]
-                if src.dtype == dtype:  # straight from the file
+                if isinstance(src, Stored) and src.dtype == dtype:  # straight from the file
                     pending += read_pieces(self.io, src, out)
-                else:  # converted on the way, as from_pretrained converts
+                else:  # converted on the way, as from_pretrained converts (or made: a LoRA merged in)
                     pending.append(self.io.submit(_convert_into, out, dtype, shape, src))
             flat[i] = (buffer, layout)
         for job in pending:
@@ -333,6 +352,8 @@ class BlockStreamer:
         self.on_device.clear()
         self.views.clear()
         self.buffers.clear()
+        while self.on_close:
+            self.on_close.pop()()
 
 
 def set_parameter(owner: tuple[nn.Module, str], tensor: torch.Tensor) -> None:
@@ -341,7 +362,7 @@ def set_parameter(owner: tuple[nn.Module, str], tensor: torch.Tensor) -> None:
     module._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
 
 
-def _convert_into(out: torch.Tensor, dtype: torch.dtype, shape: tuple, src: Stored) -> None:
+def _convert_into(out: torch.Tensor, dtype: torch.dtype, shape: tuple, src: Stored | Computed) -> None:
     """Put a stored tensor's values, converted to `dtype`, into the uint8 buffer `out`."""
     out.view(dtype).view(shape).copy_(load_tensor(src, src.dtype, torch.device("cpu")))
 

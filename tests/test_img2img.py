@@ -449,3 +449,29 @@ def test_an_overflowing_vae_encoder_is_named_and_upcast_redoes_only_it(tiny_mode
     again = run_queue(jobs, tmp_path / "run", Settings(**half, upcast=("vae",)))
     assert not again.failures and again.made == {"vae-encode": 1, "denoise": 1, "decode": 1}
     assert again.images["wild"].is_file()
+
+
+def test_an_init_image_and_a_lora_together_make_the_recipes_image_with_peft(tiny_model, init_images, tmp_path):
+    """A job with both: the LoRA merged into the transformer (lora.py), the init image encoded and noised; equal
+    to the img2img recipe on the plain pipeline whose transformer peft wraps with the same adapter, unmerged."""
+    from peft import PeftModel
+
+    from pixart_lowvram.jobs import LoraSpec
+    from test_lora import make_adapter
+
+    adapter = make_adapter(tiny_model, tmp_path / "ink", r=4, alpha=6)
+    result = run_queue([job(init_images["a"], steps=3, strength=0.7, lora=(LoraSpec(str(adapter), 0.7),))],
+                       tmp_path / "run", Settings(model=tiny_model, **CPU32))
+    pipe = diffusers.PixArtAlphaPipeline.from_pretrained(tiny_model)
+    wrapped = PeftModel.from_pretrained(pipe.transformer, adapter)
+    from peft.tuners.lora import LoraLayer
+
+    for module in wrapped.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", 0.7)
+    expected = reference_img2img(pipe, init_image=init_images["a"], prompt="a pirate ship", width=256, height=256,
+                                 seed=5, strength=0.7, steps=3)
+    without = reference_img2img(diffusers.PixArtAlphaPipeline.from_pretrained(tiny_model), init_image=init_images["a"],
+                                prompt="a pirate ship", width=256, height=256, seed=5, strength=0.7, steps=3)
+    ours = pixels(result.images[result.items[0].id])
+    assert max_diff(ours, expected) <= 1 < max_diff(ours, without)
