@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,6 +27,8 @@ examples:
   pixart-lowvram run queue.toml --model ./my-pixart     a model folder in the diffusers layout
   pixart-lowvram generate "a lighthouse at dusk" --seed 7 --count 4
   pixart-lowvram generate "a fox" --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --sampler euler-a
+  pixart-lowvram run queue.toml --gpus all               one process per GPU, one run folder
+  torchrun --nproc-per-node 4 -m pixart_lowvram.cli run queue.toml     the same, started by torchrun
   pixart-lowvram generate "a harbour at dawn" --lora styles/ink.safetensors:0.8   a LoRA, weighed 0.8
   pixart-lowvram generate "the same street at night" --init-image street.jpg --strength 0.6
   pixart-lowvram make-random-model --preset xl ./pixart-xl-random
@@ -34,8 +37,8 @@ Running the same command again resumes: finished embeddings, latents and images 
 A finished image is never replaced by one made from other parameters: the new one gets another name (NAME~2).
 Exit codes: 0 done; 1 the run folder could not be used or written (locked by another run, read-only, disk
 full); 2 bad input (queue, options, model, --out not a run folder; nothing was loaded or written); 3 out of GPU
-memory; 4 some images not made (a component overflowed: see --upcast); 130 interrupted (Ctrl-C). Finished work
-is kept in every case.
+memory; 4 some images not made (a component overflowed: see --upcast); 5 a process of a run over several GPUs
+died (killed, crashed); 130 interrupted (Ctrl-C). Finished work is kept in every case.
 """
 
 QUEUE_HELP = """\
@@ -99,7 +102,17 @@ class TqdmReporter(Reporter):
             tqdm.write(message, file=sys.stderr)
 
 
-def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
+GPUS_HELP = (
+    "run over several GPUs of this machine, one process each: all, a list of indices (0,1,3), or cpu:N (N processes "
+    "on the CPU, for trying it without GPUs). The images still to make are divided by cost (steps x pixels) so the "
+    "GPUs finish together, each text is encoded once, and everything goes into the one run folder; --vram-budget "
+    "and --host-budget apply to each process (auto: this machine's RAM shared between them). Resume with the same "
+    "command, with any number of GPUs. Under torchrun (torchrun --nproc-per-node N -m pixart_lowvram.cli run QUEUE; "
+    "several hosts through its rendezvous, the run folder on shared storage) leave it out: each process takes the "
+    "GPU of its LOCAL_RANK")
+
+
+def _add_run_options(p: argparse.ArgumentParser, out_help: str, several: bool = False) -> None:
     from .models import DEFAULT_MODEL  # noqa: PLC0415
 
     g = p.add_argument_group("run options")
@@ -108,6 +121,8 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str) -> None:
                         f"its model_index.json (default: {DEFAULT_MODEL})")
     g.add_argument("--out", metavar="DIR", help=out_help)
     g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    if several:
+        g.add_argument("--gpus", metavar="all|0,1,...|cpu:N", help=GPUS_HELP)
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="precision of the weights (default: float16 on a GPU, as the reference; float32 on CPU). "
                         "PixArt-Σ's SDXL VAE overflows float16: it decodes in float32 in a float16 run")
@@ -216,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a queue file (TOML, JSON or JSONL)", description=QUEUE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("queue", metavar="QUEUE", help="the queue file")
-    _add_run_options(p, "run folder (default: runs/<queue file name>)")
+    _add_run_options(p, "run folder (default: runs/<queue file name>)", several=True)
 
     p = sub.add_parser("plan", help="show where each stage's model goes for a VRAM budget (loads nothing)",
                        description="Prints the placement plan for a queue: for each stage whether its model is "
@@ -230,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Make images from one prompt; a one-job queue with the same rules.")
     p.add_argument("prompt", metavar="PROMPT")
     _add_job_options(p)
-    _add_run_options(p, "run folder (default: runs/<prompt>)")
+    _add_run_options(p, "run folder (default: runs/<prompt>)", several=True)
 
     p = sub.add_parser("demo", help="offline demo: the article's queue on a tiny random-weight model",
                        description="Builds (or reuses) a tiny random-weight PixArt model in the cache folder and "
@@ -271,39 +286,74 @@ SHOW_IMAGES = 10  # a run of at most this many images lists each image's file
 
 
 def print_summary(result, seconds: float) -> None:
-    """The end-of-run table: per stage, what it made, how long it took and its memory peaks; then where the
-    images are (each one, for a short queue)."""
+    """The end-of-run table: per stage, what it made, how long it took and its memory peaks (over several processes:
+    each one's row, then the stage over all of them, and how long each one waited for the others); then where
+    the images are (each one, for a short queue)."""
     from .placement import format_size  # noqa: PLC0415
 
-    rows = [("stage", "made", "time", "loading", "torch peak", "GPU (NVML)", "host RSS")]
-    for s in result.stages:
+    def row(s, *label):
         load = "-" if s.load_seconds is None else f"{s.load_seconds:.1f} s"
-        rows.append((s.name, "skipped" if s.skipped else str(s.items), "-" if s.skipped else f"{s.seconds:.1f} s", load,
-                     format_size(s.torch_peak), format_size(s.nvml_peak), format_size(s.rss_peak)))
+        return (s.name, *label, "skipped" if s.skipped else str(s.items), "-" if s.skipped else f"{s.seconds:.1f} s",
+                load, format_size(s.torch_peak), format_size(s.nvml_peak), format_size(s.rss_peak))
+
+    head = ("stage", "made", "time", "loading", "torch peak", "GPU (NVML)", "host RSS")
+    over = [(s.name, what) for s in result.stages for what in s.over_budget()]
+    if not result.ranks:
+        _table([head] + [row(s) for s in result.stages])
+    else:
+        rows = [head[:1] + ("process",) + head[1:]]
+        for s in result.stages:
+            for r in result.ranks:
+                rows += [row(mine, _process(r)) for mine in r.stages if mine.name == s.name]
+            rows.append(row(s, "all"))
+        _table(rows)
+        over = [(f"{mine.name} on rank {r.rank}", what) for r in result.ranks for mine in r.stages
+                for what in mine.over_budget()]
+        slowest = max(r.seconds for r in result.ranks)
+        rows = [("process", "images", "texts", "time", "waiting for the others")]
+        rows += [(_process(r), str(r.images), str(r.texts), f"{r.seconds:.1f} s",
+                  f"{r.waited + slowest - r.seconds:.1f} s") if r.missing is None
+                 else (_process(r), "-", "-", "-", f"no figures: {r.missing}") for r in result.ranks]
+        _table(rows)
+    for name, what in over:
+        print(f"over budget: {name}: {what}")
+    done = sum(1 for p in result.images.values() if p.is_file())
+    if len(result.images) <= SHOW_IMAGES:
+        print()
+        for path in result.images.values():
+            print(f"  {path}")
+    if result.ranks:
+        from .team import devices  # noqa: PLC0415
+
+        device = devices([r.device for r in result.ranks])
+    else:
+        device = result.device
+    print(f"\n{done}/{len(result.images)} images in {result.folder / 'images'} "
+          f"({seconds:.1f} s, {device}, {result.dtype}; figures in {result.folder / 'run.json'})")
+
+
+def _process(record) -> str:
+    return f"{record.rank} ({record.device}{'' if record.host == socket.gethostname() else ' on ' + record.host})"
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    """Rows under a ruled head; the first column left, the others right."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print()
     for i, row in enumerate(rows):
         print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    for s in result.stages:
-        for what in s.over_budget():
-            print(f"over budget: {s.name}: {what}")
-    done = sum(1 for p in result.images.values() if p.is_file())
-    if len(result.images) <= SHOW_IMAGES:
-        print()
-        for path in result.images.values():
-            print(f"  {path}")
-    print(f"\n{done}/{len(result.images)} images in {result.folder / 'images'} "
-          f"({seconds:.1f} s, {result.device}, {result.dtype}; figures in {result.folder / 'run.json'})")
 
 
-def _run(jobs, out: Path, settings, quiet: bool) -> int:
-    from .generate import run_queue  # noqa: PLC0415
+def _run(jobs, out: Path, settings, quiet: bool, gpus: str | None = None) -> int:
+    from . import launch  # noqa: PLC0415
 
     start = time.perf_counter()
     with _stop_on_ctrl_c() as stop:
-        result = run_queue(jobs, out, settings, TqdmReporter(quiet), stop=stop)
+        result = launch.run(jobs, out, settings, TqdmReporter(quiet), stop, gpus=gpus)
+    if result is None:
+        return 0  # a process of several other than the first: the first reports for all
     print_summary(result, time.perf_counter() - start)
     if result.left_alone:
         print(f"{len(result.left_alone)} image(s) of jobs no longer in the queue were left in place.")
@@ -339,28 +389,29 @@ def _stop_on_ctrl_c():
 
 def cmd_run(args) -> int:
     from .jobs import load_queue  # noqa: PLC0415
-
+    from .launch import launch_problems  # noqa: PLC0415
     from .resolve import jobs_with_options  # noqa: PLC0415
 
     settings = _settings(args)
-    jobs = jobs_with_options(lambda: load_queue(args.queue), settings)
+    jobs = jobs_with_options(lambda: load_queue(args.queue), settings, launch_problems(args.gpus, args.device))
     out = Path(args.out) if args.out else Path("runs") / Path(args.queue).stem
-    return _run(jobs, out, settings, args.quiet)
+    return _run(jobs, out, settings, args.quiet, args.gpus)
 
 
 def cmd_generate(args) -> int:
     from .jobs import jobs_from_options  # noqa: PLC0415
     from .items import prompt_folder_name  # noqa: PLC0415
 
+    from .launch import launch_problems  # noqa: PLC0415
     from .resolve import jobs_with_options  # noqa: PLC0415
 
     settings = _settings(args)
     jobs = jobs_with_options(lambda: jobs_from_options(
         args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
         cfg=args.cfg, steps=args.steps, count=args.count, name=args.name, sampler=args.sampler, lora=args.lora,
-        init_image=args.init_image, strength=args.strength), settings)
+        init_image=args.init_image, strength=args.strength), settings, launch_problems(args.gpus, args.device))
     out = Path(args.out) if args.out else Path("runs") / prompt_folder_name(args.prompt)
-    return _run(jobs, out, settings, args.quiet)
+    return _run(jobs, out, settings, args.quiet, args.gpus)
 
 
 def cmd_demo(args) -> int:
@@ -418,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_allocator_defaults()
         args = build_parser().parse_args(argv)
-        _quiet_libraries()
+        quiet_libraries()
         return COMMANDS[args.command](args)
     except PixartError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -438,7 +489,7 @@ def console_main() -> int:
     return code
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Our own bars show progress; the libraries' loading bars would only interleave with them."""
     from diffusers.utils import logging as diffusers_logging  # noqa: PLC0415
     from transformers.utils import logging as transformers_logging  # noqa: PLC0415

@@ -96,3 +96,15 @@ class OutOfMemory(PixartError, exit_code=3):
 
 class Interrupted(PixartError, exit_code=130):
     """The user asked to stop (Ctrl-C); finished work is kept."""
+
+
+class RankFailed(PixartError, exit_code=5):
+    """A run over several processes (GPUs) stopped because one of them failed, died or could not be reached; the
+    others stopped at their next safe point and finished work is kept. Where the process that failed said why
+    (out of memory, a full disk, Ctrl-C), the run ends with that error's own exit code; 5 where it died (killed,
+    crashed), hung or could not be reached."""
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code

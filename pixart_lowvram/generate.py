@@ -6,16 +6,22 @@
   run      (this file)     the stages in order (encode, vae-encode for image-to-image's init images, denoise,
                            decode), each handed one StageContext
 
+On several GPUs (launch.py starts the processes, team.py connects them) each process is one rank and runs the
+same four steps: rank 0 prepares the run folder and divides what is left between the ranks (share.py), and each
+rank plans and runs the same stages on its own share (`_TeamRun`).
+
 Each stage loads its component, works through every pending item, persists what it made and releases the
 component before the next stage loads anything. What is already in the run folder (and made by the same model,
 dtype and parameters) is skipped, so running the same queue again resumes it. `plan_queue` is the first three
 steps alone: it reads configs and safetensors headers, loads no weights and touches no GPU."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import platform
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,19 +29,21 @@ import torch
 
 from . import __version__
 from .decode import decode_items
-from .denoise import denoise_items
+from .denoise import denoise_items, steps_run
 from .encode import encode_texts
-from .errors import Interrupted, OutOfMemory
+from .errors import Interrupted, OutOfMemory, PixartError, RankFailed
 from .files import cache_dir
 from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, init_shapes, latent_shapes
 from .jobs import Job
-from .memory import GpuMemoryProbe, StageMeter, StageStats, release
+from .memory import GpuMemoryProbe, StageMeter, StageStats, release, resolve_host_budget
 from .models import component_sizes
-from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, Sizes, format_plan, format_size, make_plan
+from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, PlanError, Sizes, format_plan, format_size, make_plan
 from .reporting import Reporter
 from .resolve import Resolved, Settings, resolve
 from .run import EmbeddingCache, RunFolder
+from .share import Work, divide_images, divide_texts
 from .stage import StageContext
+from .team import Team, TeamReporter, devices
 from .vae_encode import InitImage, encode_images, pending_images
 
 __all__ = ["RunResult", "Settings", "plan_queue", "plan_run", "run_queue"]
@@ -53,9 +61,11 @@ class RunResult:
     plan: Plan | None = None
     from_cache: int = 0  # embeddings taken from the shared cache instead of encoded
     failures: list[NonFinite] = field(default_factory=list)  # what overflowed, by stage
+    ranks: list[RankRecord] = field(default_factory=list)  # a run over several processes: each one's part
 
 
 COMPONENT_OF = {"encode": "text_encoder", "vae-encode": "vae", "denoise": "transformer", "decode": "vae"}
+STAGES = tuple(COMPONENT_OF)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,55 @@ class NonFinite:
                else "a model whose weights do not overflow (float32 overflowed too)")
         return (f"{len(self.items)} image(s) not made: the {self.component} ({self.dtype}) gave non-finite values "
                 f"in {self.stage} for {names}. Fix: run the same command again with {fix}; only these are redone.")
+
+
+@dataclass
+class RankRecord:
+    """One rank's part in a run over several processes, as rank 0 gathers it for run.json and the summary."""
+
+    rank: int
+    device: str
+    host: str
+    gpu: str | None = None  # the GPU's name
+    texts: int = 0  # texts it was given to encode
+    images: int = 0  # images in its share
+    stages: list[StageStats] = field(default_factory=list)
+    made: dict[str, int] = field(default_factory=dict)
+    failures: list[NonFinite] = field(default_factory=list)
+    seconds: float = 0.0  # from its share to the end of its last stage
+    waited: float = 0.0  # of it, waiting for the other ranks to finish encoding
+    plan: dict | None = None  # its own plan, for its share
+    missing: str | None = None  # why rank 0 has no figures of it (it died, it did not answer in time)
+
+    def to_json(self) -> dict:
+        return {**{k: v for k, v in vars(self).items() if k not in ("stages", "failures")},
+                "stages": [s.to_json() for s in self.stages], "failures": [f.to_json() for f in self.failures]}
+
+
+def combined(name: str, stats: list[StageStats]) -> StageStats:
+    """One stage over several ranks: what they made together, the slowest one's time, the highest peaks (a budget
+    is per GPU: each rank's own is in its record)."""
+    ran = [s for s in stats if not s.skipped]
+    if not ran:
+        return StageStats(name, skipped=True)
+
+    def most(attr: str):
+        values = [getattr(s, attr) for s in ran if getattr(s, attr) is not None]
+        return max(values) if values else None
+
+    return StageStats(name, seconds=max(s.seconds for s in ran), load_seconds=most("load_seconds"),
+                      items=sum(s.items for s in ran), torch_peak=most("torch_peak"),
+                      torch_reserved_peak=most("torch_reserved_peak"), nvml_peak=most("nvml_peak"),
+                      rss_peak=most("rss_peak"), ram_peak=most("ram_peak"), vram_budget=ran[0].vram_budget,
+                      host_budget=ran[0].host_budget)
+
+
+def merged(failures: list[NonFinite]) -> list[NonFinite]:
+    """The ranks' non-finite records, one per stage, component and dtype."""
+    items: dict[tuple[str, str, str], dict[str, None]] = {}
+    for f in failures:
+        items.setdefault((f.stage, f.component, f.dtype), {}).update(dict.fromkeys(f.items))
+    return [NonFinite(*where, tuple(ids)) for where, ids in items.items()]
 
 
 default_cache_dir = cache_dir  # the name the CLI and API users know
@@ -117,13 +176,24 @@ def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = C
 
 
 def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
-              reporter: Reporter | None = None, stop: threading.Event | None = None) -> RunResult:
+              reporter: Reporter | None = None, stop: threading.Event | None = None,
+              team: Team | None = None) -> RunResult:
     """Make every image of `jobs` in the run folder `out`, resuming what an earlier run left there.
 
     Setting `stop` (from another thread or a signal handler) ends the run at the next safe point with
-    `Interrupted`; everything finished by then is kept."""
-    resolved = resolve(jobs, settings or Settings())
-    return _Run(jobs, resolved, RunFolder(out), reporter or Reporter(), stop or threading.Event()).run()
+    `Interrupted`; everything finished by then is kept. With `team` this process is one rank of a run over several
+    (launch.py starts them; every rank calls this with the same jobs and settings, its own device): it makes its
+    share, and rank 0's result holds every rank's part; the other ranks' results, only their own."""
+    settings, reporter, stop = settings or Settings(), reporter or Reporter(), stop or threading.Event()
+    if team is None:
+        return _Run(jobs, resolve(jobs, settings), RunFolder(out), reporter, stop).run()
+    if settings.host_budget == "auto" and team.local_size > 1:
+        # what the machine has is shared by the ranks on it; a size given is each process's
+        whole = resolve_host_budget("auto")
+        if whole is not None:
+            settings = dataclasses.replace(settings, host_budget=whole // team.local_size)
+    resolved = team.together(lambda: resolve(jobs, settings))
+    return _TeamRun(jobs, resolved, RunFolder(out), reporter, stop, team).run()
 
 
 def plan_queue(jobs: list[Job], settings: Settings | None = None, reporter: Reporter | None = None) -> Plan:
@@ -139,6 +209,15 @@ def plan_queue(jobs: list[Job], settings: Settings | None = None, reporter: Repo
     items, _ = expand(jobs, resolved.info.defaults, {})
     texts = {text for it in items for text in (it.prompt, it.negative_prompt)}
     return plan_run(resolved, items, len(texts))
+
+
+@dataclass
+class Pending:
+    """What is left to make: texts to encode (key -> text), items to denoise, items to decode."""
+
+    texts: dict[str, str]
+    latents: list[Item]
+    images: list[Item]
 
 
 class _Run:
@@ -262,7 +341,7 @@ class _Run:
         if count == 0:
             meter.stats.skipped = True
             self.stages.append(meter.stats)
-            self.reporter.info(f"{name}: nothing to do")
+            self.idle(name)
             return []
         ctx = StageContext(info=self.info, folder=self.folder, device=self.device, dtype=self.dtype,
                            plan=self.plan[name], reporter=self.reporter, meter=meter, stop=self.stop,
@@ -288,12 +367,15 @@ class _Run:
         self.write_manifest()
         return ctx.failed
 
+    def idle(self, stage: str) -> None:
+        self.reporter.info(f"{stage}: nothing to do")
+
     def overflowed(self, stage: str, failed: list[str], items: list[Item]) -> set[str]:
         """Record the items a stage's non-finite values leave unmade (`failed`: text keys or item ids); their ids."""
-        if not failed:
-            return set()
         bad = set(failed)
         lost = [it.id for it in items if bad & {it.id, it.prompt_key, it.negative_key, it.init_key}]
+        if not lost:
+            return set()
         component = COMPONENT_OF[stage]
         failure = NonFinite(stage, component, str(self.resolved.compute_dtype(component)).removeprefix("torch."),
                             tuple(lost))
@@ -315,57 +397,77 @@ class _Run:
                 f"  Finished work is kept in {self.folder.path}; run the same command again to resume.\n"
                 f"  To fit: try {hint}; `pixart-lowvram plan QUEUE --vram-budget SIZE` shows what it does.")
 
+    def pending(self) -> Pending:
+        """What is left to make, and (`self.plan`) the plan for making it. Where the plan moves T5 to the CPU
+        (fp32 there), its embeddings are other artifacts, keyed so: what is left is looked at again."""
+        todo = self.left()
+        self.plan = plan_run(dataclasses.replace(self.resolved, budget=self.budget), todo.images or self.items,
+                             len(todo.texts), self.context)
+        if self.plan["encode"].placement == "cpu" and not self.settings.encode_on_cpu:
+            self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True,
+                                     loras=self.resolved.loras)
+            self.claim_image_names()
+            todo = self.left()
+        return todo
+
+    def left(self) -> Pending:
+        images = self.pending_images()
+        latents = self.pending_latents(images)
+        return Pending(self.restore_from_cache(self.pending_texts(latents)), latents, images)
+
+    def run_stages(self, todo: Pending) -> None:
+        """The stages over what is left (vae-encode for the init images it needs, where the plan has it); what one
+        stage could not make (non-finite) the next leaves out."""
+        failed = self.stage("encode", len(todo.texts), lambda ctx: encode_texts(
+            ctx, todo.texts, batch_size=self.plan["encode"].batch, cache=self.cache,
+            eight_bit=self.settings.text_encoder_8bit))
+        lost = self.overflowed("encode", self.encoded(failed), todo.images)
+        if "vae-encode" in self.plan.stages:  # image-to-image: a queue without init images has no such stage
+            inits = self.pending_inits(todo.latents)
+            failed = self.stage("vae-encode", len(inits), lambda ctx: encode_images(ctx, inits))
+            lost |= self.overflowed("vae-encode", failed, todo.images)
+        latents = [it for it in todo.latents if it.id not in lost]
+        images = [it for it in todo.images if it.id not in lost]
+        failed = self.stage("denoise", len(latents), lambda ctx: denoise_items(
+            ctx, latents, batch_size=self.plan["denoise"].batch, loras=self.resolved.loras))
+        lost = self.overflowed("denoise", failed, latents)
+        images = [it for it in images if it.id not in lost]
+        failed = self.stage("decode", len(images), lambda ctx: decode_items(ctx, images))
+        self.overflowed("decode", failed, images)
+
+    def encoded(self, failed: list[str]) -> list[str]:
+        """Once encode is over, the texts that came out non-finite (a rank of several waits for every rank's)."""
+        return failed
+
     def run(self) -> RunResult:
         self.start_device()
         with self.folder:
             self.prepare()
-            todo_images = self.pending_images()
-            todo_latents = self.pending_latents(todo_images)
-            todo_texts = self.restore_from_cache(self.pending_texts(todo_latents))
-            self.plan = plan_run(dataclasses.replace(self.resolved, budget=self.budget),
-                                 todo_images or self.items, len(todo_texts), self.context)
-            if self.plan["encode"].placement == "cpu" and not self.settings.encode_on_cpu:
-                # The planner moved T5 to the CPU (fp32 there): those embeddings are other artifacts, keyed so.
-                self.texts = assign_keys(self.items, self.info, self.dtype, encode_on_cpu=True,
-                                         loras=self.resolved.loras)
-                self.claim_image_names()
-                todo_images = self.pending_images()
-                todo_latents = self.pending_latents(todo_images)
-                todo_texts = self.restore_from_cache(self.pending_texts(todo_latents))
-            todo_inits = self.pending_inits(todo_latents)
+            todo = self.pending()
             self.reporter.info(format_plan(self.plan))
-            inits = f"{len(todo_inits)} init image(s) to encode, " if "vae-encode" in self.plan.stages else ""
             self.reporter.info(
-                f"{len(self.items)} image(s) in the queue, {len(todo_images)} to make: {len(todo_texts)} text(s) "
-                f"to encode, {inits}{len(todo_latents)} latent(s) to denoise, {len(todo_images)} image(s) to decode "
+                f"{len(self.items)} image(s) in the queue, {len(todo.images)} to make: {len(todo.texts)} text(s) "
+                f"to encode, {len(todo.latents)} latent(s) to denoise, {len(todo.images)} image(s) to decode "
                 f"[{self.info.name}, {self.device}, {self.resolved.dtype_name}]")
-            failed = self.stage("encode", len(todo_texts), lambda ctx: encode_texts(
-                ctx, todo_texts, batch_size=self.plan["encode"].batch, cache=self.cache,
-                eight_bit=self.settings.text_encoder_8bit))
-            lost = self.overflowed("encode", failed, todo_images)
-            if "vae-encode" in self.plan.stages:  # image-to-image: a queue without init images has no such stage
-                failed = self.stage("vae-encode", len(todo_inits), lambda ctx: encode_images(ctx, todo_inits))
-                lost |= self.overflowed("vae-encode", failed, todo_images)
-            todo_latents = [it for it in todo_latents if it.id not in lost]
-            todo_images = [it for it in todo_images if it.id not in lost]
-            failed = self.stage("denoise", len(todo_latents), lambda ctx: denoise_items(
-                ctx, todo_latents, batch_size=self.plan["denoise"].batch, loras=self.resolved.loras))
-            lost = self.overflowed("denoise", failed, todo_latents)
-            todo_images = [it for it in todo_images if it.id not in lost]
-            failed = self.stage("decode", len(todo_images), lambda ctx: decode_items(ctx, todo_images))
-            self.overflowed("decode", failed, todo_images)
-            images = {it.id: self.folder.image_path(it) for it in self.items}
+            self.run_stages(todo)
+        return self.result()
+
+    def result(self) -> RunResult:
+        images = {it.id: self.folder.image_path(it) for it in self.items}
         return RunResult(folder=self.folder.path, items=self.items, images=images, stages=self.stages,
                          made=self.made, device=str(self.device), dtype=self.resolved.dtype_name,
                          left_alone=self.left_alone, plan=self.plan, from_cache=self.from_cache,
                          failures=self.failures)
 
     def write_manifest(self) -> None:
+        self.folder.write_manifest(self.manifest())
+
+    def manifest(self) -> dict:
         import diffusers  # noqa: PLC0415
         import transformers  # noqa: PLC0415
 
         items = self.folder.manifest_items(self.items)
-        self.folder.write_manifest({
+        return {
             "version": 1,
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": {"source": self.info.source, "path": str(self.info.path),
@@ -388,4 +490,208 @@ class _Run:
             "items": items,
             "stages": [s.to_json() for s in self.stages],
             "non_finite": [f.to_json() for f in self.failures],
-        })
+        }
+
+
+@dataclass
+class Share:
+    """One rank's part of what is left, as rank 0 divides it."""
+
+    todo: Pending
+    encode_on_cpu: bool  # where T5 runs, the same on every rank: an embedding's key says where it was made
+    largest: Item  # what a rank with no images plans for: the largest image of the queue
+
+
+class _TeamRun(_Run):
+    """Step four on one rank of several (team.py). Rank 0 opens the run folder (its lock stands for the whole run),
+    prepares it as one process would and divides what is left (share.py); every rank plans its own share within
+    its own GPU's budget and runs the same stages on it. Each text is encoded by one rank, and every rank waits
+    for all of them before it denoises; a rank then decodes what it denoised. Rank 0 gathers every rank's figures
+    into run.json and the result. A rank that fails stops the others at their next safe point."""
+
+    def __init__(self, jobs: list[Job], resolved: Resolved, folder: RunFolder, reporter: Reporter,
+                 stop: threading.Event, team: Team):
+        super().__init__(jobs, resolved, folder, TeamReporter(team, reporter), stop)
+        self.team, self.console = team, reporter
+        self.share: Share | None = None
+        self.shares: list[Share] = []  # rank 0: every rank's
+        # what run.json says of each rank until rank 0 has its record
+        self.records = [RankRecord(m.rank, m.device, m.host, missing="at work") for m in team.members]
+        self.seconds = self.waited = 0.0
+
+    def run(self) -> RunResult:
+        team = self.team
+        try:
+            self.start_device()
+            # A failure from here to the plans is every rank's at once: each raises it, nobody waits for another.
+            self.share = team.scatter(self.divide)
+            if team.rank != 0:
+                self.items = self.share.todo.images
+            self.plan = team.together(self.plan_share)
+            plans = team.gather(self.plan)
+            return self.work(plans)
+        finally:
+            self.folder.close()
+
+    # -- rank 0: what is left, divided -----------------------------------------------------------------------
+    def divide(self) -> list[Share]:
+        self.folder.open()
+        self.prepare()
+        todo = self.pending()  # rank 0's plan for all of it says where T5 runs, for every rank
+        on_cpu = self.plan["encode"].placement == "cpu"
+        denoise = {it.id for it in todo.latents}
+        sizes = binned_sizes(self.info, todo.images)
+        work = [Work(it.image_key, w * h, steps_run(it) if it.id in denoise else 0)
+                for it, (w, h) in zip(todo.images, sizes)]
+        image_shares = divide_images(work, self.team.size)
+        text_shares = divide_texts(list(todo.texts), self.team.size)
+        everything = todo.images or self.items
+        largest = max(zip(binned_sizes(self.info, everything), everything), key=lambda s: s[0][0] * s[0][1])[1]
+        for images, texts in zip(image_shares, text_shares):
+            mine = [todo.images[i] for i in images]
+            self.shares.append(Share(Pending({k: todo.texts[k] for k in texts},
+                                             [it for it in mine if it.id in denoise], mine), on_cpu, largest))
+        return self.shares
+
+    def plan_share(self) -> Plan:
+        share = self.share
+        resolved = dataclasses.replace(self.resolved, budget=self.budget, settings=dataclasses.replace(
+            self.settings, encode_on_cpu=share.encode_on_cpu))
+        plan = plan_run(resolved, share.todo.images or [share.largest], len(share.todo.texts), self.context)
+        if plan["encode"].placement == "cpu" and not share.encode_on_cpu:
+            raise PlanError(f"{self.team.label(self.team.rank)}: its budget leaves no room for T5 on its GPU, where "
+                            "rank 0's does; every rank must encode alike (an embedding's key says where it was "
+                            "made): give every GPU the same room (--vram-budget), or --text-encoder-on-cpu")
+        return plan
+
+    def announce(self, plans: list[Plan]) -> None:
+        """Rank 0: its plan, and any other rank's that places a component otherwise; what each rank makes; then the
+        bars, summed over the ranks."""
+        team = self.team
+
+        def placements(plan: Plan) -> list[tuple]:  # a plan less its figures, which follow each share's size
+            return [(st.placement, st.batch, st.ahead, st.resident_blocks, st.hold_in_ram, st.room, st.tile,
+                     bool(st.spill)) for st in plan.stages.values()]
+
+        self.console.info(f"{team.label(0)}: {format_plan(plans[0])}")
+        same = [r for r in range(1, team.size) if placements(plans[r]) == placements(plans[0])]
+        if same:
+            self.console.info(f"{', '.join(team.label(r) for r in same)}: the same placements (each rank's plan "
+                              "for its share is in run.json)")
+        for r in range(1, team.size):
+            if r not in same:
+                self.console.info(f"{team.label(r)}: {format_plan(plans[r])}")
+
+        def each(counts: list[int]) -> str:
+            return f"{sum(counts)} ({' + '.join(map(str, counts))})"
+
+        todo = [s.todo for s in self.shares]
+        self.console.info(
+            f"{len(self.items)} image(s) in the queue, {sum(len(t.images) for t in todo)} to make over "
+            f"{team.size} processes: {each([len(t.texts) for t in todo])} text(s) to encode, "
+            f"{each([len(t.latents) for t in todo])} latent(s) to denoise, {each([len(t.images) for t in todo])} "
+            f"image(s) to decode [{self.info.name}, {devices([m.device for m in team.members])}, "
+            f"{self.resolved.dtype_name}]")
+        totals = {"encode": sum(len(t.texts) for t in todo),
+                  "denoise": sum(steps_run(it) for t in todo for it in t.latents),  # image-steps, as the stage counts
+                  "decode": sum(len(t.images) for t in todo)}
+        team.show(self.console, {stage: n for stage, n in totals.items() if n})
+
+    # -- every rank: its share -------------------------------------------------------------------------------
+    def work(self, plans: list[Plan]) -> RunResult:
+        team = self.team
+        team.watch(self.stop)
+        if team.rank == 0:
+            self.announce(plans)
+        error: PixartError | None = None
+        start = time.perf_counter()
+        try:
+            self.run_stages(self.share.todo)
+        except KeyboardInterrupt:
+            error = Interrupted(f"stopped; finished work is kept in {self.folder.path}.\n"
+                                "  Run the same command again to resume.")
+        except PixartError as exc:
+            error = exc
+        except BaseException:
+            with contextlib.suppress(RankFailed):  # the store is gone: nobody left to tell
+                team.stop_all()  # whatever went wrong here, the others are not to go on for nothing
+            raise
+        self.seconds = time.perf_counter() - start
+        return self.finish(error)
+
+    def encoded(self, failed: list[str]) -> list[str]:
+        start = time.perf_counter()
+        try:
+            everyone = self.team.exchange("encoded", failed, self.stop)
+        except Interrupted as exc:
+            raise Interrupted(f"stopped after encode; finished work is kept in {self.folder.path}.\n"
+                              "  Run the same command again to resume.") from exc
+        finally:
+            self.waited = time.perf_counter() - start
+        return sorted({key for keys in everyone for key in keys})
+
+    def idle(self, stage: str) -> None:
+        pass  # rank 0 told what each rank has to do
+
+    def finish(self, error: PixartError | None) -> RunResult:
+        """Tell the others why this rank stopped (where it is the cause), hand rank 0 this rank's record; rank 0
+        gathers them all into run.json and the result, or raises the error that stopped the team."""
+        team = self.team
+        following = team.stopped_by is not None and team.stopped_by != team.rank
+        if error is not None and not following and not team.lost:
+            with contextlib.suppress(RankFailed):  # the store is gone: nobody left to tell
+                team.stop_all(error)
+        m = team.members[team.rank]
+        record = RankRecord(team.rank, m.device, m.host, gpu=torch.cuda.get_device_name(self.device)
+                            if self.device.type == "cuda" else None, texts=len(self.share.todo.texts),
+                            images=len(self.share.todo.images), stages=list(self.stages), made=dict(self.made),
+                            failures=list(self.failures), seconds=self.seconds, waited=self.waited,
+                            plan={name: dataclasses.asdict(st) for name, st in self.plan.stages.items()})
+        if team.rank != 0:
+            team.quiet()  # its last progress counted before rank 0 sees it is done
+            if not team.lost:
+                try:
+                    team.post(record)
+                except RankFailed as exc:
+                    error = exc
+            if error is not None:
+                raise error
+            return self.result()
+        records = team.collect(record, self.stop)
+        team.quiet()  # the bars drawn to their end before anything else is printed
+        for r, m in enumerate(team.members):
+            self.records[r] = records.get(r) or RankRecord(r, m.device, m.host, missing=(
+                "it ended unexpectedly" if r in team.dead else "it did not answer in time"))
+        present = [r for r in self.records if r.missing is None]
+        listed = {s.name for r in present for s in r.stages}  # vae-encode only where a rank had init images
+        self.stages = [combined(name, [s for r in present for s in r.stages if s.name == name]) for name in STAGES
+                       if name != "vae-encode" or name in listed]
+        self.made = {name: sum(r.made.get(name, 0) for r in present) for name in STAGES
+                     if any(name in r.made for r in present)}
+        self.failures = merged([f for r in present for f in r.failures])
+        self.write_manifest()
+        if error is not None and not following:
+            raise error
+        if team.stopper() not in (None, 0):
+            raise team.cause() or error or RankFailed("another process of the run failed")
+        if error is not None:
+            raise error
+        return self.result()
+
+    def result(self) -> RunResult:
+        result = super().result()
+        result.ranks = self.records if self.team.rank == 0 else []
+        return result
+
+    def write_manifest(self) -> None:
+        if self.team.rank == 0:
+            super().write_manifest()
+
+    def manifest(self) -> dict:
+        data = super().manifest()
+        made_by = {it.id: rank for rank, share in enumerate(self.shares) for it in share.todo.images}
+        for entry in data["items"]:
+            if entry["id"] in made_by:
+                entry["rank"] = made_by[entry["id"]]  # the rank this run gave the image to
+        return {**data, "ranks": [r.to_json() for r in self.records]}
+

@@ -94,14 +94,27 @@ def resolve(jobs: list[Job], settings: Settings, *, hash_weights: bool = True) -
     return Resolved(settings=settings, info=info, loras=loras, **options)
 
 
-def jobs_with_options(load: Callable[[], list[Job]], settings: Settings) -> list[Job]:
+def jobs_with_options(load: Callable[[], list[Job]], settings: Settings,
+                      more: list[PixartError] | tuple = ()) -> list[Job]:
     """The jobs `load` reads (a queue file, the command line's job options), with `settings` checked beside
-    them: a queue that cannot be read and options that cannot work are told together, before anything loads."""
+    them: a queue that cannot be read and options that cannot work are told together, before anything loads.
+    `more`: problems found before (how the processes would start, launch.launch_problems), told with them."""
     try:
-        return load()
+        jobs = load()
     except QueueError as exc:
         problems, _ = _options(settings)
-        raise _together([exc, *problems]) from None
+        raise _together([exc, *more, *problems]) from None
+    if more:
+        raise _together(list(more))
+    return jobs
+
+
+def check_options(settings: Settings) -> None:
+    """Every option checked, without the model: raises the problems together (a run over several processes
+    checks them for its first process's device before it starts the others)."""
+    problems, _ = _options(settings)
+    if problems:
+        raise _together(problems)
 
 
 def _attempt(problems: list[PixartError], check, *args):

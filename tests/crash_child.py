@@ -1,7 +1,7 @@
 """Test harness for tests/test_crash.py (not a test): runs the real command line in this process and SIGKILLs
 the process at a chosen point, as a power cut or the kernel's OOM killer would.
 
-    python tests/crash_child.py [--kill STAGE:POINT:N] [--draw-seed S] [--env NAME=VALUE] -- run QUEUE ...
+    python tests/crash_child.py [--kill STAGE:POINT:N] [--rank R] [--draw-seed S] [--env NAME=VALUE] -- run QUEUE ...
     python tests/crash_child.py --stdin      # the same arguments, as one JSON list on stdin
 
 `--stdin` lets the test start the process (and pay for the torch and diffusers imports) while it is still busy
@@ -15,11 +15,20 @@ STAGE is encode, denoise or decode; N counts from 1 within that stage. POINT:
     renamed         killed right after the stage's N-th artifact is renamed into place
     torn            half the N-th artifact's bytes written straight at its final name, then killed: what a writer
                     that skipped the temporary file (or a disk that lost the file's tail) would leave
+    full            the stage's N-th artifact is not written: the disk is full (ENOSPC), and the process goes on
     compute         killed inside the stage's N-th model call: the text encoder's forward, the transformer's
                     forward (one denoising step) or the VAE's decode (one image)
     manifest-half   the run.json write that ends STAGE (N = 1): half of it in the temporary file, then killed
     manifest-whole  the same, the whole temporary file written, killed before the rename
     manifest-torn   the same, half of run.json written straight over the old one, then killed
+
+    wait            inside the stage's N-th model call, make the file named by --wait-for with `.reached` added, and
+                    wait until the file named by --wait-for exists (a run held in the middle, for a test to do
+                    something meanwhile), then go on
+
+In a run over several processes (`--gpus cpu:N`), `--rank R` puts the point in rank R's process only (rank 0 is
+this process; the others are spawned, and each imports this file as its `__mp_main__`, which installs the same
+point there: the environment carries it). N then counts that rank's calls.
 
 The artifact is told by its path (embeds/, latents/, images/, run.json) and, for run.json, by the last stage
 the manifest being written reports (its `stages` list; "prepare" before the first). The writes themselves still go through the library's files.write_atomic,
@@ -34,6 +43,7 @@ without it: it can only make the reference image again by reusing the seed the k
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -43,9 +53,10 @@ import threading
 from pathlib import Path
 
 STAGE_OF_FOLDER = {"embeds": "encode", "latents": "denoise", "images": "decode"}
-ARTIFACT_POINTS = ("temp-half", "temp-whole", "renamed", "torn")
+ARTIFACT_POINTS = ("temp-half", "temp-whole", "renamed", "torn", "full")
 MANIFEST_POINTS = ("manifest-half", "manifest-whole", "manifest-torn")
-POINTS = ARTIFACT_POINTS + MANIFEST_POINTS + ("compute",)
+POINTS = ARTIFACT_POINTS + MANIFEST_POINTS + ("compute", "wait")
+POINT_ENV = "PIXART_LOWVRAM_TEST_POINT"  # the point, for the processes a several-process run spawns
 MODEL_OF_STAGE = {"encode": "T5EncoderModel", "denoise": "PixArtTransformer2DModel"}  # forward = one call
 
 
@@ -68,20 +79,36 @@ def write_and_fsync(f, data: bytes) -> None:
     os.fsync(f.fileno())
 
 
-def install_kill_point(stage: str, point: str, n: int) -> None:
+def my_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def install_kill_point(stage: str, point: str, n: int, rank: int = 0, wait_for: str | None = None) -> None:
     calls = {"count": 0}
 
     def reached() -> bool:
+        if my_rank() != rank:
+            return False
         calls["count"] += 1
         return calls["count"] == n
 
-    if point == "compute":
-        install_compute_kill(stage, reached)
+    def act() -> None:
+        if point == "wait":
+            Path(f"{wait_for}.reached").touch()
+            while not Path(wait_for).exists():
+                threading.Event().wait(0.05)
+        else:
+            die()
+
+    if point in ("compute", "wait"):
+        install_compute_kill(stage, reached, act)
     else:
         install_write_kill(stage, point, reached)
 
 
-def install_compute_kill(stage: str, reached) -> None:
+def install_compute_kill(stage: str, reached, act) -> None:
     if stage == "decode":
         from diffusers import AutoencoderKL
 
@@ -90,7 +117,7 @@ def install_compute_kill(stage: str, reached) -> None:
         def decode(self, *args, **kwargs):
             out = real_decode(self, *args, **kwargs)
             if reached():
-                die()
+                act()
             return out
 
         AutoencoderKL.decode = decode
@@ -99,7 +126,7 @@ def install_compute_kill(stage: str, reached) -> None:
 
     def after_forward(module, args, output):
         if type(module).__name__ == MODEL_OF_STAGE[stage] and reached():
-            die()
+            act()
 
     torch.nn.modules.module.register_module_forward_hook(after_forward)
 
@@ -133,6 +160,8 @@ def install_write_kill(stage: str, point: str, reached) -> None:
     def kill_at(path, write) -> None:
         if not reached():
             return real_atomic(path, write)
+        if kind == "full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         if kind == "renamed":
             real_atomic(path, write)
             die()
@@ -176,6 +205,8 @@ def pin_drawn_seeds(seed: int) -> None:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="crash_child.py")
     parser.add_argument("--kill", metavar="STAGE:POINT:N")
+    parser.add_argument("--rank", type=int, default=0, help="the rank whose process the point is in")
+    parser.add_argument("--wait-for", metavar="PATH", help="the file the point `wait` waits for")
     parser.add_argument("--draw-seed", type=int)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--stdin", action="store_true", help="read the arguments as a JSON list on stdin")
@@ -215,7 +246,8 @@ def main(argv: list[str]) -> int:
     if args.kill:
         stage, point, n = args.kill.split(":")
         assert stage in ("encode", "denoise", "decode") and point in POINTS, args.kill
-        install_kill_point(stage, point, int(n))
+        os.environ[POINT_ENV] = json.dumps([stage, point, int(n), args.rank, args.wait_for])
+        install_kill_point(stage, point, int(n), args.rank, args.wait_for)
     if args.draw_seed is not None:
         pin_drawn_seeds(args.draw_seed)
     from pixart_lowvram.cli import main as cli_main
@@ -225,3 +257,5 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+elif __name__ == "__mp_main__" and os.environ.get(POINT_ENV):  # a process a several-process run spawned
+    install_kill_point(*json.loads(os.environ[POINT_ENV]))

@@ -475,3 +475,24 @@ def test_an_init_image_and_a_lora_together_make_the_recipes_image_with_peft(tiny
                                 prompt="a pirate ship", width=256, height=256, seed=5, strength=0.7, steps=3)
     ours = pixels(result.images[result.items[0].id])
     assert max_diff(ours, expected) <= 1 < max_diff(ours, without)
+
+
+def test_two_processes_make_the_one_process_images(tiny_model, init_images, tmp_path):
+    """Over several processes (CPU ranks here) each rank encodes the init images its share needs: an image two
+    ranks need is encoded by both into the same keyed file, and every image is the one-process run's."""
+    queue = tmp_path / "queue.json"
+    queue.write_text(json.dumps({"defaults": {"steps": 2, "width": 128, "height": 128, "strength": 0.6}, "jobs": [
+        {"name": "a", "prompt": "a red kite", "seed": 1, "init_image": init_images["a"], "count": 2},
+        {"name": "b", "prompt": "a blue boat", "seed": 2, "init_image": init_images["b"], "strength": 1.0},
+        {"name": "text", "prompt": "a green field", "seed": 3}]}))
+    from pixart_lowvram.jobs import load_queue
+
+    one = run_queue(load_queue(queue), tmp_path / "one", Settings(model=tiny_model, device="cpu", dtype="float32"))
+    run = tmp_path / "two"
+    assert main(["run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2", "-q"]) == 0
+    for item in one.items:
+        assert max_diff(pixels(run / "images" / f"{item.id}.png"), pixels(one.images[item.id])) <= 1, item.id
+    data = json.loads((run / "run.json").read_text())
+    stages = {s["name"]: s for s in data["stages"]}
+    assert list(stages) == ["encode", "vae-encode", "denoise", "decode"]
+    assert 2 <= stages["vae-encode"]["items"] <= 3 and stages["denoise"]["items"] == 4

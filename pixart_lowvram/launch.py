@@ -1,0 +1,313 @@
+"""How the processes of a run over several GPUs start, and how each joins the others (team.py). Three ways in, one
+code path: every process is a rank that calls `generate.run_queue` with the same jobs and settings and its own
+device.
+
+  pixart-lowvram run QUEUE --gpus 0,1     this process is rank 0 on GPU 0 and starts a worker per other GPU
+                                          (torch.multiprocessing, spawned: fresh interpreters), which meet at a
+                                          TCPStore this process holds; it watches them, so that one that dies stops
+                                          the run at once
+  torchrun --nproc-per-node 2 -m pixart_lowvram.cli run QUEUE
+                                          each process is one rank, told its place by torchrun's environment
+                                          (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) and rendezvousing through
+                                          it, on one host or several (the run folder then on shared storage);
+                                          torchrun watches them, and stops the others when one fails
+  --gpus cpu:N                            N processes on the CPU, for tests and machines without a GPU
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .errors import PixartError, RankFailed, UsageError
+from .generate import RunResult, run_queue
+from .jobs import Job
+from .reporting import Reporter
+from .resolve import Settings, check_options
+from .team import Team
+
+MAX_CPU_WORKERS = 64
+# How long the store waits for a rank that is expected: a worker's first contact comes after it imports torch.
+STORE_TIMEOUT = datetime.timedelta(minutes=5)
+# After rank 0 is done, how long a worker may take to end before it is stopped (it ends once it has reported).
+REAP_SECONDS = 30.0
+GPUS_HELP = "all, a list of indices (0,1,3), or cpu:N"
+
+
+def parse_gpus(text: str) -> list[str]:
+    """`--gpus`: each rank's device, rank 0 first. `all` (every GPU torch sees), indices (`0,1,3`), or `cpu:N` (N
+    processes on the CPU). A UsageError (exit code 2) for anything else, before anything starts."""
+    value = text.strip().lower()
+    if value.startswith("cpu:"):
+        count = value.removeprefix("cpu:")
+        if not count.isdigit() or not 1 <= int(count) <= MAX_CPU_WORKERS:
+            raise UsageError(f"--gpus {text!r}: cpu:N takes a number of processes from 1 to {MAX_CPU_WORKERS}")
+        return ["cpu"] * int(count)
+    import torch  # noqa: PLC0415
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available == 0:
+        raise UsageError(f"--gpus {text!r}: this torch sees no CUDA GPU (torch {torch.__version__}); for "
+                         "several processes on the CPU, --gpus cpu:N")
+    if value == "all":
+        return [f"cuda:{i}" for i in range(available)]
+    parts = [p.strip() for p in value.split(",")]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise UsageError(f"--gpus {text!r}: not a list of GPUs ({GPUS_HELP})")
+    indices = [int(p) for p in parts]
+    wrong = [i for i in indices if i >= available]
+    if wrong:
+        raise UsageError(f"--gpus {text!r}: no GPU {', '.join(map(str, wrong))}; torch sees {available} "
+                         f"(0 to {available - 1})")
+    if len(set(indices)) != len(indices):
+        raise UsageError(f"--gpus {text!r}: a GPU named twice (each GPU runs one process)")
+    return [f"cuda:{i}" for i in indices]
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchrunPlace:
+    """This process's place among those torchrun (or another launcher setting torch.distributed's environment)
+    started."""
+
+    rank: int
+    size: int
+    local_rank: int
+
+
+def torchrun_place() -> TorchrunPlace | None:
+    """Where torchrun started this process as one of several; None otherwise (or as the only one)."""
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env or "MASTER_ADDR" not in env:
+        return None
+    try:
+        place = TorchrunPlace(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"])))
+    except ValueError as exc:
+        raise UsageError(f"torch.distributed's environment is not numbers (RANK={env['RANK']!r}, "
+                         f"WORLD_SIZE={env['WORLD_SIZE']!r})") from exc
+    return place if place.size > 1 else None
+
+
+def launch_problems(gpus: str | None, device: str = "auto") -> list[PixartError]:
+    """What is wrong with how the processes would start (`--gpus`, torchrun's environment, `--device` beside
+    them): found before any process starts or any model loads, to be told with the queue's and options' problems."""
+    place = torchrun_place()
+    if place is not None and gpus is not None:
+        return [UsageError(f"--gpus {gpus!r}: torchrun already started this process as rank {place.rank} of "
+                           f"{place.size} (one per GPU); leave --gpus out")]
+    if place is not None and device not in ("auto", "cpu", "cuda"):
+        return [UsageError(f"--device {device!r}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                           "give --device cuda or cpu, or leave it out")]
+    problems: list[PixartError] = []
+    if gpus is not None:
+        try:
+            parse_gpus(gpus)
+        except UsageError as exc:
+            problems.append(exc)
+        if device != "auto":
+            problems.append(UsageError(f"--device {device!r} and --gpus {gpus!r}: --gpus chooses each process's "
+                                       "device; leave --device out"))
+    return problems
+
+
+def run(jobs: list[Job], out: str | Path, settings: Settings, reporter: Reporter, stop: threading.Event,
+        gpus: str | None = None) -> RunResult | None:
+    """The queue in this one process, over the GPUs of `gpus` (this process is rank 0 and starts the others), or
+    as the rank torchrun made this process. Returns the result where this process is rank 0 (or alone); None on
+    the other ranks, whose errors rank 0 reports. `launch_problems` tells what is wrong with `gpus` beforehand;
+    the options are checked here for the first process's device, before any other process starts."""
+    place = torchrun_place()
+    if place is not None:
+        check_options(dataclasses.replace(settings, device=_torchrun_device(settings.device, place.local_rank)))
+        return _as_torchrun_rank(place, jobs, out, settings, reporter, stop)
+    if gpus is None:
+        return run_queue(jobs, out, settings, reporter, stop)
+    devices = parse_gpus(gpus)
+    check_options(dataclasses.replace(settings, device=devices[0]))
+    if len(devices) == 1:
+        return run_queue(jobs, out, dataclasses.replace(settings, device=devices[0]), reporter, stop)
+    return _spawn(devices, jobs, out, settings, reporter, stop)
+
+
+def _spawn(devices: list[str], jobs: list[Job], out: str | Path, settings: Settings, reporter: Reporter,
+           stop: threading.Event) -> RunResult:
+    import torch.distributed as dist  # noqa: PLC0415
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    # Port 0: the system picks a free one; the workers learn it as an argument.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
+    context = _context(mp, on_gpu=devices[0] != "cpu")
+    env = dict(os.environ)
+    workers = {rank: context.Process(target=_worker, name=f"pixart-lowvram-rank{rank}", daemon=True,
+                                     args=(rank, devices, store.port, jobs, str(out), settings, env))
+               for rank in range(1, len(devices))}
+    for worker in workers.values():
+        worker.start()
+    try:
+        for name in PRELOAD:  # while the workers start, as they do
+            importlib.import_module(name)
+        _wait_for(workers, devices, store)
+        _settle(devices[0], len(devices))
+        with Team.join(0, len(devices), store, devices[0], exited=lambda: {
+                rank: w.exitcode for rank, w in workers.items() if w.exitcode is not None}) as team:
+            return run_queue(jobs, out, dataclasses.replace(settings, device=devices[0]), reporter, stop, team)
+    finally:
+        _reap(workers.values())
+
+
+def _wait_for(workers: dict, devices: list[str], store) -> None:
+    """Until every worker has reached the store: one that ends first could not start (the group would otherwise
+    wait for it until its timeout)."""
+    keys = [f"launch/started/{rank}" for rank in workers]
+    while not store.check(keys):
+        for rank, worker in workers.items():
+            if worker.exitcode is not None and not store.check([keys[rank - 1]]):
+                raise RankFailed(f"rank {rank} ({devices[rank]}) ended before it started (exit code "
+                                 f"{worker.exitcode}); nothing was made")
+        time.sleep(0.05)
+
+
+# What a worker imports anyway: rank 0 imports it while the workers start, and on the CPU the fork server that
+# starts them imports it once for all of them (~3 s of CPU apiece). Names that do not import are passed over.
+PRELOAD = ("pixart_lowvram.launch", "diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha",
+           "diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma", "diffusers.models.autoencoders.autoencoder_kl",
+           "transformers.models.t5.modeling_t5", "transformers.models.t5.tokenization_t5")
+
+
+def _context(mp, on_gpu: bool):
+    """The workers' start method. On GPUs, spawn: a fresh interpreter each, so CUDA starts in each worker untouched
+    (a process forked after any import that asked the driver a question cannot use CUDA; importing diffusers and
+    transformers does not promise not to). On the CPU, a fork server where there is one: a fresh process that
+    imports PRELOAD, then forks each worker from itself (the tests start 8 workers on two cores). Never a fork of
+    this process, whose threads a child would inherit half-way."""
+    if on_gpu or "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", *PRELOAD])
+    return context
+
+
+def _worker(rank: int, devices: list[str], port: int, jobs: list[Job], out: str, settings: Settings,
+            env: dict[str, str]) -> None:
+    """A process `--gpus` started: rank `rank` of `len(devices)`. Quiet: rank 0 reports for all; it speaks only
+    where it lost rank 0, which then cannot. `env`: rank 0's environment now (a fork server keeps the one it
+    started with)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    os.environ.clear()
+    os.environ.update(env)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    code = 0
+    try:
+        _quiet_libraries()
+        _settle(devices[rank], len(devices))
+        try:
+            store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=STORE_TIMEOUT)
+            store.set(f"launch/started/{rank}", "")
+        except RuntimeError as exc:
+            raise RankFailed(f"rank {rank}: could not reach rank 0 ({exc})") from exc
+        with Team.join(rank, len(devices), store, devices[rank]) as team:
+            try:
+                run_queue(jobs, out, dataclasses.replace(settings, device=devices[rank]), None, stop, team)
+            except PixartError as exc:
+                if team.lost:
+                    print(f"error: {exc}", file=sys.stderr)
+                    code = exc.exit_code
+    except PixartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _as_torchrun_rank(place: TorchrunPlace, jobs: list[Job], out: str | Path, settings: Settings,
+                      reporter: Reporter, stop: threading.Event) -> RunResult | None:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    device = _torchrun_device(settings.device, place.local_rank)
+    _pin(device)
+    _stop_on_signals(stop, interrupt=False)  # torchrun asks its workers to stop with SIGTERM
+    store, rank, size = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
+    with Team.join(rank, size, store, device) as team:
+        settings = dataclasses.replace(settings, device=device)
+        if rank == 0:
+            return run_queue(jobs, out, settings, reporter, stop, team)
+        try:
+            run_queue(jobs, out, settings, None, stop, team)
+        except PixartError:
+            if team.lost:
+                raise
+        return None
+
+
+def _torchrun_device(device: str, local_rank: int) -> str:
+    """Under torchrun each process takes the GPU of its LOCAL_RANK (or the CPU); where the launcher gave each
+    process one GPU of its own (CUDA_VISIBLE_DEVICES), that one."""
+    import torch  # noqa: PLC0415
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return "cuda:0" if torch.cuda.device_count() == 1 else f"cuda:{local_rank}"
+
+
+def _pin(device: str) -> None:
+    """Make `device` this process's current GPU before CUDA starts, so nothing creates a context on another one
+    (each would take ~0.5 GiB of that GPU)."""
+    if device.startswith("cuda"):
+        import torch  # noqa: PLC0415
+
+        torch.cuda.set_device(torch.device(device))
+
+
+def _settle(device: str, ranks: int) -> None:
+    """A process of `ranks` on this machine: its GPU, and its share of the CPU cores for torch's threads (each would
+    otherwise start one per core, `ranks` times over; torchrun sets OMP_NUM_THREADS=1 itself)."""
+    import torch  # noqa: PLC0415
+
+    _pin(device)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
+
+
+def _stop_on_signals(stop: threading.Event, interrupt: bool = True) -> None:
+    """A worker's signals: SIGTERM (and with `interrupt`, a first Ctrl-C) asks it to stop at its next safe point;
+    a second Ctrl-C stops it at once. A Ctrl-C in a terminal reaches every process of the run."""
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and stop.is_set():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    if interrupt:
+        signal.signal(signal.SIGINT, handler)
+
+
+def _quiet_libraries() -> None:
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from .cli import quiet_libraries  # noqa: PLC0415
+
+    quiet_libraries()
+    # tqdm's default lock holds a multiprocessing semaphore, which a worker killed outright leaves for rank 0's
+    # resource tracker to warn about; a worker draws no bar of its own
+    tqdm.set_lock(threading.RLock())
+
+
+def _reap(workers) -> None:
+    """Wait for the workers to end; stop those that do not (SIGTERM: at their next safe point), then kill."""
+    for worker in workers:
+        worker.join(REAP_SECONDS)
+        if worker.is_alive():
+            worker.terminate()
+            worker.join(REAP_SECONDS)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()

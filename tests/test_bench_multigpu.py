@@ -1,0 +1,42 @@
+"""bench/multigpu.py's queue and tables (the bench itself runs on GPUs; `--device cpu` checks its plumbing)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import multigpu  # noqa: E402
+
+GiB = 1024**3
+
+
+def test_the_queue_has_a_prompt_per_image_and_one_negative():
+    lines = multigpu.queue_lines(64, 1024, 20)
+    assert len({line["prompt"] for line in lines}) == 64 and len({line["seed"] for line in lines}) == 64
+    assert {line["negative_prompt"] for line in lines} == {"blurry, low quality"}
+    assert {(line["width"], line["height"], line["steps"]) for line in lines} == {(1024, 1024, 20)}
+
+
+def test_each_rank_waits_for_the_slowest_and_the_table_shows_every_gpu():
+    manifest = {"settings": {"device": "cuda:0"}, "stages": [], "items": [], "ranks": [
+        {"rank": 0, "device": "cuda:0", "images": 32, "seconds": 30.0, "waited": 0.5, "missing": None,
+         "stages": [{"name": "denoise", "seconds": 20.0, "nvml_peak": int(1.38 * GiB), "torch_peak": GiB}]},
+        {"rank": 1, "device": "cuda:1", "images": 32, "seconds": 31.0, "waited": 0.2, "missing": None,
+         "stages": [{"name": "denoise", "seconds": 21.0, "nvml_peak": int(1.40 * GiB), "torch_peak": GiB}]}]}
+    ranks = multigpu.rank_rows(manifest)
+    assert [round(r["waited"], 1) for r in ranks] == [1.5, 0.2]
+    result = {"command": "python bench/multigpu.py --out OUT", "gpus": 2, "gpu": "H200", "jobs": 64, "size": 1024,
+              "steps": 20, "rows": [
+                  {"budget": "1.5GiB", "gpus": 1, "wall_s": 100.0, "images_per_s": 0.64, "ranks": ranks[:1], "work_s": 88.0,
+                   "sampled": [{"processes": 1, "together": int(1.4 * GiB), "one_process": 0}]},
+                  {"budget": "1.5GiB", "gpus": 2, "wall_s": 55.0, "images_per_s": 1.16, "ratio": 1.81, "work_s": 45.0,
+                   "work_ratio": 1.96,
+                   "of_ideal": 0.91, "max_diff_vs_one": 0, "ranks": ranks,
+                   "sampled": [{"processes": 1, "together": int(1.4 * GiB), "one_process": 0}] * 2}]}
+    table = multigpu.markdown(result)
+    assert "| 1.5GiB | 2 | 55.0 | 1.160 | 1.81 | 0.91 | 45.0 (1.96) | 1.38, 1.40 | 1.5, 0.2 | 0 |" in table
+    assert "| 1.5GiB | 2 | 1 | cuda:1 | 32 | - | 21.0 | - | 31.0 | 1, 1.40 |" in table
+    assert table.endswith("Processes on a GPU that was not theirs: none seen.\n")
+    result["rows"][0]["stray"] = [1]
+    assert "1.5GiB on 1 GPU(s): GPU 1" in multigpu.markdown(result)

@@ -1,0 +1,402 @@
+"""One queue over several processes (`--gpus cpu:N` and torchrun: gloo ranks on the CPU, as CI can run them): the
+work divided by cost, the same way again for what a rerun has left; every image equal to the one-process run's;
+one run folder with one manifest; a rank killed mid-run stops the others cleanly and the same command finishes
+the queue; one run per folder however many processes it has; bad --gpus values refused before anything loads."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import max_diff, pixels
+from pixart_lowvram import launch, resolve
+from pixart_lowvram.cli import main
+from pixart_lowvram.errors import Interrupted, OutOfMemory, RankFailed
+from pixart_lowvram.generate import Settings, run_queue
+from pixart_lowvram.items import binned_sizes
+from pixart_lowvram.jobs import parse_queue
+from pixart_lowvram.models import resolve_model
+from pixart_lowvram.reporting import Reporter
+from pixart_lowvram.share import DECODE_STEPS, Work, divide_images, divide_texts, total_cost
+from pixart_lowvram.team import Member, Team
+
+CHILD = Path(__file__).with_name("crash_child.py")
+CPU32 = dict(device="cpu", dtype="float32")
+
+# Sizes, steps and texts of several kinds: two images share a prompt (encoded once), one a negative prompt.
+QUEUE = """\
+[defaults]
+steps = 2
+width = 128
+height = 128
+
+[[jobs]]
+name = "kite"
+prompt = "a red kite over the sea"
+seed = 11
+count = 3
+
+[[jobs]]
+name = "boat"
+prompt = "a blue boat"
+negative_prompt = "fog"
+seed = 12
+width = 192
+steps = 3
+
+[[jobs]]
+name = "kite-again"
+prompt = "a red kite over the sea"
+seed = 13
+cfg = 1
+
+[[jobs]]
+name = "map"
+prompt = "an old map of the harbour"
+seed = 14
+height = 96
+"""
+NAMES = ["kite-1", "kite-2", "kite-3", "boat", "kite-again", "map"]
+TEXTS = 5  # the three prompts, "" and "fog"
+
+
+# -- dividing the work: pure ------------------------------------------------------------------------------------
+def works(n: int, seed: int = 0) -> list[Work]:
+    rng = random.Random(seed)
+    return [Work(f"key-{rng.random():.12f}", rng.choice([64, 128, 256]) ** 2, rng.choice([0, 2, 20, 30]))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
+def test_images_are_divided_by_cost_so_the_ranks_finish_together(ranks):
+    work = works(50)
+    shares = divide_images(work, ranks)
+    assert sorted(i for share in shares for i in share) == list(range(50)), "every image once"
+    costs = [total_cost(work, share) for share in shares]
+    assert max(costs) - min(costs) <= max(w.cost for w in work)
+
+
+def test_the_division_depends_on_the_images_alone_not_on_their_order():
+    """A rerun may list what is left in another order (an edited queue): each image goes to the same rank."""
+    work = works(40, seed=1)
+    shuffled = work[:]
+    random.Random(2).shuffle(shuffled)
+
+    def rank_of_key(w: list[Work]) -> dict[str, int]:
+        return {w[i].key: rank for rank, share in enumerate(divide_images(w, 4)) for i in share}
+
+    assert rank_of_key(work) == rank_of_key(shuffled)
+    assert divide_images(work, 4) == divide_images(work, 4)
+
+
+def test_equal_images_are_dealt_evenly_and_a_decode_costs_less_than_a_whole_image():
+    same = [Work(f"k{i:02d}", 1024 * 1024, 20) for i in range(64)]
+    assert [len(s) for s in divide_images(same, 8)] == [8] * 8
+    assert [len(s) for s in divide_images(same[:6], 8)] == [1] * 6 + [0] * 2, "more ranks than images"
+    assert Work("a", 100, 0).cost == 100 * DECODE_STEPS < Work("a", 100, 2).cost
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4096), st.integers(0, 50)), max_size=40), st.integers(1, 8))
+def test_any_queue_is_divided_whole_and_within_one_image_of_even(sizes, ranks):
+    work = [Work(f"k{i}", pixels, steps) for i, (pixels, steps) in enumerate(sizes)]
+    shares = divide_images(work, ranks)
+    assert sorted(i for share in shares for i in share) == list(range(len(work)))
+    costs = [total_cost(work, share) for share in shares]
+    assert max(costs) - min(costs) <= max((w.cost for w in work), default=0)
+
+
+def test_each_text_goes_to_one_rank():
+    keys = [f"t{i}" for i in range(11)] + ["t3"]
+    shares = divide_texts(keys, 4)
+    assert sorted(k for share in shares for k in share) == sorted(set(keys))
+    assert [len(s) for s in shares] == [3, 3, 3, 2]
+    assert divide_texts(list(reversed(keys)), 4) == shares
+
+
+# -- the ranks' store protocol, two ranks as threads of one process ------------------------------------------------
+@pytest.fixture
+def pair():
+    """Ranks 0 and 1 of a team over one TCPStore (no process group: the store alone carries what the stages say)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    members = [Member(0, "cpu", "here"), Member(1, "cpu", "here")]
+    return [Team(rank, 2, dist.PrefixStore("t/", store), members) for rank in (0, 1)]
+
+
+def in_thread(fn):
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, out
+
+
+def test_ranks_that_arrive_apart_exchange_what_they_bring(pair):
+    zero, one = pair
+    thread, out = in_thread(lambda: zero.exchange("encoded", ["a"], threading.Event()))
+    time.sleep(0.5)  # rank 0 waits for rank 1
+    assert thread.is_alive()
+    assert one.exchange("encoded", [], threading.Event()) == [["a"], []]
+    thread.join(10)
+    assert out["value"] == [["a"], []]
+
+
+def test_a_rank_that_stops_the_team_frees_those_waiting_and_names_itself(pair):
+    zero, one = pair
+    thread, out = in_thread(lambda: zero.exchange("encoded", [], threading.Event()))
+    one.stop_all(OutOfMemory("the GPU ran out of memory in stage encode"))
+    thread.join(10)
+    assert isinstance(out["error"], RankFailed) and "stopped because rank 1 (cpu) did" in str(out["error"])
+    cause = zero.cause()
+    assert cause.exit_code == 3 and str(cause) == "rank 1 (cpu): the GPU ran out of memory in stage encode"
+    zero.stop_all(Interrupted("later"))  # the first to stop the team stays the one named
+    assert zero.stopper() == 1
+
+
+def test_rank_0_gathers_every_record_and_leaves_out_a_rank_that_died(pair, monkeypatch):
+    zero, one = pair
+    one.post({"images": 3})
+    assert zero.collect({"images": 2}, threading.Event()) == {0: {"images": 2}, 1: {"images": 3}}
+    zero.store.delete_key("record/1")
+    zero.dead[1] = -9  # what the launcher's watch of its workers sets
+    zero.store.compare_set("stop", "", "1")
+    assert zero.collect({"images": 2}, threading.Event()) == {0: {"images": 2}}
+    assert "rank 1 (cpu) ended unexpectedly (killed by signal 9)" in str(zero.cause())
+
+
+def test_a_wait_on_a_rank_that_makes_no_progress_ends(pair, monkeypatch):
+    import pixart_lowvram.team as team_module
+
+    zero, _ = pair
+    monkeypatch.setattr(team_module, "STALL_SECONDS", 0.5)
+    with pytest.raises(RankFailed, match="rank 1 \\(cpu\\): no progress for"):
+        zero.exchange("encoded", [], threading.Event())
+    zero.store.add("progress/denoise", 1)  # progress anywhere keeps a wait going
+    stall = team_module._Stall(zero)
+    time.sleep(0.3)
+    zero.store.add("progress/denoise", 1)
+    stall.check([1])
+    time.sleep(0.3)
+    stall.check([1])
+
+
+# -- bad input: before anything starts ---------------------------------------------------------------------------
+@pytest.mark.parametrize("gpus, says", [
+    ("cpu:0", "cpu:N takes a number of processes from 1"),
+    ("cpu:two", "cpu:N takes a number"),
+    ("0,1", "this torch sees no CUDA GPU"),  # the CI machine has none
+    ("all", "this torch sees no CUDA GPU"),
+])
+def test_bad_gpus_values_are_refused_before_any_model_loads(gpus, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
+    queue = tmp_path / "q.toml"
+    queue.write_text(QUEUE)
+    code = main(["run", str(queue), "--out", str(tmp_path / "run"), "--gpus", gpus])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--gpus" in err and says in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpus_problems_are_told_with_the_queue_and_the_options(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
+    queue = tmp_path / "q.json"
+    queue.write_text(json.dumps([{"prompt": ""}]))
+    code = main(["run", str(queue), "--out", str(tmp_path / "run"), "--gpus", "cpu:2", "--device", "cpu",
+                 "--vram-budget", "lots"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'prompt'" in err and "leave --device out" in err and "--vram-budget 'lots'" in err
+
+
+def test_under_torchrun_gpus_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a, **k: pytest.fail("the model was touched"))
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    queue = tmp_path / "q.toml"
+    queue.write_text(QUEUE)
+    code = main(["run", str(queue), "--out", str(tmp_path / "run"), "--gpus", "cpu:2"])
+    assert code == 2
+    assert "torchrun already started this process as rank 1 of 2" in capsys.readouterr().err
+
+
+# -- whole runs: several processes on the CPU --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def queue(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("queue") / "queue.toml"
+    path.write_text(QUEUE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(queue, tiny_model, tmp_path_factory) -> dict[str, object]:
+    """The queue made by one process: the images every run over several must equal."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    result = run_queue(parse_queue(queue.read_text(), "toml"), run, Settings(model=tiny_model, **CPU32))
+    return {item.id: pixels(result.images[item.id]) for item in result.items}
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "run.json").read_text())
+
+
+def assert_same_images(run: Path, one_process: dict) -> None:
+    """Within 1/255: ranks on the CPU run torch on fewer threads each, which may round a sum differently."""
+    assert sorted(p.name for p in (run / "images").glob("*.png")) == sorted(f"{n}.png" for n in NAMES)
+    for name in NAMES:
+        assert max_diff(pixels(run / "images" / f"{name}.png"), one_process[name]) <= 1, name
+
+
+def made(run: Path) -> dict[str, int]:
+    return {s["name"]: s["items"] for s in manifest(run)["stages"] if not s["skipped"]}
+
+
+def test_two_processes_make_the_one_process_images_into_one_run_folder(queue, tiny_model, one_process, tmp_path,
+                                                                       capsys):
+    run = tmp_path / "run"
+    code = main(["run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert_same_images(run, one_process)
+    data = manifest(run)
+    # One manifest, rank 0's, with each rank's part; every text encoded once, every image made once.
+    assert [r["rank"] for r in data["ranks"]] == [0, 1] and all(r["missing"] is None for r in data["ranks"])
+    assert made(run) == {"encode": TEXTS, "denoise": len(NAMES), "decode": len(NAMES)}
+    assert sum(r["made"].get("encode", 0) for r in data["ranks"]) == TEXTS
+    assert sorted(r["images"] for r in data["ranks"]) == [3, 3]
+    assert {item["rank"] for item in data["items"]} == {0, 1} and all(item["done"] for item in data["items"])
+    assert list(run.rglob("*.tmp")) == []
+    # The summary: a row per process and stage, the stage over all of them, how long each waited.
+    for row in ("encode   0 (cpu)", "encode   1 (cpu)", "decode       all", "waiting for the others"):
+        assert row in out, out
+    assert f"{len(NAMES)}/{len(NAMES)} images in" in out
+
+    # A run folder like any other: one process resumes it with nothing left to do.
+    again = run_queue(parse_queue(queue.read_text(), "toml"), run, Settings(model=tiny_model, **CPU32))
+    assert all(s.skipped for s in again.stages)
+
+
+@pytest.mark.parametrize("ranks", [4, 8])
+def test_many_processes_share_the_queue_as_the_division_says_into_one_manifest(ranks, queue, tiny_model, one_process,
+                                                                              tmp_path):
+    run = tmp_path / "run"
+    jobs = parse_queue(queue.read_text(), "toml")
+    result = launch.run(jobs, run, Settings(model=tiny_model, dtype="float32"), Reporter(), threading.Event(),
+                        gpus=f"cpu:{ranks}")
+    assert_same_images(run, one_process)
+    data = manifest(run)
+    assert len(data["ranks"]) == ranks == len(result.ranks)
+    # Each image went where the division of what was left says (all of it: a fresh folder), each text to one rank.
+    info = resolve_model(tiny_model, hash_weights=False)
+    entries = data["items"]
+    sizes = binned_sizes(info, result.items)
+    work = [Work(e["image_key"], w * h, e["steps"]) for e, (w, h) in zip(entries, sizes)]
+    expected = {entries[i]["id"]: rank for rank, share in enumerate(divide_images(work, ranks)) for i in share}
+    assert {e["id"]: e["rank"] for e in entries} == expected
+    texts = [len(share) for share in divide_texts([e["prompt_key"] for e in entries] +
+                                                  [e["negative_key"] for e in entries], ranks)]
+    assert [r["texts"] for r in data["ranks"]] == texts
+    assert [r["made"].get("encode", 0) for r in data["ranks"]] == texts
+    assert made(run) == {"encode": TEXTS, "denoise": len(NAMES), "decode": len(NAMES)}
+    idle = [r for r in data["ranks"] if r["images"] == 0]
+    assert len(idle) == max(0, ranks - len(NAMES))
+    assert all(not r["made"].get("denoise") for r in idle)
+
+
+def child(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(CHILD), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_a_rank_killed_mid_run_stops_the_run_and_the_same_command_finishes_it(queue, tiny_model, one_process,
+                                                                              tmp_path):
+    run = tmp_path / "run"
+    command = ["--", "run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2", "-q"]
+    env = ["--env", f"XDG_CACHE_HOME={tmp_path / 'cache'}"]
+    killed = child([*env, "--kill", "denoise:compute:3", "--rank", "1", *command], tmp_path)
+
+    # Rank 1 died inside its second image's denoising: rank 0 noticed, stopped at its next safe point, wrote
+    # run.json, named the rank that died and how, and ended with code 5.
+    assert killed.returncode == 5, killed.stderr
+    assert "rank 1 (cpu) ended unexpectedly (killed by signal 9) during denoise" in killed.stderr
+    assert "run the same command again" in killed.stderr and "Traceback" not in killed.stderr
+    data = manifest(run)
+    assert [r["missing"] for r in data["ranks"]] == [None, "it ended unexpectedly"]
+    latents_before = len(list((run / "latents").glob("*.safetensors")))
+    assert 1 <= latents_before < len(NAMES)
+    assert list((run / "embeds").glob("*.safetensors")), "encode had finished: kept"
+
+    again = child([*env, *command], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_same_images(run, one_process)
+    # Only what was missing was made, divided afresh between the two ranks.
+    assert made(run)["denoise"] == len(NAMES) - latents_before
+    assert "encode" not in made(run)
+
+
+def test_a_rank_that_fails_stops_the_run_with_its_own_error(queue, tiny_model, tmp_path):
+    run = tmp_path / "run"
+    done = child(["--env", f"XDG_CACHE_HOME={tmp_path / 'cache'}", "--kill", "decode:full:1", "--rank", "1", "--",
+                  "run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2", "-q"], tmp_path)
+    # Rank 1 found the disk full at its first image: the run ends with that error's exit code and message, naming
+    # the rank; rank 0 stopped too, and wrote run.json with both ranks' figures.
+    assert done.returncode == 1, done.stderr
+    assert "error: rank 1 (cpu): " in done.stderr and "the disk is full" in done.stderr
+    assert "Traceback" not in done.stderr
+    data = manifest(run)
+    assert [r["missing"] for r in data["ranks"]] == [None, None]
+    assert data["ranks"][1]["made"].get("decode", 0) == 0
+    assert len(list((run / "latents").glob("*.safetensors"))) == len(NAMES), "what was finished is kept"
+
+
+def test_a_run_of_several_processes_holds_the_folder_against_another_run(queue, tiny_model, one_process, tmp_path,
+                                                                         capsys):
+    """Under torchrun (the second launch form) on the CPU: the run is held inside rank 1's first denoising step
+    while another run tries the folder; then it finishes."""
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(CHILD),
+         "--kill", "denoise:wait:1", "--rank", "1", "--wait-for", str(gate), "--",
+         "run", str(queue), "--model", tiny_model, "--out", str(run), "--device", "cpu", "-q"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not Path(f"{gate}.reached").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first run never reached its denoising"
+            time.sleep(0.2)
+        code = main(["run", str(queue), "--model", tiny_model, "--out", str(run), "--device", "cpu", "-q"])
+        assert code == 1
+        assert "another pixart-lowvram run is using this folder" in capsys.readouterr().err
+        gate.touch()
+        out, err = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGTERM)
+            first.communicate()
+    assert first.returncode == 0, err
+    assert f"{len(NAMES)}/{len(NAMES)} images in" in out
+    assert_same_images(run, one_process)
+    assert [r["rank"] for r in manifest(run)["ranks"]] == [0, 1]
