@@ -30,6 +30,7 @@ examples:
   pixart-lowvram run queue.toml --gpus all               one process per GPU, one run folder
   torchrun --nproc-per-node 4 -m pixart_lowvram.cli run queue.toml     the same, started by torchrun
   pixart-lowvram generate "a harbour at dawn" --lora styles/ink.safetensors:0.8   a LoRA, weighed 0.8
+  pixart-lowvram generate "the same street at night" --init-image street.jpg --strength 0.6
   pixart-lowvram make-random-model --preset xl ./pixart-xl-random
 
 Running the same command again resumes: finished embeddings, latents and images are kept and skipped.
@@ -43,9 +44,11 @@ died (killed, crashed); 130 interrupted (Ctrl-C). Finished work is kept in every
 QUEUE_HELP = """\
 A queue file is TOML, JSON or JSONL. Each job has a `prompt` and optionally negative_prompt, width, height,
 seed, cfg (guidance scale), steps, sampler, count (images with seeds seed, seed+1, ...), name (the image's
-file name) and lora (LoRAs merged into the transformer: lora = [{ path = "ink.safetensors", scale = 0.8 }],
-paths relative to the queue file; a .safetensors file as ComfyUI loads for PixArt, or a peft adapter folder). What a job leaves out follows the model's reference usage (PixArt-α and Σ: 20 steps, cfg 4.5;
-PixArt-LCM: 4 steps, cfg 0; DMD: one step, cfg 1).
+file name), lora (LoRAs merged into the transformer: lora = [{ path = "ink.safetensors", scale = 0.8 }], paths
+relative to the queue file; a .safetensors file as ComfyUI loads for PixArt, or a peft adapter folder), and for
+image-to-image init_image (a path, relative to the queue file's folder) and strength (0 to 1, default 0.8: the
+share of the steps that runs, from the image noised to match). What a job leaves out follows the model's
+reference usage (PixArt-α and Σ: 20 steps, cfg 4.5; PixArt-LCM: 4 steps, cfg 0; DMD: one step, cfg 1).
 Samplers: {samplers} (the first is PixArt-α's and Σ's own).
 A `defaults` table applies to every job. Example (TOML):
 
@@ -210,6 +213,12 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
                    help="merge a LoRA into the transformer: a .safetensors file as ComfyUI loads for PixArt, or a "
                         "peft adapter folder; SCALE (default 1) weighs its update. Repeat for several. Merged into "
                         "the weights as they load: no GPU memory and no time per step")
+    g.add_argument("--init-image", metavar="PATH",
+                   help="image-to-image: start from this picture (resized to the image's size), encoded by the VAE "
+                        "and noised as diffusers' img2img pipeline does")
+    g.add_argument("--strength", type=float,
+                   help="image-to-image: how much of the picture is redone, more than 0 to 1: the share of the "
+                        "steps that runs (default 0.8; 1 runs them all from the picture noised to the first one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run PixArt text-to-image models (PixArt-α 1024 and 512, PixArt-Σ, PixArt-LCM, PixArt-α DMD: "
                     "the kind is read from the model folder) on small GPUs at full 16-bit quality. The queue runs in "
                     "stages, one model component in memory at a time: encode every prompt (T5), denoise every "
-                    "image (DiT), decode every image (VAE).")
+                    "image (DiT), decode every image (VAE); image-to-image jobs' init images are encoded by the "
+                    "VAE before denoising.")
     from . import __version__  # noqa: PLC0415
 
     parser.add_argument("--version", action="version", version=f"pixart-lowvram {__version__}")
@@ -232,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show where each stage's model goes for a VRAM budget (loads nothing)",
                        description="Prints the placement plan for a queue: for each stage whether its model is "
                                    "resident on the GPU, streamed block by block, or (T5) on the CPU, whether the "
-                                   "VAE decodes in tiles, and the predicted peak. Reads only configs and "
-                                   "safetensors headers.")
+                                   "VAE decodes (and, for init images, encodes) whole or in strips, and the "
+                                   "predicted peak. Reads only configs and safetensors headers.")
     p.add_argument("queue", metavar="QUEUE", help="the queue file")
     _add_run_options(p, "(not used)")
 
@@ -407,8 +417,8 @@ def cmd_generate(args) -> int:
     settings = _settings(args)
     jobs = jobs_with_options(lambda: jobs_from_options(
         args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
-        cfg=args.cfg, steps=args.steps, count=args.count, name=args.name, sampler=args.sampler, lora=args.lora),
-        settings, launch_problems(args.gpus, args.device))
+        cfg=args.cfg, steps=args.steps, count=args.count, name=args.name, sampler=args.sampler, lora=args.lora,
+        init_image=args.init_image, strength=args.strength), settings, launch_problems(args.gpus, args.device))
     out = Path(args.out) if args.out else Path("runs") / prompt_folder_name(args.prompt)
     return _run(jobs, out, settings, args.quiet, args.gpus)
 

@@ -32,6 +32,8 @@ def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, 
         "Model hash": info.identity["transformer"][:10],
         "Model": info.name,
     }
+    if item.init_image:  # AUTOMATIC1111's field for image-to-image
+        fields["Denoising strength"] = f"{item.strength:g}"
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
     job = {"key": key, "model": info.source, "dtype": dtype, **item.to_json()}
     return {"parameters": "\n".join(lines), "pixart_lowvram": json.dumps(job, sort_keys=True)}

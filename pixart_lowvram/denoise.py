@@ -3,7 +3,9 @@
 Items that share size, steps, guidance and sampler share a batch; each keeps its own CPU generator, for its
 starting noise and for the noise a stochastic sampler adds at each step, so its image does not depend on the
 batch it lands in or on the device. Items with LoRAs are grouped by their set: the transformer is loaded once per
-set, the set merged into its weights as they load (lora.py), and released before the next set's loads."""
+set, the set merged into its weights as they load (lora.py), and released before the next set's loads.
+Image-to-image items (those of one strength share a batch) start from their init image's encoding, noised to the
+strength's timestep (img2img.py), and the same pipeline call runs the rest."""
 from __future__ import annotations
 
 import weakref
@@ -12,13 +14,14 @@ from itertools import groupby
 
 import torch
 
+from . import img2img
 from .compiling import CompiledBlocks, compile_blocks, compile_cache
 from .lora import LoraFile, LoraSet, lora_set
 from .memory import release
 from .memory import available_ram
 from .models import (ModelInfo, component_sizes, load_scheduler, load_transformer, load_transformer_streamed,
                      make_pipeline)
-from .items import Item, embed_shapes
+from .items import Item, embed_shapes, init_shapes
 from .stage import StageContext
 
 
@@ -36,7 +39,12 @@ def pinned_dit_fits_in_ram(info: ModelInfo, dtype: torch.dtype) -> bool:
 
 
 def group_key(item: Item) -> tuple:
-    return (item.width, item.height, item.steps, item.cfg, item.sampler)
+    return (item.width, item.height, item.steps, item.cfg, item.sampler, item.strength or 0.0)
+
+
+def steps_run(item: Item) -> int:
+    """The steps an item's denoising runs: all of them, or an image-to-image item's share (img2img.steps_to_run)."""
+    return img2img.steps_to_run(item.steps, item.strength) if item.init_image else item.steps
 
 
 def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
@@ -60,7 +68,7 @@ def lora_groups(items: list[Item], loras: Mapping[str, LoraFile]) -> list[tuple[
 
 def transformer_calls(items: list[Item], batch_size: int) -> int:
     """How many times denoising `items` in batches of `batch_size` calls the transformer (once a step and batch)."""
-    return sum(batch[0].steps for batch in batches(items, batch_size))
+    return sum(steps_run(batch[0]) for batch in batches(items, batch_size))
 
 
 def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
@@ -68,7 +76,7 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
     """Denoise `items`, writing latents/<key>.safetensors for each, with the LoRAs `loras` reads (path -> LoRA)
     merged where an item names them. Returns how many were made. `compile_transformer`: the DiT's blocks
     compiled (compiling.py), resident or streamed."""
-    steps = ctx.reporter.bar("denoise", total=sum(it.steps for it in items), unit="step")  # image-steps
+    steps = ctx.reporter.bar("denoise", total=sum(steps_run(it) for it in items), unit="step")  # image-steps
     compiled = None
     if compile_transformer:
         ctx.reporter.info(f"denoise: compiling the transformer's blocks (torch.compile), in its first steps: ~10 to "
@@ -138,15 +146,25 @@ def _denoise_group(ctx: StageContext, items: list[Item], lora: LoraSet, steps, *
             first = batch[0]
             steps.describe(", ".join(it.id for it in batch))
             pipe.scheduler = load_scheduler(info, first.sampler)
+            generators = [torch.Generator("cpu").manual_seed(it.seed) for it in batch]
+            timesteps = list(info.kind.timesteps) if info.kind.timesteps else None  # DMD: one step at t=400
+            start = None  # text-to-image: the pipeline draws its own starting noise
+            if first.init_image:
+                moments = [folder.read_tensors(folder.latent_path(it.init_key), it.init_key, init_shapes(info, it))
+                           for it in batch]
+                if any(m is None for m in moments):
+                    raise RuntimeError("an init image's encoding vanished between stages")  # vae-encode checked them
+                start, pipe.scheduler = img2img.noised_latents(
+                    pipe.scheduler, [m["moments"] for m in moments], generators, steps=first.steps,
+                    strength=first.strength, timesteps=timesteps, scaling_factor=info.geometry.scaling_factor,
+                    device=device, dtype=dtype)
             with torch.inference_mode():
                 latents = pipe(
                     prompt=None, negative_prompt=None,
                     prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_mask,
                     negative_prompt_embeds=negative_embeds, negative_prompt_attention_mask=negative_mask,
                     width=first.width, height=first.height, guidance_scale=first.cfg,
-                    num_inference_steps=first.steps,
-                    timesteps=list(info.kind.timesteps) if info.kind.timesteps else None,  # DMD: one step at t=400
-                    generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
+                    num_inference_steps=first.steps, timesteps=timesteps, generator=generators, latents=start,
                     max_sequence_length=info.geometry.max_sequence_length,
                     use_resolution_binning=info.geometry.bins is not None,  # without bins, sizes as asked
                     output_type="latent", callback=lambda *_: steps.update(len(batch)), callback_steps=1,

@@ -3,7 +3,8 @@
   resolve  (resolve.py)    settings and model folder -> Resolved; every input check, every problem at once
   expand   (items.py)      jobs -> items with their seeds fixed, each artifact keyed to what makes it
   plan     (placement.py)  component sizes + budget + items -> Plan; pure
-  run      (this file)     the stages in order (encode, denoise, decode), each handed one StageContext
+  run      (this file)     the stages in order (encode, vae-encode for image-to-image's init images, denoise,
+                           decode), each handed one StageContext
 
 On several GPUs (launch.py starts the processes, team.py connects them) each process is one rank and runs the
 same four steps: rank 0 prepares the run folder and divides what is left between the ranks (share.py), and each
@@ -29,11 +30,11 @@ import torch
 from . import __version__
 from .decode import decode_items
 from .compiling import should_compile
-from .denoise import denoise_items, transformer_calls
+from .denoise import denoise_items, steps_run, transformer_calls
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory, PixartError, RankFailed
 from .files import cache_dir
-from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, latent_shapes
+from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, init_shapes, latent_shapes
 from .jobs import Job
 from .memory import GpuMemoryProbe, StageMeter, StageStats, release, resolve_host_budget
 from .models import component_sizes
@@ -44,6 +45,7 @@ from .run import EmbeddingCache, RunFolder
 from .share import Work, divide_images, divide_texts
 from .stage import StageContext
 from .team import Team, TeamReporter, devices
+from .vae_encode import InitImage, encode_images, pending_images
 
 __all__ = ["RunResult", "Settings", "plan_queue", "plan_run", "run_queue"]
 
@@ -63,7 +65,7 @@ class RunResult:
     ranks: list[RankRecord] = field(default_factory=list)  # a run over several processes: each one's part
 
 
-COMPONENT_OF = {"encode": "text_encoder", "denoise": "transformer", "decode": "vae"}
+COMPONENT_OF = {"encode": "text_encoder", "vae-encode": "vae", "denoise": "transformer", "decode": "vae"}
 STAGES = tuple(COMPONENT_OF)
 
 
@@ -170,7 +172,8 @@ def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = C
     return make_plan(budget, sizes, binned, texts=max(1, texts), encode_batch=settings.encode_batch,
                      denoise_batch=denoise_batch, context=context, encode_on_cpu=settings.encode_on_cpu,
                      text_encoder_8bit=settings.text_encoder_8bit,
-                     host_budget=resolved.host_budget if resolved.device.type == "cuda" else None)
+                     host_budget=resolved.host_budget if resolved.device.type == "cuda" else None,
+                     init_sizes=[size for it, size in zip(items, binned) if it.init_image])
 
 
 def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
@@ -310,6 +313,14 @@ class _Run:
         return {k: t for k, t in needed.items()
                 if self.folder.read_tensors(self.folder.embed_path(k), k, shape) is None}
 
+    def pending_inits(self, items: list[Item]) -> list[InitImage]:
+        """The init image encodings the image-to-image items among `items` (latents to make) still need."""
+        wanted = [it for it in items if it.init_key]
+        if not self.settings.force:
+            wanted = [it for it in wanted if self.folder.read_tensors(
+                self.folder.latent_path(it.init_key), it.init_key, init_shapes(self.info, it)) is None]
+        return pending_images(wanted)
+
     def restore_from_cache(self, texts: dict[str, str]) -> dict[str, str]:
         """Take what the shared cache holds; return the texts still to encode."""
         if self.cache is None or self.settings.force:
@@ -363,7 +374,7 @@ class _Run:
     def overflowed(self, stage: str, failed: list[str], items: list[Item]) -> set[str]:
         """Record the items a stage's non-finite values leave unmade (`failed`: text keys or item ids); their ids."""
         bad = set(failed)
-        lost = [it.id for it in items if bad & {it.id, it.prompt_key, it.negative_key}]
+        lost = [it.id for it in items if bad & {it.id, it.prompt_key, it.negative_key, it.init_key}]
         if not lost:
             return set()
         component = COMPONENT_OF[stage]
@@ -406,11 +417,16 @@ class _Run:
         return Pending(self.restore_from_cache(self.pending_texts(latents)), latents, images)
 
     def run_stages(self, todo: Pending) -> None:
-        """The three stages over what is left; what one stage could not make (non-finite) the next leaves out."""
+        """The stages over what is left (vae-encode for the init images it needs, where the plan has it); what one
+        stage could not make (non-finite) the next leaves out."""
         failed = self.stage("encode", len(todo.texts), lambda ctx: encode_texts(
             ctx, todo.texts, batch_size=self.plan["encode"].batch, cache=self.cache,
             eight_bit=self.settings.text_encoder_8bit))
         lost = self.overflowed("encode", self.encoded(failed), todo.images)
+        if "vae-encode" in self.plan.stages:  # image-to-image: a queue without init images has no such stage
+            inits = self.pending_inits(todo.latents)
+            failed = self.stage("vae-encode", len(inits), lambda ctx: encode_images(ctx, inits))
+            lost |= self.overflowed("vae-encode", failed, todo.images)
         latents = [it for it in todo.latents if it.id not in lost]
         images = [it for it in todo.images if it.id not in lost]
         batch = self.plan["denoise"].batch
@@ -528,7 +544,7 @@ class _TeamRun(_Run):
         on_cpu = self.plan["encode"].placement == "cpu"
         denoise = {it.id for it in todo.latents}
         sizes = binned_sizes(self.info, todo.images)
-        work = [Work(it.image_key, w * h, it.steps if it.id in denoise else 0)
+        work = [Work(it.image_key, w * h, steps_run(it) if it.id in denoise else 0)
                 for it, (w, h) in zip(todo.images, sizes)]
         image_shares = divide_images(work, self.team.size)
         text_shares = divide_texts(list(todo.texts), self.team.size)
@@ -580,7 +596,7 @@ class _TeamRun(_Run):
             f"image(s) to decode [{self.info.name}, {devices([m.device for m in team.members])}, "
             f"{self.resolved.dtype_name}]")
         totals = {"encode": sum(len(t.texts) for t in todo),
-                  "denoise": sum(it.steps for t in todo for it in t.latents),  # image-steps, as the stage counts
+                  "denoise": sum(steps_run(it) for t in todo for it in t.latents),  # image-steps, as the stage counts
                   "decode": sum(len(t.images) for t in todo)}
         team.show(self.console, {stage: n for stage, n in totals.items() if n})
 
@@ -650,7 +666,9 @@ class _TeamRun(_Run):
             self.records[r] = records.get(r) or RankRecord(r, m.device, m.host, missing=(
                 "it ended unexpectedly" if r in team.dead else "it did not answer in time"))
         present = [r for r in self.records if r.missing is None]
-        self.stages = [combined(name, [s for r in present for s in r.stages if s.name == name]) for name in STAGES]
+        listed = {s.name for r in present for s in r.stages}  # vae-encode only where a rank had init images
+        self.stages = [combined(name, [s for r in present for s in r.stages if s.name == name]) for name in STAGES
+                       if name != "vae-encode" or name in listed]
         self.made = {name: sum(r.made.get(name, 0) for r in present) for name in STAGES
                      if any(name in r.made for r in present)}
         self.failures = merged([f for r in present for f in r.failures])

@@ -99,6 +99,7 @@ class Geometry:
     max_sequence_length: int  # tokens per prompt (α 120, Σ 300)
     text_dim: int  # T5's d_model: the width of an embedding
     bins: dict[str, list[float]] | None  # aspect-ratio bins; None: sizes are used as asked
+    scaling_factor: float = 0.18215  # the VAE's latents over its encoder's (image-to-image scales by it)
 
     @property
     def default_size(self) -> int:
@@ -184,4 +185,12 @@ def read_geometry(pipeline_class: str, configs: dict[str, dict], folder: Path | 
     return Geometry(pipeline_class=pipeline_class, vae_scale_factor=scale, latent_channels=in_channels,
                     sample_size=sample_size, patch_size=patch_size(configs, folder),
                     max_sequence_length=MAX_TOKENS[pipeline_class], text_dim=text_dim,
-                    bins=resolution_bins(pipeline_class, sample_size))
+                    bins=resolution_bins(pipeline_class, sample_size),
+                    scaling_factor=_scaling_factor(configs, folder))
+
+
+def _scaling_factor(configs: dict[str, dict], folder: Path | None) -> float:
+    value = _value(configs, "vae", "scaling_factor")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ModelError(f"{_where(folder, 'vae')}: scaling_factor must be a positive number, not {value!r}")
+    return float(value)

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .jobs import MAX_SEED, Job, JobDefaults
+from .img2img import image_bytes
+from .jobs import DEFAULT_STRENGTH, MAX_SEED, Job, JobDefaults
 from .lora import LoraFile, lora_set
 from .models import ModelInfo, caption_cleaning
 
@@ -69,9 +70,18 @@ class Item:
     negative_key: str = ""
     latent_key: str = ""
     image_key: str = ""
+    # Image-to-image: the init image's path, the strength, and the key of its encoding by the VAE (the
+    # vae-encode stage's artifact); empty for a text-to-image item
+    init_image: str = ""
+    strength: float | None = None
+    init_key: str = ""
 
     def to_json(self) -> dict:
-        return dict(vars(self))  # every field is a plain value: no deep copy (asdict) needed
+        data = dict(vars(self))  # every field is a plain value: no deep copy (asdict) needed
+        if not self.init_image:  # a text-to-image item is recorded as it always was
+            for name in IMG2IMG_FIELDS:
+                del data[name]
+        return data
 
     def seed_record(self) -> dict[str, str]:
         """Where a drawn seed came from, as text metadata for the item's latents (its PNG has the whole item):
@@ -81,11 +91,21 @@ class Item:
         return {"seed_slot": self.seed_slot, "copy": str(self.copy), "seed": str(self.seed)}
 
 
+IMG2IMG_FIELDS = ("init_image", "strength", "init_key")
+
+
 def _job_spec(job: Job, defaults: JobDefaults) -> dict:
     """What a job asks for, independent of where it sits in the queue, with the model's defaults filled in (a job
-    that names the model's own sampler asks for what one that names none does)."""
+    that names the model's own sampler asks for what one that names none does). A job without LoRAs or an init
+    image has the spec it had before either existed: the seeds drawn for it are found again."""
     spec = asdict(job)
     spec.pop("index")
+    if not job.lora:
+        del spec["lora"]
+    if job.init_image is None:
+        del spec["init_image"], spec["strength"]
+    else:
+        spec["strength"] = DEFAULT_STRENGTH if job.strength is None else job.strength
     spec["cfg"] = float(defaults.cfg if job.cfg is None else job.cfg)
     spec["steps"] = defaults.steps if job.steps is None else job.steps
     spec["sampler"] = job.sampler or defaults.sampler
@@ -125,7 +145,8 @@ def expand(jobs: list[Job], defaults: JobDefaults, drawn_seeds: dict[str, list[i
                 width=job.width or defaults.size, height=job.height or defaults.size, seed=seed,
                 cfg=spec["cfg"], steps=spec["steps"], sampler=job.sampler or defaults.sampler, name=job.name,
                 lora=[{"path": e.path, "scale": e.scale} for e in job.lora if e.scale != 0],
-                seed_was_drawn=job.seed is None, seed_slot="" if job.seed is not None else slot))
+                seed_was_drawn=job.seed is None, seed_slot="" if job.seed is not None else slot,
+                init_image=job.init_image or "", strength=spec.get("strength")))
     _make_ids_unique(items)
     return items, remembered
 
@@ -167,9 +188,11 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
     An embedding: the tokenizer, T5, the dtype it is stored in, the token length, caption cleaning, where T5 ran
     (the CPU computes in float32) and whether in 8 bits. A latent: the DiT, the scheduler config, the dtype, both
     embeddings, and the item's size, steps, guidance, seed and sampler, and its LoRAs' identities and scales
-    (`loras`: path -> the LoRA read from it; in merge order, so the order a job lists them in does not count). An
-    image: its latent, the VAE and the run's dtype. Precision fallbacks (`Settings.upcast`, batch sizes) are not part of a key: they change rounding,
-    not what an artifact is, and apply to what is still to make."""
+    (`loras`: path -> the LoRA read from it; in merge order, so the order a job lists them in does not count); for
+    image-to-image also its strength and the init image's encoding: that image's content (sha256), the size it is
+    encoded at, the VAE and the dtype. An image: its latent, the VAE and the run's dtype. Precision fallbacks
+    (`Settings.upcast`, batch sizes) are not part of a key: they change rounding, not what an artifact is, and
+    apply to what is still to make. Reads each init image once (its hash)."""
     dtype_name = str(dtype)
     encoder = (KEY_FORMAT, info.identity["tokenizer"], info.identity["text_encoder"], dtype_name,
                info.geometry.max_sequence_length, caption_cleaning(), "cpu-float32" if encode_on_cpu else "device",
@@ -178,6 +201,7 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
     texts: dict[str, str] = {}
     text_keys: dict[str, str] = {}  # text -> its key, each text hashed once (a job's copies share their texts)
     lora_keys: dict[tuple, list] = {}  # a job's LoRAs -> their part of the key, worked out once per job
+    image_hashes: dict[str, str] = {}  # init image path -> sha256 of its content
     for item in items:
         for text in (item.prompt, item.negative_prompt):
             if text not in text_keys:
@@ -193,9 +217,21 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
             if listed not in lora_keys:
                 lora_keys[listed] = lora_set(item.lora, loras or {}).key()
             latent += ("lora", lora_keys[listed])
+        if item.init_image:
+            if item.init_image not in image_hashes:
+                image_hashes[item.init_image] = image_bytes(item.init_image)[1]
+            item.init_key = init_image_key(info, dtype, image_hashes[item.init_image], item.width, item.height)
+            latent += ("img2img", item.init_key, item.strength)
         item.latent_key = digest(*latent)
         item.image_key = digest("image", item.latent_key, *decoder, item.width, item.height)
     return texts
+
+
+def init_image_key(info: ModelInfo, dtype: torch.dtype, sha256: str, width: int, height: int) -> str:
+    """The key of an init image's encoding: the image's content, the size it is denoised (and so encoded) at, the
+    VAE and the run's dtype."""
+    return digest("init-image", KEY_FORMAT, info.identity["vae"], str(dtype), sha256,
+                  *info.geometry.denoise_size(width, height))
 
 
 def embed_shapes(info: ModelInfo) -> dict[str, tuple[int, ...]]:
@@ -207,3 +243,10 @@ def embed_shapes(info: ModelInfo) -> dict[str, tuple[int, ...]]:
 def latent_shapes(info: ModelInfo, item: Item) -> dict[str, tuple[int, ...]]:
     """The tensors of a finished latent: the item's latents at the size the reference denoises at."""
     return {"latents": tuple(info.geometry.latent_shape(item.width, item.height))}
+
+
+def init_shapes(info: ModelInfo, item: Item) -> dict[str, tuple[int, ...]]:
+    """The tensors of a finished init image encoding: the VAE's latent distribution (its mean and log-variance,
+    `DiagonalGaussianDistribution.parameters`) at the size the item is denoised at."""
+    channels, height, width = info.geometry.latent_shape(item.width, item.height)
+    return {"moments": (2 * channels, height, width)}

@@ -15,7 +15,7 @@ import reprlib
 import stat
 import sys
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +28,7 @@ from .errors import Problem, QueueError
 from .samplers import NAMES as SAMPLER_NAMES
 
 KNOWN_FIELDS = ("prompt", "negative_prompt", "width", "height", "seed", "cfg", "steps", "sampler", "count", "name",
-                "lora")
+                "lora", "init_image", "strength")
 # The reference PixArtAlphaPipeline's defaults, for hints; a job that leaves cfg, steps or sampler out gets its
 # model's (JobDefaults below: 4 steps without guidance for PixArt-LCM, one step for DMD).
 DEFAULT_CFG = 4.5
@@ -49,6 +49,10 @@ MAX_QUEUE_BYTES = 32 * 2**20  # a queue file; 100,000 one-line JSONL jobs take ~
 # instead of being cleaned for seconds and cut by the tokenizer anyway. Every prompt within it is encoded
 # exactly as the reference does.
 MAX_PROMPT = 4_000
+# Image-to-image: diffusers' StableDiffusionImg2ImgPipeline's default strength (how much of the schedule runs).
+DEFAULT_STRENGTH = 0.8
+# An init image file: read whole to hash and to decode it; a photo is a few MB, a 16k x 16k PNG a few hundred.
+MAX_IMAGE_BYTES = 512 * 2**20
 
 SUFFIXES = {".toml": "toml", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -86,6 +90,8 @@ class Job:
     name: str | None = None
     sampler: str | None = None  # None: the model's own scheduler
     lora: tuple[LoraSpec, ...] = ()  # merged into the transformer for this job's images (lora.py)
+    init_image: str | None = None  # image-to-image: the image's path (a queue's, joined to the queue's folder)
+    strength: float | None = None  # image-to-image only; None: DEFAULT_STRENGTH
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ def read_limited(path: str | os.PathLike, limit: int) -> bytes:
 def parse_queue(text: str, fmt: str, source: str = "<string>", base_dir: str | os.PathLike | None = None
                 ) -> list[Job]:
     """Parse and validate a queue given as text; fmt is "toml", "json" or "jsonl". Relative paths in it (LoRA
-    files) are taken from `base_dir` (None: the current folder)."""
+    files, init images) are taken from `base_dir` (None: the current folder)."""
     text = text.removeprefix("\ufeff")  # editors on Windows like to start UTF-8 files with a BOM
     if fmt == "jsonl":
         return _parse_jsonl(text, source, base_dir)
@@ -239,11 +245,13 @@ def _syntax_problem(error: Exception, text: str, line: int | None = None) -> Pro
 def jobs_from_options(prompt: str | None, *, negative_prompt: str | None = None, width: int | None = None,
                       height: int | None = None, seed: int | None = None, cfg: float | None = None,
                       steps: int | None = None, count: int | None = None, name: str | None = None,
-                      sampler: str | None = None, lora: list[dict] | None = None) -> list[Job]:
+                      sampler: str | None = None, lora: list[dict] | None = None, init_image: str | None = None,
+                      strength: float | None = None) -> list[Job]:
     """A one-job queue from command-line options; None means "not given". Validated like a file's job; LoRA
-    paths are taken from the current folder."""
+    and init image paths are taken from the current folder."""
     given = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, seed=seed, cfg=cfg,
-                 steps=steps, count=count, name=name, sampler=sampler, lora=lora or None)
+                 steps=steps, count=count, name=name, sampler=sampler, lora=lora or None, init_image=init_image,
+                 strength=strength)
     job = {key: value for key, value in given.items() if value is not None}
     return validate_document({"jobs": [job]}, "command line")
 
@@ -401,6 +409,57 @@ def _check_sampler(value: object) -> Bad:
             close or "leave it out for the model's own scheduler")
 
 
+def _check_strength(value: object) -> Bad:
+    hint = f"0 < strength <= 1; diffusers' default is {DEFAULT_STRENGTH}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"must be a number, not {_show(value)}", hint
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        return f"must be a finite number, not {_show(value)}", hint
+    if not 0 < number <= 1:
+        return f"must be more than 0 and at most 1, not {_show(value)}", hint
+    return None
+
+
+def _check_path_text(value: object) -> Bad:
+    if isinstance(value, str) and not value:
+        return "must not be empty", "the path of an image file (PNG, JPEG, WebP, ...)"
+    return _check_plain_text(value)
+
+
+def check_init_image(path: Path) -> Bad:
+    """Whether `path` is an image file PIL can read whole (missing, unreadable, not an image, damaged: why not).
+    Reads the whole image once: a truncated file fails here, not after the models have loaded."""
+    import io  # noqa: PLC0415
+
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    hint = "the path of an image file (PNG, JPEG, WebP, ...); in a queue file, relative to its folder"
+    try:
+        data = read_limited(path, MAX_IMAGE_BYTES)  # never blocks on a pipe, never reads a device forever
+    except FileNotFoundError:
+        return f"{str(path)!r} does not exist", hint
+    except PermissionError:
+        return f"{str(path)!r} cannot be read (permission denied)", None
+    except OSError as exc:
+        return f"{str(path)!r} cannot be read ({exc.strerror or exc})", None
+    except ValueError as exc:
+        return f"{str(path)!r} {exc}", hint
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except UnidentifiedImageError:
+        return f"{str(path)!r} is not an image file PIL can read", hint
+    except Image.DecompressionBombError as exc:
+        return f"{str(path)!r} is too large an image to read: {exc}", None
+    except (OSError, ValueError, SyntaxError) as exc:
+        return f"{str(path)!r} cannot be read as an image ({exc})", None
+    return None
+
+
 _LORA_EXAMPLE = 'lora = [{ path = "styles/ink.safetensors", scale = 0.8 }]'
 
 
@@ -439,13 +498,15 @@ _CHECKS: dict[str, Callable[[object], Bad]] = {
     "name": _check_name,
     "sampler": _check_sampler,
     "lora": _check_lora,
+    "init_image": _check_path_text,  # and then the file itself (check_init_image), relative to the queue's folder
+    "strength": _check_strength,
 }
 
 
 def _normal(field: str, value: object, base_dir: str | os.PathLike | None = None) -> object:
     """A checked value in the type Job holds (numpy integers and the like become plain Python numbers; LoRA
     paths relative to `base_dir`)."""
-    if field == "cfg":
+    if field in ("cfg", "strength"):
         return float(value)
     if field == "lora":
         def where(path: str) -> str:
@@ -470,6 +531,23 @@ def _did_you_mean(key: object, choices: tuple[str, ...] | list[str]) -> str | No
 
 # ---- the document -----------------------------------------------------------------------------------------
 
+@dataclass
+class _Files:
+    """The init images a queue names, found relative to `base_dir` (None: the current folder), each checked once."""
+
+    base_dir: str | os.PathLike | None
+    checked: dict[str, Bad] = field(default_factory=dict)
+
+    def image(self, value: str) -> tuple[str, Bad]:
+        """An init image's path as the run will open it, and what is wrong with the file (None: nothing)."""
+        path = Path(value).expanduser()
+        if self.base_dir is not None:
+            path = Path(self.base_dir) / path  # an absolute path stays itself
+        if str(path) not in self.checked:
+            self.checked[str(path)] = check_init_image(path)
+        return str(path), self.checked[str(path)]
+
+
 def validate_document(doc: object, source: str, *, fmt: str = "json", base_dir: str | os.PathLike | None = None
                       ) -> list[Job]:
     """A parsed queue -> jobs, or a QueueError holding every problem found. `fmt` only shapes the hints; relative
@@ -478,14 +556,20 @@ def validate_document(doc: object, source: str, *, fmt: str = "json", base_dir: 
     doc is a list of job tables, or a table {"defaults": {...}, "jobs": [...]}.
     """
     problems: list[Problem] = []
+    files = _Files(base_dir)
     defaults_doc, jobs_doc = _split(doc, fmt, problems)
     defaults, broken = _check_defaults(defaults_doc, fmt, problems, base_dir)
+    _check_files(defaults, broken, files, problems)
     jobs: list[Job] = []
     names: dict[str, tuple[int, str]] = {}
     for index, entry in enumerate(jobs_doc or [], start=1):
-        job = _check_job(index, entry, defaults, broken, names, fmt, problems, base_dir)
+        job = _check_job(index, entry, defaults, broken, names, fmt, problems, base_dir, files)
         if job is not None:
             jobs.append(job)
+    if "strength" in defaults and "init_image" not in defaults and "init_image" not in broken and not any(
+            job.init_image for job in jobs):
+        problems.append(Problem("is given, but no job has an init_image", field="defaults.strength",
+                                hint="strength is for image-to-image jobs: give them init_image, or leave it out"))
     if jobs_doc == []:
         problems.append(Problem("the queue has no jobs", hint=_MINIMAL.get(fmt, _MINIMAL["json"])))
     problems += _image_name_clashes(jobs)
@@ -567,8 +651,21 @@ def _check_defaults(raw: object, fmt: str, problems: list[Problem], base_dir: st
     return values, broken
 
 
+def _check_files(values: dict, broken: set[str], files: _Files, problems: list[Problem], job_index: int | None = None,
+                 job_name: str | None = None) -> None:
+    """The files `values` name (a job's own, or the defaults'), checked; their paths as the run opens them."""
+    if "init_image" in values:
+        values["init_image"], bad = files.image(values["init_image"])
+        if bad:
+            where = "init_image" if job_index else "defaults.init_image"
+            problems.append(Problem(bad[0], job_index=job_index, job_name=job_name, field=where, hint=bad[1]))
+            broken.add("init_image")
+            del values["init_image"]
+
+
 def _check_job(index: int, entry: object, defaults: dict, broken: set[str], names: dict[str, tuple[int, str]],
-               fmt: str, problems: list[Problem], base_dir: str | os.PathLike | None = None) -> Job | None:
+               fmt: str, problems: list[Problem], base_dir: str | os.PathLike | None = None,
+               files: _Files | None = None) -> Job | None:
     """One job's table -> a Job with defaults applied, or None after adding its problems to `problems`."""
     if not isinstance(entry, dict):
         hint = "write each job as its own [[jobs]] table" if fmt == "toml" else 'for example {"prompt": "..."}'
@@ -598,6 +695,16 @@ def _check_job(index: int, entry: object, defaults: dict, broken: set[str], name
             values[key] = _normal(key, value, base_dir)
     if "prompt" not in entry and "prompt" not in defaults and "prompt" not in broken:
         report("prompt", ("is missing", "every job needs a prompt (or give one in the defaults)"))
+    own_files = {key: values[key] for key in ("init_image",) if key in entry and key in values}
+    _check_files(own_files, bad_fields, files or _Files(None), problems, index, job_name)
+    values.update(own_files)
+    if "init_image" in bad_fields:
+        values.pop("init_image", None)
+    elif "strength" in entry and "init_image" not in values and "init_image" not in broken | bad_fields:
+        report("strength", ("is given without init_image", "strength says how much of an init image to change: "
+                                                            "give init_image, or leave strength out"))
+    if "init_image" not in values:
+        values.pop("strength", None)  # a default strength is for the jobs with an init image
     own = {"seed", "count"} & entry.keys()
     if own and not own & bad_fields and "seed" in values:
         if bad := _seed_range(values["seed"], values.get("count", 1)):

@@ -134,12 +134,12 @@ def lora_set(entries: list[dict], loras: Mapping[str, LoraFile]) -> LoraSet:
 
 
 def merge(weight: torch.Tensor, patches: list[tuple[Patch, float]], dtype: torch.dtype) -> torch.Tensor:
-    """`weight` (as stored, any float dtype, on the CPU) with `patches` added in float32, cast once to `dtype`."""
+    """`weight` (as stored, any float dtype) with `patches` added in float32 where `weight` is, cast once to
+    `dtype`."""
     merged = weight.to(torch.float32, copy=True)
-    cpu = torch.device("cpu")
     for patch, scale in patches:
-        down = load_tensor(patch.down, torch.float32, cpu)
-        up = load_tensor(patch.up, torch.float32, cpu)
+        down = load_tensor(patch.down, torch.float32, merged.device)
+        up = load_tensor(patch.up, torch.float32, merged.device)
         delta = up.reshape(up.shape[0], up.shape[1]) @ down.reshape(down.shape[0], -1)
         merged.add_(delta.reshape(merged.shape), alpha=scale * patch.factor)
     return merged.to(dtype)

@@ -809,17 +809,17 @@ def bitsandbytes_available() -> bool:
 
 
 def load_transformer(info: ModelInfo, dtype: torch.dtype, device: torch.device, lora: LoraSet = LoraSet()):
-    """The DiT as `from_pretrained(torch_dtype=dtype)` gives it, with `lora` merged into its weights on the CPU
-    (each patched weight from its stored values: lora.merge), before it moves to `device`."""
-    model = _load(info, "transformer", torch_dtype=dtype, use_safetensors=True)
+    """The DiT as `from_pretrained(torch_dtype=dtype)` gives it, on `device`, with `lora` merged into its weights
+    there (each patched weight from its stored values: lora.merge). On a GPU the merge takes milliseconds; on the
+    CPU the XL DiT's 280 rank-32 updates took 11 s (BENCHMARKS.md, LoRA)."""
+    model = _load(info, "transformer", torch_dtype=dtype, use_safetensors=True).to(device)
     if lora:
         stored = info.headers.get("transformer") or stored_tensors(info.path / "transformer")
         with torch.no_grad():
             for name, patches in lora.by_parameter().items():
                 param = model.get_parameter(name)
-                param.copy_(merge(load_tensor(stored[name], stored[name].dtype, torch.device("cpu")), patches,
-                                  param.dtype))
-    return model.to(device).eval()
+                param.copy_(merge(load_tensor(stored[name], stored[name].dtype, param.device), patches, param.dtype))
+    return model.eval()
 
 
 # -- built empty, streamed from the files -------------------------------------------------------------------------

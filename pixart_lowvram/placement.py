@@ -10,6 +10,7 @@ pinned buffers included). For each stage the plan picks a placement:
   decode   whole (the VAE decodes an image in one piece) | strips (exactly the same image, layer by layer in
            rows, within `room` bytes of activations; see vae_strips.py; what waits off the GPU is pinned in
            RAM, or spilled to a file where RAM is short)
+  vae-encode (image-to-image's init images, before denoise) whole | strips, as decode
 and its batch: a batch option lowers to 1 before it changes a placement, and encode's group (texts whose hidden
 states are alive together) is the largest that fits. Each stage gets an estimate of its whole-process peak on
 the GPU and of the host memory it holds. Memory figures below are estimates calibrated on PixArt-XL-2 at
@@ -21,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .vae_strips import RESNET_WHOLE_TENSORS, encoder_host_bytes
 from .vae_strips import host_bytes as strip_host_bytes
 
 MiB = 1024**2
@@ -186,29 +188,42 @@ def _vae_activations(s: Sizes, side_w: int, side_h: int) -> int:
     return int(side_w * side_h * VAE_BYTES_PER_PIXEL * (s.vae_dtype_bytes or s.dtype_bytes) / 2)
 
 
+def _vae_encode_activations(s: Sizes, side_w: int, side_h: int) -> int:
+    """A whole encode's activations: RESNET_WHOLE_TENSORS tensors of its widest level (channels over the pixels
+    of that level; SD's VAE: its 128 channels at full resolution), the count the strip walk runs a resnet whole
+    with. An estimate from the encoder's shape until the GPU measures it (bench/img2img.py)."""
+    widest = max(c / 4**i for i, c in enumerate(s.vae_channels))
+    return int(side_w * side_h * widest * (s.vae_dtype_bytes or s.dtype_bytes) * RESNET_WHOLE_TENSORS)
+
+
 def _peak(context: int, tensors: int) -> int:
     return int(context + RESERVE + tensors * FRAGMENTATION)
 
 
 def make_plan(budget: int | None, sizes: Sizes, image_sizes: list[tuple[int, int]], *, texts: int = 1,
               encode_batch: int = 1, denoise_batch: int | None = 1, context: int = CUDA_CONTEXT,
-              encode_on_cpu: bool = False, text_encoder_8bit: bool = False, host_budget: int | None = None) -> Plan:
+              encode_on_cpu: bool = False, text_encoder_8bit: bool = False, host_budget: int | None = None,
+              init_sizes: list[tuple[int, int]] | None = None) -> Plan:
     """Choose each stage's placement for `budget` bytes of GPU memory and `host_budget` bytes of host RAM (None:
     unconstrained; everything resident, as fast as it goes).
 
     `image_sizes` are the (width, height) the DiT and VAE work at (after resolution binning); `texts` how many
     distinct texts the queue encodes (they go through T5 in groups as large as the budget allows); `denoise_batch`
     None: `auto_denoise_batch` for the largest size, lowered to 1 silently where it does not fit. An 8-bit T5
-    (`sizes` counted so) is resident or nothing: bitsandbytes' int8 layers are not streamed."""
+    (`sizes` counted so) is resident or nothing: bitsandbytes' int8 layers are not streamed. `init_sizes`: the
+    sizes image-to-image init images are encoded at; where there are any, the plan has a vae-encode stage."""
     biggest = max(image_sizes, key=lambda wh: wh[0] * wh[1], default=(1024, 1024))
     fits = (lambda need: True) if budget is None else (lambda need: need <= budget)
     # A stage that holds nothing beyond the process always fits: no slower placement would hold less.
     host_fits = (lambda need: True) if host_budget is None else (
         lambda need: need == 0 or PROCESS_RSS + need <= host_budget)
     stages = {"encode": _plan_encode(sizes, fits, host_fits, context, max(1, texts), encode_batch, encode_on_cpu,
-                                     text_encoder_8bit, host_budget),
-              "denoise": _plan_denoise(sizes, fits, host_fits, context, biggest, denoise_batch, budget),
-              "decode": _plan_decode(sizes, fits, host_fits, context, biggest, budget, host_budget)}
+                                     text_encoder_8bit, host_budget)}
+    if init_sizes:
+        stages["vae-encode"] = _plan_vae_encode(sizes, fits, host_fits, context,
+                                                max(init_sizes, key=lambda wh: wh[0] * wh[1]), budget, host_budget)
+    stages["denoise"] = _plan_denoise(sizes, fits, host_fits, context, biggest, denoise_batch, budget)
+    stages["decode"] = _plan_decode(sizes, fits, host_fits, context, biggest, budget, host_budget)
     return Plan(budget=budget, context=context, stages=stages, host_budget=host_budget)
 
 
@@ -336,27 +351,44 @@ def _plan_denoise(s: Sizes, fits, host_fits, context: int, size: tuple[int, int]
 def _plan_decode(s: Sizes, fits, host_fits, context: int, size: tuple[int, int], budget: int | None,
                  host_budget: int | None) -> StagePlan:
     w, h = size
-    whole = _peak(context, s.vae + _vae_activations(s, w, h)) + DECODE_WHOLE_EXTRA
+    return _plan_vae("decode", s, fits, host_fits, context, size, budget, host_budget,
+                     _vae_activations(s, w, h), strip_host_bytes, tile=True)
+
+
+def _plan_vae_encode(s: Sizes, fits, host_fits, context: int, size: tuple[int, int], budget: int | None,
+                     host_budget: int | None) -> StagePlan:
+    w, h = size
+    return _plan_vae("vae-encode", s, fits, host_fits, context, size, budget, host_budget,
+                     _vae_encode_activations(s, w, h), encoder_host_bytes)
+
+
+def _plan_vae(stage: str, s: Sizes, fits, host_fits, context: int, size: tuple[int, int], budget: int | None,
+              host_budget: int | None, activations: int, walk_host_bytes, tile: bool = False) -> StagePlan:
+    """The VAE's decoder or encoder: whole where it fits, else in exact strips (`walk_host_bytes`: what the strip
+    walk holds on the host); `tile`: a tile side for decoders the strip walk cannot take."""
+    w, h = size
+    what = "decode" if stage == "decode" else "encode init images of"
+    whole = _peak(context, s.vae + activations) + DECODE_WHOLE_EXTRA
     if fits(whole):
-        return StagePlan("decode", "whole", estimate=whole)
+        return StagePlan(stage, "whole", estimate=whole)
     room = int((budget - context - RESERVE - s.vae) / STRIP_FRAGMENTATION)
     least = context + RESERVE + s.vae + int(MIN_STRIP_ROOM * STRIP_FRAGMENTATION)
     if room < MIN_STRIP_ROOM:
-        raise PlanError(f"a VRAM budget of {format_size(budget)} is too small to decode {w}x{h} images: even in "
+        raise PlanError(f"a VRAM budget of {format_size(budget)} is too small to {what} {w}x{h} images: even in "
                         f"strips it needs at least {format_size(least)}")
     estimate = context + RESERVE + s.vae + int(room * STRIP_FRAGMENTATION)
     item = s.vae_dtype_bytes or s.dtype_bytes
-    pinned, _ = strip_host_bytes(s.vae_channels, s.vae_layers, w, h, item, room)
+    tile_side = tile_for(s, room) if tile else None
+    pinned, _ = walk_host_bytes(s.vae_channels, s.vae_layers, w, h, item, room)
     note = "exact: whole-image GroupNorm statistics, one-row halos"
     if host_fits(pinned):
-        return StagePlan("decode", "strips", estimate=estimate, room=room, tile=tile_for(s, room), host=pinned,
-                         note=note)
+        return StagePlan(stage, "strips", estimate=estimate, room=room, tile=tile_side, host=pinned, note=note)
     # Not enough RAM for all the activations that wait off the GPU: what RAM holds is pinned, the rest waits in
     # files in the run folder (memory-mapped: the kernel writes their pages back and drops them as RAM runs
     # short; their copies are slower).
     limit = max(0, host_budget - PROCESS_RSS)  # host_fits failed, so there is a host budget
-    held, spilled = strip_host_bytes(s.vae_channels, s.vae_layers, w, h, item, room, pinned_limit=limit)
-    return StagePlan("decode", "strips", estimate=estimate, room=room, tile=tile_for(s, room), host=held,
+    held, spilled = walk_host_bytes(s.vae_channels, s.vae_layers, w, h, item, room, pinned_limit=limit)
+    return StagePlan(stage, "strips", estimate=estimate, room=room, tile=tile_side, host=held,
                      spill=spilled, pinned_limit=limit,
                      note=f"{note}; {format_size(pinned)} of activations would not fit in RAM: up to "
                           f"{format_size(spilled)} wait in files in the run folder")
@@ -376,7 +408,8 @@ def format_plan(plan: Plan) -> str:
     if plan.host_budget is not None:
         head += f", host budget {format_size(plan.host_budget)} (whole process, ~{format_size(PROCESS_RSS)} of it " \
                 f"the process itself)"
-    lines = [f"plan for {head}:", f"  {'stage':<8} {'placement':<60} {'GPU peak':>11}  {'host RAM':>11}"]
+    width = max(8, *(len(name) for name in plan.stages))
+    lines = [f"plan for {head}:", f"  {'stage':<{width}} {'placement':<60} {'GPU peak':>11}  {'host RAM':>11}"]
     for st in plan.stages.values():
         how = st.placement
         if st.room:
@@ -389,5 +422,5 @@ def format_plan(plan: Plan) -> str:
             how += f", {st.group} text(s) a group"
         estimate = "on the CPU" if st.placement == "cpu" else f"~{format_size(st.estimate)}"
         host = f"~{format_size(st.host)}" + (f" (+{format_size(st.spill)} file)" if st.spill else "")
-        lines.append(f"  {st.stage:<8} {how:<60} {estimate:>11}  {host:>11}" + (f"  [{st.note}]" if st.note else ""))
+        lines.append(f"  {st.stage:<{width}} {how:<60} {estimate:>11}  {host:>11}" + (f"  [{st.note}]" if st.note else ""))
     return "\n".join(lines)

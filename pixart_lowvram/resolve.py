@@ -3,6 +3,7 @@ check in one place. `resolve` reports every problem it finds together (settings,
 diffusers' `check_inputs` does, and touches no GPU: it creates no CUDA context and loads no weights."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from .compiling import COMPILE_MODES
 from .errors import InputErrors, PixartError, Problem, QueueError, UsageError
-from .jobs import Job
+from .jobs import DEFAULT_STRENGTH, Job
 from .lora import LoraFile, LoraFormatError, read_lora
 from .models import DEFAULT_MODEL, ModelInfo, bitsandbytes_available, resolve_model, vae_dtype
 from .memory import resolve_host_budget
@@ -231,6 +232,8 @@ def check_jobs(jobs: list[Job], info: ModelInfo) -> None:
                 message, hint = wrong
                 default = "" if side else " (the model's default size)"
                 problems.append(Problem(f"{message}{default}", field=name, hint=hint, **where))
+        if job.init_image is not None:
+            problems += _img2img_problems(job, kind, len(kind.timesteps) if kind.timesteps else steps, where)
         if sampler not in NAMES and sampler != info.sampler:
             problems.append(Problem(f"unknown sampler {sampler!r} (known: {', '.join(NAMES)})", field="sampler",
                                     **where))
@@ -261,6 +264,24 @@ def check_jobs(jobs: list[Job], info: ModelInfo) -> None:
                                     field="steps", **where))
     if problems:
         raise QueueError(problems, source=f"{info.name} ({info.kind.title})")
+
+
+def _img2img_problems(job: Job, kind, steps: int, where: dict) -> list[Problem]:
+    """An image-to-image job runs int(steps x strength) of its steps, as diffusers' img2img pipelines do: none is
+    an error (the reference would fail on an empty schedule)."""
+    from .img2img import steps_to_run  # noqa: PLC0415
+
+    strength = DEFAULT_STRENGTH if job.strength is None else job.strength
+    if steps_to_run(steps, strength) >= 1:
+        return []
+    if kind.timesteps:
+        hint = (f"{kind.title} runs one step: strength 1 noises the init image to its timestep "
+                f"{kind.timesteps[0]} and denoises it in that step")
+    else:
+        hint = f"use strength {math.ceil(100 / steps) / 100:g} or more, or more steps"
+    given = "" if job.strength is not None else " (the default)"
+    return [Problem(f"strength {strength:g}{given} runs no step of {steps}: image-to-image runs int(steps x "
+                    f"strength) of them", field="strength", hint=hint, **where)]
 
 
 def check_loras(jobs: list[Job], info: ModelInfo, hash_files: bool = True) -> dict[str, LoraFile]:

@@ -1,4 +1,4 @@
-"""Exact VAE decoding in row strips, for budgets where a whole decode does not fit on the GPU.
+"""Exact VAE decoding and encoding in row strips, for budgets where a whole decode or encode does not fit on the GPU.
 
 diffusers' tiled decoding (`vae.enable_tiling()`) normalises each tile on its own and blends the seams, so the
 image changes (up to 24/255 measured at 1024x1024, BENCHMARKS.md). The SD VAE decoder is 3x3 convolutions,
@@ -15,7 +15,9 @@ the results match within float16 rounding.
 
 The walk mirrors diffusers' `Decoder.forward`, `UpDecoderBlock2D.forward`, `ResnetBlock2D.forward` and
 `Upsample2D.forward` (diffusers 0.42); `supports(vae)` refuses any decoder that is built differently, and the
-caller then falls back to diffusers' tiling.
+caller then falls back to diffusers' tiling. The encoder (image-to-image's init images) is walked the same way
+(`StripEncoder`: `Encoder.forward`, `DownEncoderBlock2D.forward`, `Downsample2D.forward`, whose stride-2
+convolution reads two rows a row plus one of halo); `supports_encoder(vae)` refuses any other encoder.
 """
 from __future__ import annotations
 
@@ -55,11 +57,18 @@ TRANSFER_BUFFERS = 2.0
 # What a strip may always use, whatever the tensors kept on the GPU hold: a floor so that the strips never shrink
 # to a row or two (a chosen floor: an eighth of the room still makes strips of tens of rows at 1.5 GiB).
 MIN_STRIP_SHARE = 1 / 8
+# The encoder's input convolution (3 channels in) runs whole when this many tensors of its output fit: the output and
+# room for cuDNN's work on it (the input and its padded copy are small). The same count as an upsampler's.
+CONV_IN_WHOLE_TENSORS = 3
+# A downsampler runs whole when this many tensors of its input fit: the input, its padded copy (Downsample2D pads
+# by hand) and the quarter-size output with the convolution's work.
+DOWNSAMPLE_WHOLE_TENSORS = 3
+DOWNSAMPLE_KEPT_TENSORS = 2  # its output, and the strips' work beside it, when the output stays on the GPU
+CONV_IN_KEPT_TENSORS = 2  # the same for the encoder's input convolution
 
 
 def supports(vae) -> bool:
     """Whether `vae` is a decoder this module walks exactly (the SD / SDXL AutoencoderKL layout)."""
-    from diffusers.models.resnet import ResnetBlock2D  # noqa: PLC0415
     from diffusers.models.upsampling import Upsample2D  # noqa: PLC0415
 
     decoder = getattr(vae, "decoder", None)
@@ -70,18 +79,50 @@ def supports(vae) -> bool:
     for block in decoder.up_blocks:
         if type(block).__name__ != "UpDecoderBlock2D":
             return False
-        for resnet in block.resnets:
-            if not (isinstance(resnet, ResnetBlock2D) and resnet.upsample is None and resnet.downsample is None
-                    and resnet.time_emb_proj is None and resnet.time_embedding_norm in ("default", "group")
-                    and (resnet.conv_shortcut is None or resnet.conv_shortcut.kernel_size == (1, 1))
-                    and isinstance(resnet.norm1, nn.GroupNorm) and isinstance(resnet.norm2, nn.GroupNorm)
-                    and _is_3x3(resnet.conv1) and _is_3x3(resnet.conv2)):
-                return False
+        if not all(_is_plain_resnet(resnet) for resnet in block.resnets):
+            return False
         for up in block.upsamplers or []:
             if not (isinstance(up, Upsample2D) and up.norm is None and not up.use_conv_transpose and up.interpolate
                     and up.use_conv and up.name == "conv" and _is_3x3(up.conv)):
                 return False
     return _is_3x3(decoder.conv_out)
+
+
+def supports_encoder(vae) -> bool:
+    """Whether `vae` has an encoder `StripEncoder` walks exactly (the SD / SDXL AutoencoderKL layout)."""
+    from diffusers.models.downsampling import Downsample2D  # noqa: PLC0415
+
+    encoder = getattr(vae, "encoder", None)
+    if encoder is None or type(encoder).__name__ != "Encoder" or not isinstance(encoder.conv_norm_out, nn.GroupNorm):
+        return False
+    if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False) or not encoder.down_blocks:
+        return False
+    if not (_is_3x3(encoder.conv_in) and _is_3x3(encoder.conv_out)):
+        return False
+    first = encoder.down_blocks[0].resnets[0] if getattr(encoder.down_blocks[0], "resnets", None) else None
+    if first is None:
+        return False
+    for block in encoder.down_blocks:
+        if type(block).__name__ != "DownEncoderBlock2D" or not all(_is_plain_resnet(r) for r in block.resnets):
+            return False
+        for down in block.downsamplers or []:
+            conv = getattr(down, "conv", None)
+            if not (isinstance(down, Downsample2D) and down.norm is None and down.use_conv and down.padding == 0
+                    and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (2, 2)
+                    and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1):
+                return False
+    return True
+
+
+def _is_plain_resnet(resnet) -> bool:
+    """A ResnetBlock2D without time embedding, up- or downsampling: GroupNorm, SiLU, two 3x3 convolutions."""
+    from diffusers.models.resnet import ResnetBlock2D  # noqa: PLC0415
+
+    return (isinstance(resnet, ResnetBlock2D) and resnet.upsample is None and resnet.downsample is None
+            and resnet.time_emb_proj is None and resnet.time_embedding_norm in ("default", "group")
+            and (resnet.conv_shortcut is None or resnet.conv_shortcut.kernel_size == (1, 1))
+            and isinstance(resnet.norm1, nn.GroupNorm) and isinstance(resnet.norm2, nn.GroupNorm)
+            and _is_3x3(resnet.conv1) and _is_3x3(resnet.conv2))
 
 
 def _is_3x3(conv) -> bool:
@@ -267,15 +308,13 @@ class _StripWriter:
             torch.cuda.current_stream(self.t.device).wait_stream(self.t.copy_out)
 
 
-class StripDecoder:
-    """Decodes latents exactly within `room` bytes of GPU memory for activations (weights not counted)."""
+class _StripWalk:
+    """What the strip decoder and encoder share: where activations wait, and resnets run in strips within `room`
+    bytes of GPU memory for activations (weights not counted)."""
 
     def __init__(self, vae, device: torch.device, room: int, spill_dir: str | os.PathLike | None = None,
                  pinned_limit: int | None = None):
-        if not supports(vae):
-            raise ValueError(f"{type(vae).__name__}: not a decoder that can be decoded in strips")
         self.vae = vae
-        self.decoder = vae.decoder
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # tensors name their GPU's index
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -288,6 +327,10 @@ class StripDecoder:
         self.spilled = 0  # activations that waited in files in the last decode (tensors)
         self.strips_used = 0  # layers that ran in strips (for tests and the report)
         self.transfers = _Transfers(self.device)
+
+    def _start(self, x: torch.Tensor) -> torch.Tensor:
+        self._pinned = self.spilled = 0
+        return x.to(self.device)
 
     # -- storage ---------------------------------------------------------------------------------------------
     def _empty(self, shape, dtype, *, on_gpu: bool):
@@ -315,27 +358,6 @@ class StripDecoder:
         per_row = width * (c_in + c_out) * item * (1 + WORK_FACTOR + (TRANSFER_BUFFERS if crossing else 0))
         return max(1, int(spare // per_row))
 
-    # -- the walk --------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """What `vae.decode(z).sample` computes (z already divided by the scaling factor)."""
-        z = z.to(self.device)
-        self._pinned = self.spilled = 0
-        vae, dec = self.vae, self.decoder
-        if vae.post_quant_conv is not None:
-            z = vae.post_quant_conv(z)
-        x = dec.mid_block(dec.conv_in(z), None)  # latent resolution: small, attention needs it whole
-        stats = None
-        for block in dec.up_blocks:
-            for resnet in block.resnets:
-                x, stats = self._resnet(resnet, x, stats)
-                self._settle()
-            for up in block.upsamplers or []:
-                x, stats = self._upsample(up, x)
-                self._settle()
-        out, _ = self._norm_act_conv(x, stats, dec.conv_norm_out, dec.conv_act, dec.conv_out, on_gpu=True)
-        return out
-
     def _settle(self) -> None:
         """Wait for the GPU to finish the layer just queued, once pinned blocks are in use. Torch's host allocator
         hands a freed pinned block out again only after the copies that read it have completed; the CPU runs layers
@@ -345,6 +367,7 @@ class StripDecoder:
         if self._pinned and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
+    # -- the layers both walks share ---------------------------------------------------------------------------
     def _whole_fits(self, x: torch.Tensor, c_out: int, factor: float) -> bool:
         n, c, h, w = x.shape
         return self._bytes((n, max(c, c_out), h, w), x.dtype) * factor <= self.room
@@ -380,11 +403,12 @@ class StripDecoder:
 
     def _norm_act_conv(self, x, stats, norm, act, conv, *, on_gpu: bool, next_groups: int | None = None,
                        residual=None):
-        """conv(act(norm(x))) over strips of rows; with `residual=(resnet, input)` also adds the resnet's
-        shortcut and divides by its output scale. Returns the output and its GroupNorm statistics."""
+        """conv(act(norm(x))) over strips of rows (conv(x) where `norm` is None); with `residual=(resnet, input)`
+        also adds the resnet's shortcut and divides by its output scale. Returns the output and its GroupNorm
+        statistics."""
         n, c, h, w = x.shape
         c_out = conv.out_channels
-        if stats is None:
+        if stats is None and norm is not None:
             stats = self._gather(x, norm.num_groups)
         out = self._empty((n, c_out, h, w), x.dtype, on_gpu=on_gpu)
         out_stats = _Stats(next_groups) if next_groups else None
@@ -396,7 +420,9 @@ class StripDecoder:
         shortcuts = self.transfers.strips(residual[1], owned) if residual is not None else None
         writer = self.transfers.writer(out, rows)
         for (a, b), strip in zip(owned, self.transfers.strips(x, halo)):
-            y = _conv_rows(conv, act(_normalize(strip, stats, norm)), top=(a == 0), bottom=(b == h))
+            if norm is not None:
+                strip = act(_normalize(strip, stats, norm))
+            y = _conv_rows(conv, strip, top=(a == 0), bottom=(b == h))
             if residual is not None:
                 resnet = residual[0]
                 shortcut = next(shortcuts)
@@ -408,6 +434,36 @@ class StripDecoder:
             writer.write(a, b, y)
         writer.close()
         return out, out_stats
+
+
+class StripDecoder(_StripWalk):
+    """Decodes latents exactly within `room` bytes of GPU memory for activations (weights not counted)."""
+
+    def __init__(self, vae, device: torch.device, room: int, spill_dir: str | os.PathLike | None = None,
+                 pinned_limit: int | None = None):
+        if not supports(vae):
+            raise ValueError(f"{type(vae).__name__}: not a decoder that can be decoded in strips")
+        super().__init__(vae, device, room, spill_dir, pinned_limit)
+        self.decoder = vae.decoder
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """What `vae.decode(z).sample` computes (z already divided by the scaling factor)."""
+        z = self._start(z)
+        vae, dec = self.vae, self.decoder
+        if vae.post_quant_conv is not None:
+            z = vae.post_quant_conv(z)
+        x = dec.mid_block(dec.conv_in(z), None)  # latent resolution: small, attention needs it whole
+        stats = None
+        for block in dec.up_blocks:
+            for resnet in block.resnets:
+                x, stats = self._resnet(resnet, x, stats)
+                self._settle()
+            for up in block.upsamplers or []:
+                x, stats = self._upsample(up, x)
+                self._settle()
+        out, _ = self._norm_act_conv(x, stats, dec.conv_norm_out, dec.conv_act, dec.conv_out, on_gpu=True)
+        return out
 
     def _upsample(self, up, x: torch.Tensor):
         n, c, h, w = x.shape
@@ -427,6 +483,67 @@ class StripDecoder:
             big = F.interpolate(src, scale_factor=2.0, mode="nearest")[:, :, lo - 2 * (lo // 2):][:, :, :hi - lo]
             writer.write(a, b, _conv_rows(up.conv, big, top=(a == 0), bottom=(b == H)))
         writer.close()
+        return out, None
+
+
+class StripEncoder(_StripWalk):
+    """Encodes images exactly within `room` bytes of GPU memory for activations (weights not counted): what
+    `vae.encode(x).latent_dist.parameters` holds, the latent distribution's mean and log-variance."""
+
+    def __init__(self, vae, device: torch.device, room: int, spill_dir: str | os.PathLike | None = None,
+                 pinned_limit: int | None = None):
+        if not supports_encoder(vae):
+            raise ValueError(f"{type(vae).__name__}: not an encoder that can run in strips")
+        super().__init__(vae, device, room, spill_dir, pinned_limit)
+        self.encoder = vae.encoder
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The moments `vae.encode(x)` computes for the images `x` (N, 3, H, W), as `AutoencoderKL._encode`."""
+        x = self._start(x)
+        enc = self.encoder
+        x, stats = self._conv_in(enc.conv_in, x, enc.down_blocks[0].resnets[0].norm1.num_groups)
+        self._settle()
+        for block in enc.down_blocks:
+            for resnet in block.resnets:
+                x, stats = self._resnet(resnet, x, stats)
+                self._settle()
+            for down in block.downsamplers or []:
+                x, stats = self._downsample(down, x)
+                self._settle()
+        if isinstance(x, _HostRows):  # latent resolution: small, and the mid block's attention needs it whole
+            x = x.rows(0, x.shape[2], self.device).contiguous()
+        x = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(x))))
+        return self.vae.quant_conv(x) if self.vae.quant_conv is not None else x
+
+    def _conv_in(self, conv, x: torch.Tensor, next_groups: int):
+        n, _, h, w = x.shape
+        out_bytes = self._bytes((n, conv.out_channels, h, w), x.dtype)
+        if CONV_IN_WHOLE_TENSORS * out_bytes <= self.room:
+            return conv(x), None
+        self.strips_used += 1
+        keep = CONV_IN_KEPT_TENSORS * out_bytes <= self.room * KEEP_SHARE
+        return self._norm_act_conv(x, None, None, None, conv, on_gpu=keep, next_groups=next_groups)
+
+    def _downsample(self, down, x):
+        """Downsample2D with padding 0: pad one zero column on the right and one row at the bottom, then a 3x3
+        convolution of stride 2. Output row r reads input rows 2r to 2r+2."""
+        n, c, h, w = x.shape
+        conv = down.conv
+        H, W = (h - 2) // 2 + 1, (w - 2) // 2 + 1  # the padded (h+1, w+1) under a 3x3 kernel of stride 2
+        if x.device == self.device and DOWNSAMPLE_WHOLE_TENSORS * self._bytes(x.shape, x.dtype) <= self.room:
+            return down(x), None
+        self.strips_used += 1
+        out_shape = (n, conv.out_channels, H, W)
+        keep = DOWNSAMPLE_KEPT_TENSORS * self._bytes(out_shape, x.dtype) <= self.room * KEEP_SHARE
+        out = self._empty(out_shape, x.dtype, on_gpu=keep)
+        rows = self._rows(W, 4 * c, conv.out_channels, x.dtype, self._spare(x, keep, conv.out_channels // 4))
+        for a in range(0, H, rows):
+            b = min(a + rows, H)
+            src = _rows(x, 2 * a, min(2 * b + 1, h), self.device)
+            missing = 2 * (b - a) + 1 - src.shape[2]  # rows past the image: the bottom row of zero padding
+            src = F.pad(src, (0, 1, 0, missing))
+            _write(out, a, b, F.conv2d(src, conv.weight, conv.bias, stride=2))
         return out, None
 
 
@@ -484,32 +601,63 @@ def host_bytes(channels: list[int] | tuple[int, ...], layers: int, width: int, h
 
     for i, c_out in enumerate(order):
         for _ in range(layers + 1):
-            widest = size(max(c, c_out), h, w)
-            if on_host is None and widest * RESNET_WHOLE_TENSORS <= room:
-                c = c_out
-                continue
-            if RESNET_KEPT_TENSORS * widest <= room * KEEP_SHARE:
-                pool.release(on_host)
-                on_host = None
-            else:
-                mid = pool.alloc(size(c_out, h, w))
-                out = pool.alloc(size(c_out, h, w))
-                pool.release(mid)
-                pool.release(on_host)
-                on_host = out
+            on_host = _host_resnet(pool, on_host, size(max(c, c_out), h, w), size(c_out, h, w), room)
             c = c_out
         if i < len(order) - 1:  # every up block but the last ends in an upsampler
             h, w = 2 * h, 2 * w
-            if on_host is None and UPSAMPLE_WHOLE_TENSORS * size(c, h, w) <= room:
-                continue
-            if UPSAMPLE_KEPT_TENSORS * size(c, h, w) <= room * KEEP_SHARE:
-                pool.release(on_host)
-                on_host = None
-            else:
-                out = pool.alloc(size(c, h, w))
-                pool.release(on_host)
-                on_host = out
+            on_host = _host_layer(pool, on_host, whole=UPSAMPLE_WHOLE_TENSORS * size(c, h, w) <= room,
+                                  kept=UPSAMPLE_KEPT_TENSORS * size(c, h, w) <= room * KEEP_SHARE,
+                                  outputs=[size(c, h, w)])
     return pool.held, pool.peak_in_files
+
+
+def encoder_host_bytes(channels: list[int] | tuple[int, ...], layers: int, width: int, height: int, itemsize: int,
+                       room: int, pinned_limit: int | None = None) -> tuple[int, int]:
+    """`host_bytes` for a `StripEncoder` encoding one `width` x `height` image: the walk of `encode` with its
+    rules, in the same arithmetic."""
+    pool = _HostPool(pinned_limit)
+    h, w, c = height, width, channels[0]
+
+    def size(ch: int, rows: int, cols: int) -> int:
+        return ch * rows * cols * itemsize
+
+    first = size(c, h, w)  # conv_in's output: the input is on the GPU, so only the output may wait on the host
+    on_host = _host_layer(pool, None, whole=CONV_IN_WHOLE_TENSORS * first <= room,
+                          kept=CONV_IN_KEPT_TENSORS * first <= room * KEEP_SHARE, outputs=[first])
+    for i, c_out in enumerate(channels):
+        for _ in range(layers):
+            on_host = _host_resnet(pool, on_host, size(max(c, c_out), h, w), size(c_out, h, w), room)
+            c = c_out
+        if i < len(channels) - 1:  # every down block but the last ends in a downsampler
+            H, W = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+            on_host = _host_layer(pool, on_host, whole=DOWNSAMPLE_WHOLE_TENSORS * size(c, h, w) <= room,
+                                  kept=DOWNSAMPLE_KEPT_TENSORS * size(c, H, W) <= room * KEEP_SHARE,
+                                  outputs=[size(c, H, W)])
+            h, w = H, W
+    return pool.held, pool.peak_in_files
+
+
+def _host_resnet(pool: _HostPool, on_host, widest: int, out: int, room: int):
+    """A resnet of a strip walk, in host blocks: whole where its widest activation fits RESNET_WHOLE_TENSORS
+    times; else in strips, its middle activation and output kept on the GPU or waiting on the host."""
+    return _host_layer(pool, on_host, whole=widest * RESNET_WHOLE_TENSORS <= room,
+                       kept=RESNET_KEPT_TENSORS * widest <= room * KEEP_SHARE, outputs=[out, out])
+
+
+def _host_layer(pool: _HostPool, on_host, *, whole: bool, kept: bool, outputs: list[int]):
+    """One layer of a strip walk in host blocks: `on_host` is the block its input waits in (None: on the GPU);
+    returns the block its output waits in. A layer runs whole when its input is on the GPU and `whole` says it
+    fits; in strips, its `outputs` (the last is what it returns) stay on the GPU where `kept`, else wait on the
+    host, the earlier ones freed once the last is made."""
+    if on_host is None and whole:
+        return None
+    if kept:
+        pool.release(on_host)
+        return None
+    blocks = [pool.alloc(n) for n in outputs]
+    for block in blocks[:-1] + [on_host]:
+        pool.release(block)
+    return blocks[-1]
 
 
 def _conv_rows(conv: nn.Conv2d, strip: torch.Tensor, *, top: bool, bottom: bool) -> torch.Tensor:

@@ -508,3 +508,35 @@ def test_no_estimate_falls_below_what_was_measured(xl_sizes, budget):
     plan = seed_plan(xl_sizes, None if budget is None else gib(budget))
     for stage, measured in MEASURED[budget].items():
         assert plan[stage].estimate >= gib(measured), (stage, format_plan(plan))
+
+
+# -- image-to-image: the VAE encoder's stage ------------------------------------------------------------------------
+
+def test_init_images_add_a_vae_encode_stage_whole_or_in_strips_within_the_budget(xl_sizes):
+    """Image-to-image's init images are encoded before denoise: whole where it fits, in exact strips at 1.5 GiB,
+    the estimate within the budget; a queue without init images has no such stage."""
+    assert "vae-encode" not in seed_plan(xl_sizes, gib(1.5)).stages
+    free = seed_plan(xl_sizes, None, init_sizes=[(1024, 1024)])
+    assert list(free.stages) == ["encode", "vae-encode", "denoise", "decode"]
+    assert free["vae-encode"].placement == "whole"
+    tight = seed_plan(xl_sizes, gib(1.5), init_sizes=[(1024, 1024), (512, 512)])
+    stage = tight["vae-encode"]
+    assert stage.placement == "strips" and stage.estimate <= gib(1.5) and stage.room >= MIN_STRIP_ROOM
+    assert stage.host > 0  # the full-resolution activations wait in pinned RAM between layers
+    assert "vae-encode" in format_plan(tight) and "exact" in stage.note
+    # where RAM is short, what does not fit waits in files in the run folder, as the strip decoder's does
+    short = seed_plan(xl_sizes, gib(1.5), init_sizes=[(1024, 1024)], host_budget=PROCESS_RSS + gib(1.2))
+    assert stage.host > gib(1.2)  # the pinned blocks it would hold, as torch's allocator rounds them
+    assert short["vae-encode"].spill > 0 and short["vae-encode"].host <= gib(1.2)
+
+
+def test_the_encoder_strip_walk_counts_its_host_memory():
+    """vae_strips.encoder_host_bytes mirrors StripEncoder's choices for SD's VAE at 1024x1024 in float16."""
+    from pixart_lowvram.vae_strips import encoder_host_bytes
+
+    channels = (128, 256, 512, 512)
+    assert encoder_host_bytes(channels, 2, 1024, 1024, 2, 8 * GiB) == (0, 0)  # the whole encode fits
+    pinned, in_files = encoder_host_bytes(channels, 2, 1024, 1024, 2, int(0.37 * GiB))
+    assert in_files == 0 and 256 * MiB <= pinned <= 2 * GiB  # 128 x 1024 x 1024 x 2 bytes a full-size activation
+    none_pinned, spilled = encoder_host_bytes(channels, 2, 1024, 1024, 2, int(0.37 * GiB), pinned_limit=0)
+    assert none_pinned == 0 and 0 < spilled <= pinned

@@ -114,3 +114,47 @@ def test_strips_spilled_to_files_equal_the_whole_decode(vae, tmp_path):
     assert decoder.spilled > 0 and decoder.strips_used > 0
     assert (out - whole).abs().max().item() < 1e-4
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the encoder (image-to-image's init images) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("image_hw", [(64, 96), (50, 70), (37, 29)])  # odd sizes: a stride-2 layer's last row
+def test_strip_encoder_equals_the_whole_encode_in_any_room(vae, image_hw):
+    from pixart_lowvram.vae_strips import StripEncoder
+
+    x = torch.rand(2, 3, *image_hw, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        whole = vae.encode(x).latent_dist.parameters
+    used = []
+    for room in (10**9, 1_000_000, 150_000, 30_000, 5_000):
+        encoder = StripEncoder(vae, torch.device("cpu"), room)
+        out = encoder.encode(x)
+        assert out.shape == whole.shape
+        assert (out - whole).abs().max().item() < 1e-5, room
+        used.append(encoder.strips_used)
+    assert used[0] == 0 and used[-1] > used[2] > 0, used
+
+
+def test_strip_encoder_spilled_to_files_equals_the_whole_encode(vae, tmp_path):
+    from pixart_lowvram.vae_strips import StripEncoder
+
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.inference_mode():
+        whole = vae.encode(x).latent_dist.parameters
+    encoder = StripEncoder(vae, torch.device("cpu"), 20_000, spill_dir=tmp_path, pinned_limit=0)
+    out = encoder.encode(x)
+    assert encoder.spilled > 0 and encoder.strips_used > 0
+    assert (out - whole).abs().max().item() < 1e-5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_supports_encoder_refuses_what_it_cannot_walk_exactly(tiny_model):
+    from pixart_lowvram.vae_strips import StripEncoder, supports_encoder
+
+    other = AutoencoderKL.from_pretrained(f"{tiny_model}/vae").eval()
+    assert supports_encoder(other)
+    down = other.encoder.down_blocks[0].downsamplers[0]
+    down.conv = torch.nn.Conv2d(down.conv.in_channels, down.conv.out_channels, 3, stride=2, padding=1)
+    assert not supports_encoder(other)
+    with pytest.raises(ValueError, match="strips"):
+        StripEncoder(other, torch.device("cpu"), 10**6)
