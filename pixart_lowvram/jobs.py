@@ -411,15 +411,9 @@ def _check_sampler(value: object) -> Bad:
 
 def _check_strength(value: object) -> Bad:
     hint = f"0 < strength <= 1; diffusers' default is {DEFAULT_STRENGTH}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return f"must be a number, not {_show(value)}", hint
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        return f"must be a finite number, not {_show(value)}", hint
-    if not 0 < number <= 1:
+    if bad := _finite_number(value, hint):
+        return bad
+    if not 0 < float(value) <= 1:
         return f"must be more than 0 and at most 1, not {_show(value)}", hint
     return None
 
