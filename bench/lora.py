@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 from benchlib import max_pixel_diff  # noqa: E402
+from reference_pipeline import make_images  # noqa: E402
 
 GiB = 1024**3
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -111,11 +112,7 @@ def reference(args) -> None:
         pipe.transformer = PeftModel.from_pretrained(pipe.transformer, args.lora).merge_and_unload()
         pipe.set_progress_bar_config(disable=True)
         loaded = time.perf_counter() - start
-        for item in items:
-            image = pipe(item["prompt"], negative_prompt=item["negative_prompt"], width=item["width"],
-                         height=item["height"], guidance_scale=item["cfg"], num_inference_steps=item["steps"],
-                         generator=torch.Generator("cpu").manual_seed(item["seed"])).images[0]
-            image.save(args.ref_out / f"{item['id']}.png")
+        make_images(pipe, items, args.ref_out)
     stats = meter.stats.to_json()
     stats.update(load_seconds=loaded, wall_seconds=time.perf_counter() - start)
     (args.ref_out / "reference.json").write_text(json.dumps(stats, indent=2))

@@ -26,6 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pixart_lowvram.memory import GpuMemoryProbe, StageMeter  # noqa: E402
 
 
+def make_images(pipe, items: list[dict], out_dir: Path) -> None:
+    """Each run item made by `pipe` as a user would call it (one call an image, the item's seed on a CPU generator),
+    saved as OUT_DIR/<id>.png."""
+    for item in items:
+        image = pipe(item["prompt"], negative_prompt=item["negative_prompt"], width=item["width"],
+                     height=item["height"], guidance_scale=item["cfg"], num_inference_steps=item["steps"],
+                     generator=torch.Generator("cpu").manual_seed(item["seed"])).images[0]
+        image.save(out_dir / f"{item['id']}.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -59,11 +69,7 @@ def main() -> None:
             pipe.vae.enable_tiling()
         pipe.set_progress_bar_config(disable=True)
         loaded = time.perf_counter() - start
-        for item in items:
-            image = pipe(item["prompt"], negative_prompt=item["negative_prompt"], width=item["width"],
-                         height=item["height"], guidance_scale=item["cfg"], num_inference_steps=item["steps"],
-                         generator=torch.Generator("cpu").manual_seed(item["seed"])).images[0]
-            image.save(args.out_dir / f"{item['id']}.png")
+        make_images(pipe, items, args.out_dir)
     stats = meter.stats.to_json()
     stats.update(load_seconds=loaded, wall_seconds=time.perf_counter() - start, memory_source=probe.source)
     (args.out_dir / "reference.json").write_text(json.dumps(stats, indent=2))
