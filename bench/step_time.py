@@ -9,7 +9,11 @@ Variants: eager; `blocks`: regional compilation (each BasicTransformerBlock comp
 (mode="reduce-overhead", `torch.compiler.cudagraph_mark_step_begin()` before each transformer call, so that a call's
 outputs may be overwritten by the next one's); `whole`: the whole transformer compiled; `ours`: the library's own
 regional compilation (`compiling.compile_blocks`: each block's forward, one graph for all, what `--compile on`
-runs); `ours-graphs`: the same with CUDA graphs. The FLOP floor is counted by
+runs); `ours-graphs`: the same with CUDA graphs. Suffixes: `-cudnn` runs (and compiles) the call with cuDNN's attention first
+in SDPA's order (`torch.nn.attention.sdpa_kernel(..., set_priority=True)`); `-graph` captures the whole transformer
+call in one CUDA graph (torch.cuda.graph, static inputs) and times its replay. Each row's `max_abs_diff` is its
+output against eager's. `--profile` adds, for the eager and eager-cudnn calls, the GPU time by kind of kernel
+(attention, matrix products, the rest) from torch.profiler. The FLOP floor is counted by
 torch.utils.flop_counter on one eager call and divided by `--tflops` (a realistic dense fp16 rate for the GPU).
 Writes OUT/step_time.json and prints a table.
 """
@@ -42,6 +46,63 @@ def timed(fn, warm: int, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+ATTENTION_FIRST = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def attention_order(cudnn: bool):
+    """SDPA's backends with cuDNN's first (where `cudnn`), or torch's default order."""
+    import contextlib  # noqa: PLC0415
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    if not cudnn:
+        return contextlib.nullcontext()
+    return sdpa_kernel([getattr(SDPBackend, n) for n in ATTENTION_FIRST], set_priority=True)
+
+
+def kernel_kinds(fn) -> dict:
+    """GPU milliseconds of one `fn()` by kind of kernel, and the ten longest kernels."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    kinds: dict[str, float] = {}
+    names: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = ev.name.lower()
+        ms = ev.device_time_total / 1000 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1000
+        kind = ("attention" if any(k in name for k in ("flash", "fmha", "cudnn", "attention", "sdpa"))
+                else "matmul" if any(k in name for k in ("gemm", "cutlass", "xmma", "nvjet", "sm90", "matmul"))
+                else "memcpy" if "memcpy" in name or "memset" in name else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        names[ev.name[:90]] = names.get(ev.name[:90], 0.0) + ms
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:10]
+    return {"kinds_ms": kinds, "top_kernels_ms": top}
+
+
+def graphed(call):
+    """`call` captured in one CUDA graph (its inputs are the same tensors every time); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def transformer_rows(args) -> list[dict]:
     from diffusers import PixArtTransformer2DModel  # noqa: PLC0415
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
@@ -60,37 +121,49 @@ def transformer_rows(args) -> list[dict]:
         t = torch.full((batch,), 500, device=args.device, dtype=torch.long)
         extra = {"resolution": torch.tensor([[args.size, args.size]] * batch, device=args.device, dtype=args.dtype),
                  "aspect_ratio": torch.tensor([[1.0]] * batch, device=args.device, dtype=args.dtype)}
+        reference = None
         for variant in args.variants:
             torch.manual_seed(0)
+            base = variant.removesuffix("-graph").removesuffix("-cudnn")
+            cudnn = "-cudnn" in variant
             model = PixArtTransformer2DModel.from_config(config).to(args.device, args.dtype).eval()
             start = time.perf_counter()
-            if variant == "blocks":
+            if base == "blocks":
                 for block in model.transformer_blocks:
                     block.compile(fullgraph=True)
-            elif variant == "blocks-graphs":
+            elif base == "blocks-graphs":
                 for block in model.transformer_blocks:
                     block.compile(fullgraph=True, mode="reduce-overhead")
-            elif variant == "whole":
+            elif base == "whole":
                 model.compile(fullgraph=True)
-            elif variant == "ours":
+            elif base == "ours":
                 compile_blocks(model.transformer_blocks)
-            elif variant == "ours-graphs":
+            elif base == "ours-graphs":
                 compile_blocks(model.transformer_blocks, mode="reduce-overhead")
-            graphs = variant.endswith("graphs")
+            graphs = base.endswith("graphs")
 
             @torch.inference_mode()
-            def step(model=model, graphs=graphs):
+            def step(model=model, graphs=graphs, cudnn=cudnn):
                 if graphs:  # a call's outputs may be overwritten by the next call's replay
                     torch.compiler.cudagraph_mark_step_begin()
-                return model(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
-                             added_cond_kwargs=extra, return_dict=False)[0]
+                with attention_order(cudnn):
+                    return model(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
+                                 added_cond_kwargs=extra, return_dict=False)[0]
             try:
                 step()
                 sync()
+                if variant.endswith("-graph"):
+                    step = graphed(step)
+                out = step().float()
+                if variant == "eager":
+                    reference = out
+                diff = (out - reference).abs().max().item() if reference is not None else None
                 first = time.perf_counter() - start
                 ms = timed(step, 3, args.reps)
                 row = {"what": "transformer", "variant": variant, "images": images, "batch": batch,
-                       "ms": ms, "ms_per_image": ms / images, "first_call_s": first}
+                       "ms": ms, "ms_per_image": ms / images, "first_call_s": first, "max_abs_diff": diff}
+                if args.profile and variant in ("eager", "eager-cudnn"):
+                    row.update(kernel_kinds(step))
                 if variant == "eager":
                     with FlopCounterMode(display=False) as counter, torch.inference_mode():
                         step()
@@ -101,7 +174,7 @@ def transformer_rows(args) -> list[dict]:
                 row = {"what": "transformer", "variant": variant, "images": images, "error": repr(exc)[:400]}
             rows.append(row)
             print(row, flush=True)
-            del model
+            del model, step
             torch.compiler.reset()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -150,6 +223,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--tflops", type=float, default=600.0, help="the dense fp16 rate the floor assumes")
     parser.add_argument("--no-vae", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="GPU time by kind of kernel, eager calls")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", default="xl", help="a random-model preset's shapes (tiny: a CPU smoke run)")
     parser.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.float16)
