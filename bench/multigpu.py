@@ -6,15 +6,19 @@ For each run: whole-process wall time and throughput (images/s); its ratio to th
 same budget (issue 15's target: >= 1.8 on 2 GPUs; issue 18's: >= 0.9 N); each GPU's NVML peak, as each rank
 measured its own process (run.json) and as a sampler in this process saw each GPU (every process on it, so a
 context a rank opened on another rank's GPU shows); per rank, the time of its share and how long it waited for the
-others; and the largest pixel difference of any image to the one-GPU run's at the same budget.
+others; the largest pixel difference of any image to the one-GPU run's at the same budget; and a timeline of each
+process (run.json's, each step's wall-clock moment relative to rank 0's process start, beside when this bench
+started the command, when the last process of each GPU left it, as NVML saw, and when the command ended), which
+says where the time outside the stages goes.
 
-    python bench/multigpu.py --out OUT [--gpus N] [--jobs 64] [--budgets none,1.5GiB] [--deadline 420]
+    python bench/multigpu.py --out OUT [--gpus N] [--jobs 64] [--budgets none,1.5GiB] [--deadline 420] [--no-warm-up]
     python bench/multigpu.py --out OUT --device cpu --gpus 2 --jobs 6     # the plumbing, on the CPU: tiny model,
                                                                           # --gpus cpu:N, 128 px, 2 steps
 
 The model is built first (`make-random-model --preset xl`, on the GPU, ~30 s) unless --model names one that exists,
 and its files are read once so that no run pays for the disk. An untimed run on every GPU comes first (the first
-process on a fresh GPU ran 10 to 20% slower in bench/budgets.py). Runs that would start after --deadline seconds are
+process on a fresh GPU ran 10 to 20% slower in bench/budgets.py; `--no-warm-up` leaves it out, for a longer queue in
+one call). Runs that would start after --deadline seconds are
 left out, so that the call ends in time with what it measured. Writes OUT/multigpu.json (after every run) and
 OUT/multigpu.md.
 """
@@ -59,7 +63,9 @@ class GpuSampler:
         self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(gpus)]
 
     def __enter__(self) -> GpuSampler:
-        self.peaks = [{"together": 0, "one_process": 0, "processes": 0} for _ in getattr(self, "handles", [])]
+        # last_seen: when a process of the run was last on the GPU (time.time()), i.e. when the GPU was given back
+        self.peaks = [{"together": 0, "one_process": 0, "processes": 0, "last_seen": None}
+                      for _ in getattr(self, "handles", [])]
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, daemon=True)
         if self.nvml is not None:
@@ -74,6 +80,8 @@ class GpuSampler:
                 except self.nvml.NVMLError:
                     continue
                 used = [p.usedGpuMemory or 0 for p in procs]
+                if used:
+                    peak["last_seen"] = time.time()
                 peak["together"] = max(peak["together"], sum(used))
                 peak["one_process"] = max(peak["one_process"], max(used, default=0))
                 peak["processes"] = max(peak["processes"], len(used))
@@ -84,19 +92,56 @@ class GpuSampler:
             self.thread.join()
 
 
-def run(argv: list[str], log: Path, gpus: int, timeout: float) -> tuple[float | None, list[dict]]:
-    """One command in its own process: its wall time (None: it failed or ran out of time) and the GPUs' peaks."""
-    start = time.perf_counter()
+def run(argv: list[str], log: Path, gpus: int, timeout: float) -> tuple[float | None, list[dict], dict]:
+    """One command in its own process: its wall time (None: it failed or ran out of time), the GPUs' peaks, and
+    when (time.time()) it was started and when it ended."""
     with GpuSampler(gpus) as sampler, open(log, "w") as f:
+        launched, start = time.time(), time.perf_counter()
         try:
             proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
             ok = proc.returncode == 0
         except subprocess.TimeoutExpired:
             ok = False
-    wall = time.perf_counter() - start
+        wall, ended = time.perf_counter() - start, time.time()
     print(log.read_text()[-2500:], flush=True)
-    return (wall if ok else None), sampler.peaks
+    return (wall if ok else None), sampler.peaks, {"launched": launched, "ended": ended}
+
+
+# The steps of a run in the order they happen (run.json's timelines; README, "Several GPUs"); what a process does not
+# go through is left out of its column, a step not listed here goes after them.
+STEPS = ["launched", "process start", "launch", "workers started", "imported", "store reached", "team joined",
+         "run entered", "resolved", "device started", "planned", "share received", "plans gathered",
+         "encode start", "encode loaded", "encode end", "encoded", "vae-encode start", "vae-encode loaded",
+         "vae-encode end", "denoise start", "denoise loaded", "denoise end", "decode start", "decode loaded",
+         "decode end", "work end", "record posted", "records collected", "run.json written", "GPU given back", "ended"]
+
+
+def timelines(manifest: dict, outside: dict, sampled: list[dict]) -> list[dict[str, float]]:
+    """Each process's steps, in seconds from rank 0's process start: run.json's timeline, with what this bench saw
+    (`outside`: when it started the command and when that ended; rank 0's column) and when NVML last saw a process
+    of the run on each rank's GPU."""
+    ranks = manifest.get("ranks") or [{"rank": 0, "timeline": manifest.get("timeline", {})}]
+    marks = [dict(r.get("timeline") or {}) for r in ranks]
+    marks[0].update(outside)
+    for rank, seen in zip(marks, sampled):
+        if seen.get("last_seen"):
+            rank["GPU given back"] = seen["last_seen"]
+    zero = marks[0].get("process start", outside.get("launched", 0.0))
+    return [{step: round(at - zero, 2) for step, at in sorted(m.items(), key=lambda kv: kv[1])} for m in marks]
+
+
+def phases(timeline: list[dict[str, float]]) -> dict[str, float]:
+    """The whole process's time in three: before the first stage of any rank started, the stages (the first start to
+    the last end), after them (to the command's end)."""
+    starts = [t[f"{s} start"] for t in timeline for s in ("encode", "vae-encode", "denoise", "decode")
+              if f"{s} start" in t]
+    ends = [t[f"{s} end"] for t in timeline for s in ("encode", "vae-encode", "denoise", "decode") if f"{s} end" in t]
+    begin, end = timeline[0].get("launched", 0.0), timeline[0].get("ended")
+    if not starts or end is None:
+        return {}
+    return {"before": round(min(starts) - begin, 2), "stages": round(max(ends) - min(starts), 2),
+            "after": round(end - max(ends), 2)}
 
 
 def rank_rows(manifest: dict) -> list[dict]:
@@ -128,6 +173,8 @@ def main() -> None:
                         help="start no run after this many seconds (a run of 64 images takes up to ~100 s)")
     parser.add_argument("--timeout", type=float, default=480, help="seconds one run may take")
     parser.add_argument("--work", type=Path, default=Path("/tmp/pixart-multigpu"))
+    parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                        help="leave out the untimed run on every GPU (~20 s; the first one-GPU run is then its own)")
     args = parser.parse_args()
     begin = time.perf_counter()
     cpu = args.device == "cpu"
@@ -163,12 +210,13 @@ def main() -> None:
     warm = args.work / "warm.jsonl"
     warm.write_text("".join(json.dumps(line) + "\n" for line in queue_lines(gpus, size, 2)))
     shutil.rmtree(args.work / "warm-up", ignore_errors=True)
-    run(cli + ["run", str(warm), "--model", str(model), "--out", str(args.work / "warm-up"), "--no-embed-cache",
-               "-q", "--gpus", several[0]], logs / "warm-up.log", gpus, args.timeout)
+    if args.warm_up:
+        run(cli + ["run", str(warm), "--model", str(model), "--out", str(args.work / "warm-up"), "--no-embed-cache",
+                   "-q", "--gpus", several[0]], logs / "warm-up.log", gpus, args.timeout)
 
     rows: list[dict] = []
     command = (f"python bench/multigpu.py --out OUT --gpus {gpus} --jobs {args.jobs} --budgets {args.budgets}"
-               + (" --device cpu" if cpu else ""))
+               + (" --device cpu" if cpu else "") + ("" if args.warm_up else " --no-warm-up"))
     result = {"gpu": name, "gpus": gpus, "jobs": args.jobs, "size": size, "steps": steps, "rows": rows,
               "command": command}
     for budget in args.budgets.split(","):
@@ -181,7 +229,7 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             argv = cli + ["run", str(queue), "--model", str(model), "--out", str(folder), "--no-embed-cache", "-q",
                           *launch] + ([] if budget == "none" else ["--vram-budget", budget])
-            wall, sampled = run(argv, logs / f"{folder.name}.log", 0 if cpu else gpus, args.timeout)
+            wall, sampled, outside = run(argv, logs / f"{folder.name}.log", 0 if cpu else gpus, args.timeout)
             row = {"budget": budget, "gpus": int(label), "wall_s": wall, "folder": str(folder), "sampled": sampled,
                    # GPUs where NVML saw more processes of this run than one per rank: a context opened on the
                    # wrong GPU, which would count against that GPU's budget
@@ -191,8 +239,10 @@ def main() -> None:
                 made = sum(1 for it in manifest["items"] if it["done"])
                 ranks = rank_rows(manifest)
                 # the stages alone (from each rank's share to its last stage's end): the part that divides
+                timeline = timelines(manifest, outside, sampled if int(label) > 1 else sampled[:1])
                 row.update(images=made, images_per_s=made / wall, ranks=ranks, work_s=max(r["seconds"] for r in ranks),
-                           stages={s["name"]: round(s["seconds"], 2) for s in manifest["stages"]})
+                           stages={s["name"]: round(s["seconds"], 2) for s in manifest["stages"]},
+                           timeline=timeline, phases=phases(timeline))
                 if label == "1":
                     one = row
                 elif one is not None and one["wall_s"] is not None:
@@ -218,17 +268,19 @@ def markdown(result: dict) -> str:
     head = (f"`{result['command']}` on {result['gpus']} x {result['gpu']}: {result['jobs']} images of "
             f"{result['size']}x{result['size']}, {result['steps']} steps, each of its own prompt "
             f"({result['jobs'] + 1} texts); every run a fresh process, imports and exit included.")
-    columns = ("| budget | GPUs | wall s | images/s | ratio to 1 GPU | of N x 1 GPU | stages s (ratio) | NVML peak per "
-               "GPU, GiB (each rank) | waited for the others, s (each rank) | max px diff vs 1 GPU |")
-    lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ("| budget | GPUs | wall s | images/s | ratio to 1 GPU | of N x 1 GPU | stages s (ratio) | before / "
+               "stages / after s | NVML peak per GPU, GiB (each rank) | waited for the others, s (each rank) | "
+               "max px diff vs 1 GPU |")
+    lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r["wall_s"] is None:
-            lines.append(f"| {r['budget']} | {r['gpus']} | failed or timed out | | | | | | | |")
+            lines.append(f"| {r['budget']} | {r['gpus']} | failed or timed out | | | | | | | | |")
             continue
-        ranks = r["ranks"]
+        ranks, cut = r["ranks"], r.get("phases") or {}
+        split = " / ".join(format(cut[k], ".1f") for k in ("before", "stages", "after")) if cut else "-"
         lines.append(f"| {r['budget']} | {r['gpus']} | {r['wall_s']:.1f} | {r['images_per_s']:.3f} | "
                      f"{r.get('ratio', 1.0):.2f} | {r.get('of_ideal', 1.0):.2f} | "
-                     f"{r['work_s']:.1f} ({r.get('work_ratio', 1.0):.2f}) | "
+                     f"{r['work_s']:.1f} ({r.get('work_ratio', 1.0):.2f}) | {split} | "
                      f"{', '.join(gib(x['nvml_peak']) for x in ranks)} | "
                      f"{', '.join(format(x['waited'], '.1f') for x in ranks)} | {r.get('max_diff_vs_one', '-')} |")
     per_rank = ("Each rank's share (time s of its stages; images) and what NVML showed on each GPU during the run "
@@ -248,7 +300,30 @@ def markdown(result: dict) -> str:
     stray = [f"{r['budget']} on {r['gpus']} GPU(s): GPU {', '.join(map(str, r['stray']))}" for r in result["rows"]
              if r.get("stray")]
     lines += ["", "Processes on a GPU that was not theirs: " + ("; ".join(stray) if stray else "none seen.")]
+    lines += timeline_tables(result["rows"])
     return "\n".join(lines) + "\n"
+
+
+def timeline_tables(rows: list[dict]) -> list[str]:
+    """Per budget, a column per process of each run: when it reached each step, in seconds from its rank 0's
+    process start (`launched` and `ended`: as this bench saw the command; `GPU given back`: the last moment NVML saw
+    a process of the run on that GPU)."""
+    lines = []
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        runs = [r for r in rows if r["budget"] == budget and r.get("timeline")]
+        if not runs:
+            continue
+        columns = [(f"{r['gpus']} GPU{'s' if r['gpus'] > 1 else ''}" + (f", rank {rank}" if r["gpus"] > 1 else ""),
+                    marks) for r in runs for rank, marks in enumerate(r["timeline"])]
+        seen = {step for _, marks in columns for step in marks}
+        steps = [s for s in STEPS if s in seen] + sorted(seen - set(STEPS))
+        lines += ["", f"Timeline at budget {budget}: seconds from rank 0's process start.", "",
+                  "| step | " + " | ".join(name for name, _ in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for step in steps:
+            cells = [format(marks[step], ".2f") if step in marks else "" for _, marks in columns]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

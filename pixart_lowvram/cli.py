@@ -478,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_allocator_defaults()
         args = build_parser().parse_args(argv)
-        quiet_libraries()
+        if getattr(args, "gpus", None) is None:
+            # with --gpus, the launcher does it once the other processes are on their way: these imports take
+            # seconds, and the others wait for this process to start them
+            quiet_libraries()
         return COMMANDS[args.command](args)
     except PixartError as exc:
         print(f"error: {exc}", file=sys.stderr)

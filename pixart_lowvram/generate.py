@@ -36,7 +36,7 @@ from .errors import Interrupted, OutOfMemory, PixartError, RankFailed
 from .files import cache_dir
 from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, init_shapes, latent_shapes
 from .jobs import Job
-from .memory import GpuMemoryProbe, StageMeter, StageStats, release, resolve_host_budget
+from .memory import GpuMemoryProbe, StageMeter, StageStats, process_start, release, resolve_host_budget
 from .models import component_sizes
 from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, PlanError, Sizes, format_plan, format_size, make_plan
 from .reporting import Reporter
@@ -63,6 +63,8 @@ class RunResult:
     from_cache: int = 0  # embeddings taken from the shared cache instead of encoded
     failures: list[NonFinite] = field(default_factory=list)  # what overflowed, by stage
     ranks: list[RankRecord] = field(default_factory=list)  # a run over several processes: each one's part
+    # when each step of this process's run happened: event -> time.time() (README, "The run folder")
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 COMPONENT_OF = {"encode": "text_encoder", "vae-encode": "vae", "denoise": "transformer", "decode": "vae"}
@@ -107,9 +109,12 @@ class RankRecord:
     waited: float = 0.0  # of it, waiting for the other ranks to finish encoding
     plan: dict | None = None  # its own plan, for its share
     missing: str | None = None  # why rank 0 has no figures of it (it died, it did not answer in time)
+    timeline: dict[str, float] = field(default_factory=dict)  # when each of its steps happened, as RunResult's
+    # the images it made, for rank 0 to take without reading them again (RunFolder.known_pngs); not in run.json
+    pngs: dict = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
-        return {**{k: v for k, v in vars(self).items() if k not in ("stages", "failures")},
+        return {**{k: v for k, v in vars(self).items() if k not in ("stages", "failures", "pngs")},
                 "stages": [s.to_json() for s in self.stages], "failures": [f.to_json() for f in self.failures]}
 
 
@@ -185,16 +190,23 @@ def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None
     `Interrupted`; everything finished by then is kept. With `team` this process is one rank of a run over several
     (launch.py starts them; every rank calls this with the same jobs and settings, its own device): it makes its
     share, and rank 0's result holds every rank's part; the other ranks' results, only their own."""
+    # Wall-clock times (time.time()) compare between the processes of a host: a run over several shows where each
+    # one's time went, from the moment the process started.
+    timeline = {"process start": process_start(), **(team.marks if team else {}), "run entered": time.time()}
+    timeline = {event: at for event, at in timeline.items() if at is not None}
     settings, reporter, stop = settings or Settings(), reporter or Reporter(), stop or threading.Event()
     if team is None:
-        return _Run(jobs, resolve(jobs, settings), RunFolder(out), reporter, stop).run()
+        resolved = resolve(jobs, settings)
+        timeline["resolved"] = time.time()
+        return _Run(jobs, resolved, RunFolder(out), reporter, stop, timeline).run()
     if settings.host_budget == "auto" and team.local_size > 1:
         # what the machine has is shared by the ranks on it; a size given is each process's
         whole = resolve_host_budget("auto")
         if whole is not None:
             settings = dataclasses.replace(settings, host_budget=whole // team.local_size)
     resolved = team.together(lambda: resolve(jobs, settings))
-    return _TeamRun(jobs, resolved, RunFolder(out), reporter, stop, team).run()
+    timeline["resolved"] = time.time()
+    return _TeamRun(jobs, resolved, RunFolder(out), reporter, stop, team, timeline).run()
 
 
 def plan_queue(jobs: list[Job], settings: Settings | None = None, reporter: Reporter | None = None) -> Plan:
@@ -225,8 +237,9 @@ class _Run:
     """Step four: the stages over one run folder, and the figures of each."""
 
     def __init__(self, jobs: list[Job], resolved: Resolved, folder: RunFolder, reporter: Reporter,
-                 stop: threading.Event):
+                 stop: threading.Event, timeline: dict[str, float] | None = None):
         self.jobs, self.resolved, self.folder, self.reporter, self.stop = jobs, resolved, folder, reporter, stop
+        self.timeline = {} if timeline is None else timeline
         self.info, self.device, self.dtype, self.settings = (resolved.info, resolved.device, resolved.dtype,
                                                               resolved.settings)
         cache = self.settings.embed_cache
@@ -246,6 +259,11 @@ class _Run:
         self.probe: GpuMemoryProbe | None = None
         self.context = CUDA_CONTEXT
         self.budget = resolved.budget
+        self.read_pngs = True  # whether run.json's "done" may read an image this process does not know yet
+
+    def mark(self, event: str) -> None:
+        """`event` happens now, in this run's timeline."""
+        self.timeline[event] = time.time()
 
     def start_device(self) -> None:
         """Create the CUDA context now, so that NVML sees this process, and measure it; resolve "auto"."""
@@ -255,6 +273,7 @@ class _Run:
                 self.budget = None
             return
         torch.zeros(1, device=self.device)
+        self.mark("device started")
         self.probe = GpuMemoryProbe(self.device)
         measured = self.probe.read()
         if measured:
@@ -347,6 +366,8 @@ class _Run:
         ctx = StageContext(info=self.info, folder=self.folder, device=self.device, dtype=self.dtype,
                            plan=self.plan[name], reporter=self.reporter, meter=meter, stop=self.stop,
                            compute_dtype=self.resolved.compute_dtype(COMPONENT_OF[name]))
+        started = time.time()
+        self.timeline[f"{name} start"] = started
         try:
             ctx.checkpoint()
             with meter:
@@ -354,19 +375,24 @@ class _Run:
                 release(self.device, meter.components)
         except torch.OutOfMemoryError as exc:
             release(self.device)
-            self.stages.append(meter.stats)
-            self.write_manifest()
+            self.ended(meter.stats, started)
             raise OutOfMemory(self.oom_message(name, meter.stats)) from exc
         except (KeyboardInterrupt, Interrupted) as exc:
-            self.stages.append(meter.stats)
-            self.write_manifest()
+            self.ended(meter.stats, started)
             raise Interrupted(f"stopped during {name}; finished work is kept in {self.folder.path}.\n"
                               "  Run the same command again to resume.") from exc
         meter.stats.items = made
         self.made[name] = made
-        self.stages.append(meter.stats)
-        self.write_manifest()
+        self.ended(meter.stats, started)
         return ctx.failed
+
+    def ended(self, stats: StageStats, started: float) -> None:
+        """A stage is over (done, or stopped): its figures, its moments, run.json."""
+        if stats.load_seconds is not None:
+            self.timeline[f"{stats.name} loaded"] = started + stats.load_seconds
+        self.mark(f"{stats.name} end")
+        self.stages.append(stats)
+        self.write_manifest()
 
     def idle(self, stage: str) -> None:
         self.reporter.info(f"{stage}: nothing to do")
@@ -447,6 +473,7 @@ class _Run:
         with self.folder:
             self.prepare()
             todo = self.pending()
+            self.mark("planned")
             self.reporter.info(format_plan(self.plan))
             self.reporter.info(
                 f"{len(self.items)} image(s) in the queue, {len(todo.images)} to make: {len(todo.texts)} text(s) "
@@ -460,7 +487,7 @@ class _Run:
         return RunResult(folder=self.folder.path, items=self.items, images=images, stages=self.stages,
                          made=self.made, device=str(self.device), dtype=self.resolved.dtype_name,
                          left_alone=self.left_alone, plan=self.plan, from_cache=self.from_cache,
-                         failures=self.failures)
+                         failures=self.failures, timeline=self.timeline)
 
     def write_manifest(self) -> None:
         self.folder.write_manifest(self.manifest())
@@ -469,7 +496,7 @@ class _Run:
         import diffusers  # noqa: PLC0415
         import transformers  # noqa: PLC0415
 
-        items = self.folder.manifest_items(self.items)
+        items = self.folder.manifest_items(self.items, self.read_pngs)
         return {
             "version": 1,
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -493,6 +520,7 @@ class _Run:
             "items": items,
             "stages": [s.to_json() for s in self.stages],
             "non_finite": [f.to_json() for f in self.failures],
+            "timeline": self.timeline,
         }
 
 
@@ -513,8 +541,8 @@ class _TeamRun(_Run):
     into run.json and the result. A rank that fails stops the others at their next safe point."""
 
     def __init__(self, jobs: list[Job], resolved: Resolved, folder: RunFolder, reporter: Reporter,
-                 stop: threading.Event, team: Team):
-        super().__init__(jobs, resolved, folder, TeamReporter(team, reporter), stop)
+                 stop: threading.Event, team: Team, timeline: dict[str, float] | None = None):
+        super().__init__(jobs, resolved, folder, TeamReporter(team, reporter), stop, timeline)
         self.team, self.console = team, reporter
         self.share: Share | None = None
         self.shares: list[Share] = []  # rank 0: every rank's
@@ -528,10 +556,15 @@ class _TeamRun(_Run):
             self.start_device()
             # A failure from here to the plans is every rank's at once: each raises it, nobody waits for another.
             self.share = team.scatter(self.divide)
+            self.mark("share received")
+            # From here rank 0 writes run.json after each of its stages while the others make images: theirs are told
+            # in their records at the end (read only where a record did not come: the rank died), not read meanwhile.
+            self.read_pngs = False
             if team.rank != 0:
                 self.items = self.share.todo.images
             self.plan = team.together(self.plan_share)
             plans = team.gather(self.plan)
+            self.mark("plans gathered")
             return self.work(plans)
         finally:
             self.folder.close()
@@ -620,6 +653,7 @@ class _TeamRun(_Run):
                 team.stop_all()  # whatever went wrong here, the others are not to go on for nothing
             raise
         self.seconds = time.perf_counter() - start
+        self.mark("work end")
         return self.finish(error)
 
     def encoded(self, failed: list[str]) -> list[str]:
@@ -631,6 +665,7 @@ class _TeamRun(_Run):
                               "  Run the same command again to resume.") from exc
         finally:
             self.waited = time.perf_counter() - start
+        self.mark("encoded")  # by every rank
         return sorted({key for keys in everyone for key in keys})
 
     def idle(self, stage: str) -> None:
@@ -649,11 +684,13 @@ class _TeamRun(_Run):
                             if self.device.type == "cuda" else None, texts=len(self.share.todo.texts),
                             images=len(self.share.todo.images), stages=list(self.stages), made=dict(self.made),
                             failures=list(self.failures), seconds=self.seconds, waited=self.waited,
-                            plan={name: dataclasses.asdict(st) for name, st in self.plan.stages.items()})
+                            plan={name: dataclasses.asdict(st) for name, st in self.plan.stages.items()},
+                            timeline=self.timeline, pngs=self.folder.known_pngs() if team.rank else {})
         if team.rank != 0:
             team.quiet()  # its last progress counted before rank 0 sees it is done
             if not team.lost:
                 try:
+                    self.mark("record posted")  # as it goes: the record carries it
                     team.post(record)
                 except RankFailed as exc:
                     error = exc
@@ -661,10 +698,13 @@ class _TeamRun(_Run):
                 raise error
             return self.result()
         records = team.collect(record, self.stop)
+        self.mark("records collected")
         team.quiet()  # the bars drawn to their end before anything else is printed
         for r, m in enumerate(team.members):
             self.records[r] = records.get(r) or RankRecord(r, m.device, m.host, missing=(
                 "it ended unexpectedly" if r in team.dead else "it did not answer in time"))
+            self.folder.learn_pngs(self.records[r].pngs)
+        self.read_pngs = True
         present = [r for r in self.records if r.missing is None]
         listed = {s.name for r in present for s in r.stages}  # vae-encode only where a rank had init images
         self.stages = [combined(name, [s for r in present for s in r.stages if s.name == name]) for name in STAGES
@@ -672,6 +712,7 @@ class _TeamRun(_Run):
         self.made = {name: sum(r.made.get(name, 0) for r in present) for name in STAGES
                      if any(name in r.made for r in present)}
         self.failures = merged([f for r in present for f in r.failures])
+        self.mark("run.json written")  # as it is written, which takes milliseconds: the file carries it
         self.write_manifest()
         if error is not None and not following:
             raise error

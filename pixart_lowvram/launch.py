@@ -121,21 +121,23 @@ def run(jobs: list[Job], out: str | Path, settings: Settings, reporter: Reporter
     as the rank torchrun made this process. Returns the result where this process is rank 0 (or alone); None on
     the other ranks, whose errors rank 0 reports. `launch_problems` tells what is wrong with `gpus` beforehand;
     the options are checked here for the first process's device, before any other process starts."""
+    marks = {"launch": time.time()}  # the run's timeline (RunResult.timeline) begins here on several processes
     place = torchrun_place()
     if place is not None:
         check_options(dataclasses.replace(settings, device=_torchrun_device(settings.device, place.local_rank)))
-        return _as_torchrun_rank(place, jobs, out, settings, reporter, stop)
+        return _as_torchrun_rank(place, jobs, out, settings, reporter, stop, marks)
     if gpus is None:
         return run_queue(jobs, out, settings, reporter, stop)
     devices = parse_gpus(gpus)
     check_options(dataclasses.replace(settings, device=devices[0]))
     if len(devices) == 1:
+        _quiet_libraries()
         return run_queue(jobs, out, dataclasses.replace(settings, device=devices[0]), reporter, stop)
-    return _spawn(devices, jobs, out, settings, reporter, stop)
+    return _spawn(devices, jobs, out, settings, reporter, stop, marks)
 
 
 def _spawn(devices: list[str], jobs: list[Job], out: str | Path, settings: Settings, reporter: Reporter,
-           stop: threading.Event) -> RunResult:
+           stop: threading.Event, marks: dict[str, float]) -> RunResult:
     import torch.distributed as dist  # noqa: PLC0415
     import torch.multiprocessing as mp  # noqa: PLC0415
 
@@ -146,25 +148,49 @@ def _spawn(devices: list[str], jobs: list[Job], out: str | Path, settings: Setti
     workers = {rank: context.Process(target=_worker, name=f"pixart-lowvram-rank{rank}", daemon=True,
                                      args=(rank, devices, store.port, jobs, str(out), settings, env))
                for rank in range(1, len(devices))}
-    for worker in workers.values():
-        worker.start()
+    starting = _Starting(workers, marks)
     try:
+        _quiet_libraries()
         for name in PRELOAD:  # while the workers start, as they do
             importlib.import_module(name)
-        _wait_for(workers, devices, store)
+        marks["imported"] = time.time()
+        _wait_for(workers, devices, store, starting)
+        marks["store reached"] = time.time()  # by every worker
         _settle(devices[0], len(devices))
         with Team.join(0, len(devices), store, devices[0], exited=lambda: {
-                rank: w.exitcode for rank, w in workers.items() if w.exitcode is not None}) as team:
+                rank: w.exitcode for rank, w in workers.items() if w.exitcode is not None}, marks=marks) as team:
             return run_queue(jobs, out, dataclasses.replace(settings, device=devices[0]), reporter, stop, team)
     finally:
-        _reap(workers.values())
+        starting.thread.join()
+        _reap(w for w in workers.values() if w.pid is not None)
 
 
-def _wait_for(workers: dict, devices: list[str], store) -> None:
+class _Starting:
+    """The workers, started on a thread of their own: a fork server's first start returns once the server has
+    imported PRELOAD (seconds, measured on the CPU), which this process spends importing the same meanwhile."""
+
+    def __init__(self, workers: dict, marks: dict[str, float]):
+        self.workers, self.marks = workers, marks
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._start, name="pixart-lowvram-start", daemon=True)
+        self.thread.start()
+
+    def _start(self) -> None:
+        try:
+            for worker in self.workers.values():
+                worker.start()
+        except BaseException as exc:  # noqa: BLE001 - told by _wait_for, on the main thread
+            self.error = exc
+        self.marks["workers started"] = time.time()
+
+
+def _wait_for(workers: dict, devices: list[str], store, starting: _Starting) -> None:
     """Until every worker has reached the store: one that ends first could not start (the group would otherwise
     wait for it until its timeout)."""
     keys = [f"launch/started/{rank}" for rank in workers]
     while not store.check(keys):
+        if starting.error is not None:
+            raise RankFailed(f"the other processes could not be started ({starting.error}); nothing was made")
         for rank, worker in workers.items():
             if worker.exitcode is not None and not store.check([keys[rank - 1]]):
                 raise RankFailed(f"rank {rank} ({devices[rank]}) ended before it started (exit code "
@@ -197,6 +223,7 @@ def _worker(rank: int, devices: list[str], port: int, jobs: list[Job], out: str,
     """A process `--gpus` started: rank `rank` of `len(devices)`. Quiet: rank 0 reports for all; it speaks only
     where it lost rank 0, which then cannot. `env`: rank 0's environment now (a fork server keeps the one it
     started with)."""
+    marks = {"launch": time.time()}
     import torch.distributed as dist  # noqa: PLC0415
 
     os.environ.clear()
@@ -212,7 +239,8 @@ def _worker(rank: int, devices: list[str], port: int, jobs: list[Job], out: str,
             store.set(f"launch/started/{rank}", "")
         except RuntimeError as exc:
             raise RankFailed(f"rank {rank}: could not reach rank 0 ({exc})") from exc
-        with Team.join(rank, len(devices), store, devices[rank]) as team:
+        marks["store reached"] = time.time()
+        with Team.join(rank, len(devices), store, devices[rank], marks=marks) as team:
             try:
                 run_queue(jobs, out, dataclasses.replace(settings, device=devices[rank]), None, stop, team)
             except PixartError as exc:
@@ -224,18 +252,23 @@ def _worker(rank: int, devices: list[str], port: int, jobs: list[Job], out: str,
         code = exc.exit_code
     except KeyboardInterrupt:
         code = 130
-    sys.exit(code)
+    # Its record is with rank 0, which waits for this process to end: what Python's teardown would add (the
+    # collector over every object the imports made, CUDA's context) does nothing useful (cli.exit_now).
+    from .cli import exit_now  # noqa: PLC0415
+
+    exit_now(code)
 
 
 def _as_torchrun_rank(place: TorchrunPlace, jobs: list[Job], out: str | Path, settings: Settings,
-                      reporter: Reporter, stop: threading.Event) -> RunResult | None:
+                      reporter: Reporter, stop: threading.Event, marks: dict[str, float]) -> RunResult | None:
     import torch.distributed as dist  # noqa: PLC0415
 
     device = _torchrun_device(settings.device, place.local_rank)
     _pin(device)
     _stop_on_signals(stop, interrupt=False)  # torchrun asks its workers to stop with SIGTERM
     store, rank, size = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
-    with Team.join(rank, size, store, device) as team:
+    marks["store reached"] = time.time()
+    with Team.join(rank, size, store, device, marks=marks) as team:
         settings = dataclasses.replace(settings, device=device)
         if rank == 0:
             return run_queue(jobs, out, settings, reporter, stop, team)
@@ -291,6 +324,8 @@ def _stop_on_signals(stop: threading.Event, interrupt: bool = True) -> None:
 
 
 def _quiet_libraries() -> None:
+    """The libraries' own loading bars off, in every process of a run over several (the stages draw none there
+    either: there would be one per process); the CLI's one process does it as it starts."""
     from tqdm import tqdm  # noqa: PLC0415
 
     from .cli import quiet_libraries  # noqa: PLC0415

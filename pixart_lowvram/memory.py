@@ -84,6 +84,20 @@ def _read_rss() -> tuple[int | None, int | None]:
     return rss, ram
 
 
+def process_start() -> float | None:
+    """When this process started, in time.time()'s seconds (to the kernel's clock tick, 10 ms); None where the
+    system does not say (no /proc). The kernel counts a process's start from boot: its age is the boot clock now
+    less that."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            # the command name, field 2, is in parentheses and may hold spaces: count the fields after it
+            ticks = int(f.read().rpartition(b")")[2].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age
+
+
 def current_ram() -> int | None:
     """What this process holds in RAM now that the kernel cannot drop (as the host budget counts it)."""
     return _read_rss()[1]

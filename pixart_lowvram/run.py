@@ -249,17 +249,32 @@ class RunFolder:
         meta = _read_png_meta(path)
         return None if meta is None else _key_of(meta)
 
-    def png_key(self, path: Path) -> str | None:
-        """The key of the finished PNG at `path` (None: none there, or not a whole PNG of ours)."""
+    def png_key(self, path: Path, read: bool = True) -> str | None:
+        """The key of the finished PNG at `path` (None: none there, or not a whole PNG of ours). `read=False`: only
+        what is known of the file as it is now, never read (None where it would have to be)."""
         try:
             signature = _signature(path)
         except OSError:
             return None
         known = self._png_keys.get(path)
         if known is None or known[0] != signature:
+            if not read:
+                return None
             known = (signature, self._read_png_key(path))
             self._png_keys[path] = known
         return known[1]
+
+    def known_pngs(self) -> dict[str, tuple[tuple[int, int, int], str]]:
+        """The finished images this process wrote or read, by file name, with each file's signature as it saw it:
+        another process working on the same folder takes them (`learn_pngs`) instead of reading each again."""
+        return {path.name: known for path, known in self._png_keys.items()
+                if known[1] is not None and path.parent == self.images}
+
+    def learn_pngs(self, known: dict[str, tuple[tuple[int, int, int], str]]) -> None:
+        """What another process found of the images (`known_pngs`); a file changed since (another signature) is
+        read again when asked about."""
+        for name, (signature, key) in known.items():
+            self._png_keys[self.images / name] = (tuple(signature), key)
 
     # -- image names -----------------------------------------------------------------------------------------
     def claim_image_names(self, items: list[Item], previous: dict) -> list[tuple[Item, str]]:
@@ -398,13 +413,14 @@ class RunFolder:
             text = (text[:-2] + ",\n" if rest else "{\n") + f'  "items": {body}\n}}'
         self._atomic(self.path / MANIFEST, lambda f: f.write((text + "\n").encode("utf-8")))
 
-    def manifest_items(self, items: list[Item]) -> list[dict]:
+    def manifest_items(self, items: list[Item], read: bool = True) -> list[dict]:
         """The manifest's entry for each item: its parameters, its files (relative to the folder) and whether its
-        image is finished."""
+        image is finished. `read=False`: an image this process does not know yet counts as unfinished, unread (a
+        1024x1024 PNG takes ~0.1 s to read)."""
         present = _listing(self.images)  # one listing, not a stat per item, for long queues
         return [{**item.to_json(), "image": f"images/{item.id}.png", "latents": f"latents/{item.latent_key}.safetensors",
-                 "done": f"{item.id}.png" in present and self.png_is_done(self.images / f"{item.id}.png",
-                                                                          item.image_key)}
+                 "done": f"{item.id}.png" in present and self.png_key(self.images / f"{item.id}.png",
+                                                                      read) == item.image_key}
                 for item in items]
 
 

@@ -36,6 +36,9 @@ T = TypeVar("T")
 
 STAGE_UNITS = {"encode": "text", "denoise": "step", "decode": "image"}  # the bars summed over ranks
 POLL_SECONDS = 0.2  # how often the team thread flushes counters, looks for a stop and redraws rank 0's bars
+# How often a rank waiting at a barrier or for the records looks again: the wait ends this long after the last
+# rank arrives, at most (each look is one store request per rank, ~0.1 ms on one host)
+WAIT_SECONDS = 0.05
 # Once the team stops, how long rank 0 waits for the others' figures (each stops at its next safe point: after the
 # text group, denoising batch or image at hand) before it writes run.json without them. Under torchrun the agent
 # kills what is left 30 s after it asks the ranks to stop.
@@ -79,8 +82,9 @@ class Team:
     """This process's place in a run of several: its rank, the others, and the ways to reach them. Use `join`."""
 
     def __init__(self, rank: int, size: int, store: dist.Store, members: list[Member],
-                 exited: Callable[[], dict[int, int]] | None = None):
+                 exited: Callable[[], dict[int, int]] | None = None, marks: dict[str, float] | None = None):
         self.rank, self.size, self.store, self.members = rank, size, store, members
+        self.marks = dict(marks or {})  # when this process reached each step of its start: event -> time.time()
         self._exited = exited  # rank 0, when it started the others: {rank: exit code} of those that ended
         self.local_size = sum(1 for m in members if m.host == members[rank].host)
         self.stopped_by: int | None = None  # the rank that stopped the team, once one has
@@ -98,8 +102,9 @@ class Team:
     # -- joining ---------------------------------------------------------------------------------------------
     @classmethod
     def join(cls, rank: int, size: int, store: dist.Store, device: str,
-             exited: Callable[[], dict[int, int]] | None = None) -> Team:
-        """Join the gloo group of `size` ranks that meets at `store`; returns when every rank has joined."""
+             exited: Callable[[], dict[int, int]] | None = None, marks: dict[str, float] | None = None) -> Team:
+        """Join the gloo group of `size` ranks that meets at `store`; returns when every rank has joined. `marks`:
+        the moments of this process's start so far (launch.py's), for the run's timeline."""
         try:
             dist.init_process_group("gloo", store=dist.PrefixStore("gloo/", store), rank=rank, world_size=size,
                                     timeout=START_TIMEOUT)
@@ -107,7 +112,8 @@ class Team:
             dist.all_gather_object(members, Member(rank, device, socket.gethostname()))
         except RuntimeError as exc:
             raise RankFailed(f"rank {rank}: could not join the other processes of the run ({exc})") from exc
-        return cls(rank, size, dist.PrefixStore(_PREFIX, store), members, exited)
+        return cls(rank, size, dist.PrefixStore(_PREFIX, store), members, exited,
+                   {**(marks or {}), "team joined": time.time()})
 
     def leave(self) -> None:
         self.quiet()
@@ -213,8 +219,8 @@ class Team:
         stall = _Stall(self)
         while not self._call(self.store.check, keys):
             self.check(stop)
-            stall.check([r for r, key in enumerate(keys) if not self._call(self.store.check, [key])])
-            time.sleep(POLL_SECONDS)
+            stall.check(lambda: [r for r, key in enumerate(keys) if not self._call(self.store.check, [key])])
+            time.sleep(WAIT_SECONDS)
         return [self._get(key) for key in keys]
 
     def check(self, stop: threading.Event) -> None:
@@ -248,11 +254,11 @@ class Team:
             if deadline is not None and time.monotonic() > deadline:
                 return records
             try:
-                stall.check(missing)
+                stall.check(lambda: missing)
             except RankFailed as exc:
                 self.stop_all(exc)
                 deadline = time.monotonic()
-            time.sleep(POLL_SECONDS)
+            time.sleep(WAIT_SECONDS)
 
     # -- the team thread: progress, messages, stops ------------------------------------------------------------
     def watch(self, stop: threading.Event) -> None:
@@ -346,22 +352,26 @@ class Team:
 
 class _Stall:
     """Watches a wait: raises RankFailed, naming the ranks waited for, once no rank has counted progress for
-    STALL_SECONDS."""
+    STALL_SECONDS. Looks at the counters every POLL_SECONDS, however often it is asked."""
 
     def __init__(self, team: Team):
         self.team = team
         self.seen = self.counts()
-        self.since = time.monotonic()
+        self.since = self.looked = time.monotonic()
 
     def counts(self) -> list[int]:
         return [self.team._call(self.team.store.add, f"progress/{stage}", 0) for stage in STAGE_UNITS]
 
-    def check(self, waiting_for: list[int]) -> None:
+    def check(self, waiting_for: Callable[[], list[int]]) -> None:
+        """`waiting_for()`: the ranks waited for, asked only when the wait ends."""
+        if time.monotonic() - self.looked < POLL_SECONDS:
+            return
+        self.looked = time.monotonic()
         now = self.counts()
         if now != self.seen:
             self.seen, self.since = now, time.monotonic()
         elif time.monotonic() - self.since > STALL_SECONDS:
-            names = ", ".join(self.team.label(r) for r in waiting_for)
+            names = ", ".join(self.team.label(r) for r in waiting_for())
             raise RankFailed(f"{names}: no progress for {STALL_SECONDS // 60} minutes, taken for hung; the run "
                              "stopped. Finished work is kept: run the same command again to resume")
 

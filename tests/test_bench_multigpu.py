@@ -35,8 +35,35 @@ def test_each_rank_waits_for_the_slowest_and_the_table_shows_every_gpu():
                    "of_ideal": 0.91, "max_diff_vs_one": 0, "ranks": ranks,
                    "sampled": [{"processes": 1, "together": int(1.4 * GiB), "one_process": 0}] * 2}]}
     table = multigpu.markdown(result)
-    assert "| 1.5GiB | 2 | 55.0 | 1.160 | 1.81 | 0.91 | 45.0 (1.96) | 1.38, 1.40 | 1.5, 0.2 | 0 |" in table
+    assert "| 1.5GiB | 2 | 55.0 | 1.160 | 1.81 | 0.91 | 45.0 (1.96) | - | 1.38, 1.40 | 1.5, 0.2 | 0 |" in table
     assert "| 1.5GiB | 2 | 1 | cuda:1 | 32 | - | 21.0 | - | 31.0 | 1, 1.40 |" in table
     assert table.endswith("Processes on a GPU that was not theirs: none seen.\n")
     result["rows"][0]["stray"] = [1]
     assert "1.5GiB on 1 GPU(s): GPU 1" in multigpu.markdown(result)
+
+
+def test_the_timeline_puts_every_process_on_rank_0s_clock_with_what_the_bench_saw():
+    t0 = 1_700_000_000.0
+    manifest = {"ranks": [
+        {"rank": 0, "timeline": {"process start": t0, "launch": t0 + 1, "encode start": t0 + 6, "encode end": t0 + 9,
+                                 "decode end": t0 + 40, "records collected": t0 + 42.5}},
+        {"rank": 1, "timeline": {"process start": t0 + 1.2, "launch": t0 + 3, "encode start": t0 + 6.5,
+                                 "encode end": t0 + 9.5, "decode end": t0 + 41, "record posted": t0 + 41.1}}]}
+    outside = {"launched": t0 - 0.01, "ended": t0 + 44}
+    sampled = [{"last_seen": t0 + 43.9}, {"last_seen": t0 + 41.3}]
+    timeline = multigpu.timelines(manifest, outside, sampled)
+    assert timeline[1] == {"process start": 1.2, "launch": 3.0, "encode start": 6.5, "encode end": 9.5,
+                           "decode end": 41.0, "record posted": 41.1, "GPU given back": 41.3}
+    assert timeline[0]["launched"] == -0.01 and timeline[0]["ended"] == 44.0
+    # before the first stage anywhere, the stages (first start to last end), after them to the command's end
+    assert multigpu.phases(timeline) == {"before": 6.01, "stages": 35.0, "after": 3.0}
+    one = {"budget": "none", "gpus": 1, "timeline": [{"process start": 0.0, "encode start": 4.0, "ended": 60.0}]}
+    two = {"budget": "none", "gpus": 2, "timeline": timeline}
+    table = "\n".join(multigpu.timeline_tables([one, two]))
+    assert "| step | 1 GPU | 2 GPUs, rank 0 | 2 GPUs, rank 1 |" in table
+    assert "| encode start | 4.00 | 6.00 | 6.50 |" in table
+    assert "| record posted |  |  | 41.10 |" in table
+    lines = table.splitlines()
+    steps = [line.split(" | ")[0].removeprefix("| ") for line in lines if line.startswith("| ") and "---" not in line]
+    assert steps == ["step", "launched", "process start", "launch", "encode start", "encode end", "decode end",
+                     "record posted", "records collected", "GPU given back", "ended"]

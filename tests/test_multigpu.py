@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -193,9 +194,43 @@ def test_a_wait_on_a_rank_that_makes_no_progress_ends(pair, monkeypatch):
     stall = team_module._Stall(zero)
     time.sleep(0.3)
     zero.store.add("progress/denoise", 1)
-    stall.check([1])
+    stall.check(lambda: [1])
     time.sleep(0.3)
-    stall.check([1])
+    stall.check(lambda: [1])
+
+
+# -- rank 0's run.json: the others' images as they tell them -------------------------------------------------------
+def test_rank_0_takes_the_images_another_process_made_from_its_word_and_reads_one_changed_since(tmp_path,
+                                                                                                monkeypatch):
+    """Two RunFolder objects on one folder, as two ranks have them: one writes images, the other learns them from
+    its record (`known_pngs`) and counts them done without decoding a file, until a file changes."""
+    import json as json_module
+
+    from PIL import Image
+
+    import pixart_lowvram.run as run_module
+    from pixart_lowvram.run import RunFolder
+
+    writer, reader = RunFolder(tmp_path), RunFolder(tmp_path)
+    writer.images.mkdir(parents=True)
+    picture = Image.new("RGB", (8, 8), (200, 10, 10))
+    for name in ("a", "b"):
+        writer.write_png(writer.images / f"{name}.png", picture, {"pixart_lowvram": json_module.dumps({"key": name})})
+    told = writer.known_pngs()
+    assert set(told) == {"a.png", "b.png"}
+
+    reads: list[str] = []
+    real = run_module._read_png_meta
+    monkeypatch.setattr(run_module, "_read_png_meta", lambda path: reads.append(path.name) or real(path))
+    assert reader.png_key(reader.images / "a.png", read=False) is None, "not known yet: not read either"
+    reader.learn_pngs(pickle.loads(pickle.dumps(told)))  # as it travels in a record
+    assert reader.png_key(reader.images / "a.png", read=False) == "a"
+    assert reads == []
+    # b.png replaced (another key) after the writer told of it: the word no longer fits the file, which is read.
+    time.sleep(0.01)
+    writer.write_png(writer.images / "b.png", picture, {"pixart_lowvram": json_module.dumps({"key": "b2"})})
+    assert reader.png_key(reader.images / "b.png", read=False) is None
+    assert reader.png_key(reader.images / "b.png") == "b2" and reads == ["b.png"]
 
 
 # -- bad input: before anything starts ---------------------------------------------------------------------------
@@ -289,10 +324,60 @@ def test_two_processes_make_the_one_process_images_into_one_run_folder(queue, ti
     for row in ("encode   0 (cpu)", "encode   1 (cpu)", "decode       all", "waiting for the others"):
         assert row in out, out
     assert f"{len(NAMES)}/{len(NAMES)} images in" in out
+    assert_timelines(data)
 
     # A run folder like any other: one process resumes it with nothing left to do.
     again = run_queue(parse_queue(queue.read_text(), "toml"), run, Settings(model=tiny_model, **CPU32))
     assert all(s.skipped for s in again.stages)
+
+
+# What each process's timeline holds, in the order the steps happen (a worker has no "workers started", "imported",
+# "records collected" or "run.json written"; rank 0 no "record posted").
+RANK_STEPS = ["process start", "launch", "store reached", "team joined", "run entered", "resolved", "share received",
+              "plans gathered", "encode start", "encode loaded", "encode end", "encoded", "denoise start",
+              "denoise loaded", "denoise end", "decode start", "decode loaded", "decode end", "work end"]
+
+
+def assert_timelines(data: dict) -> None:
+    """Each rank's steps in order, and what ties the processes together: a worker starts after rank 0 launches it,
+    nobody passes the barrier after encode before every rank has encoded, rank 0 collects every record after it is
+    posted, and writes run.json last."""
+    zero, one = (r["timeline"] for r in data["ranks"])
+    assert data["timeline"] == zero
+    for timeline, last in ((zero, ["records collected", "run.json written"]), (one, ["record posted"])):
+        steps = [step for step in RANK_STEPS + last if step in timeline]
+        assert steps == RANK_STEPS + last, set(RANK_STEPS + last) - set(timeline)
+        times = [timeline[step] for step in steps]
+        assert times == sorted(times), list(zip(steps, times))
+    assert zero["launch"] <= zero["workers started"] <= zero["store reached"]
+    assert zero["launch"] <= one["process start"] <= zero["store reached"]
+    assert min(zero["encoded"], one["encoded"]) >= max(zero["encode end"], one["encode end"])
+    assert one["record posted"] <= zero["records collected"]
+
+
+def test_one_process_keeps_its_timeline_in_run_json(queue, tiny_model, tmp_path):
+    run = tmp_path / "run"
+    result = run_queue(parse_queue(queue.read_text(), "toml"), run, Settings(model=tiny_model, **CPU32))
+    ended = time.time()
+    steps = ["process start", "run entered", "resolved", "planned"] + [
+        f"{stage} {moment}" for stage in ("encode", "denoise", "decode") for moment in ("start", "loaded", "end")]
+    assert list(result.timeline) == steps
+    times = list(result.timeline.values())
+    assert times == sorted(times) and times[-1] <= ended
+    assert manifest(run)["timeline"] == result.timeline
+    # The next run of the folder has its own: nothing to make, no stage started.
+    again = run_queue(parse_queue(queue.read_text(), "toml"), run, Settings(model=tiny_model, **CPU32))
+    assert list(again.timeline) == ["process start", "run entered", "resolved", "planned"]
+    assert again.timeline["run entered"] > ended
+
+
+def test_a_process_knows_when_it_started():
+    before = time.time()
+    child = subprocess.run([sys.executable, "-c", "import time; t = time.time(); from pixart_lowvram.memory import "
+                            "process_start; print(process_start(), t)"], capture_output=True, text=True, check=True)
+    started, first_line = map(float, child.stdout.split())
+    # the kernel's clock ticks are 10 ms: the start is known to that, and the interpreter takes longer to start
+    assert before - 0.02 <= started <= first_line
 
 
 @pytest.mark.parametrize("ranks", [4, 8])
