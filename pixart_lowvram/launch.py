@@ -15,6 +15,7 @@ device.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib
@@ -151,8 +152,7 @@ def _spawn(devices: list[str], jobs: list[Job], out: str | Path, settings: Setti
     starting = _Starting(workers, marks)
     try:
         _quiet_libraries()
-        for name in PRELOAD:  # while the workers start, as they do
-            importlib.import_module(name)
+        preload()  # while the workers start, as they do
         marks["imported"] = time.time()
         _wait_for(workers, devices, store, starting)
         marks["store reached"] = time.time()  # by every worker
@@ -198,11 +198,21 @@ def _wait_for(workers: dict, devices: list[str], store, starting: _Starting) -> 
         time.sleep(0.05)
 
 
-# What a worker imports anyway: rank 0 imports it while the workers start, and on the CPU the fork server that
-# starts them imports it once for all of them (~3 s of CPU apiece). Names that do not import are passed over.
+# What every process imports anyway, each before the processes meet: rank 0 while the workers start, a spawned
+# worker before it reaches rank 0's store (measured on 2 H200s: a worker that imported them after the meeting, in
+# its first steps, held every rank 3.5 s at the first collective), and on the CPU the fork server that starts the
+# workers, once for all of them (~3 s of CPU apiece).
 PRELOAD = ("pixart_lowvram.launch", "diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha",
            "diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma", "diffusers.models.autoencoders.autoencoder_kl",
            "transformers.models.t5.modeling_t5", "transformers.models.t5.tokenization_t5")
+
+
+def preload() -> None:
+    """Import PRELOAD; a name that does not import (another version of a library) is passed over, as the fork
+    server passes it over: the run imports what it needs, and says what is missing, later."""
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 def _context(mp, on_gpu: bool):
@@ -233,6 +243,8 @@ def _worker(rank: int, devices: list[str], port: int, jobs: list[Job], out: str,
     code = 0
     try:
         _quiet_libraries()
+        preload()  # a fork server's workers have them already
+        marks["imported"] = time.time()
         _settle(devices[rank], len(devices))
         try:
             store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=STORE_TIMEOUT)
