@@ -331,9 +331,10 @@ def test_two_processes_make_the_one_process_images_into_one_run_folder(queue, ti
     assert all(s.skipped for s in again.stages)
 
 
-# What each process's timeline holds, in the order the steps happen (a worker has no "workers started", "imported",
-# "records collected" or "run.json written"; rank 0 no "record posted").
-RANK_STEPS = ["process start", "launch", "store reached", "team joined", "run entered", "resolved", "share received",
+# What each process's timeline holds, in the order the steps happen (a worker has no "workers started",
+# "records collected" or "run.json written"; rank 0 no "record posted"). Every process has imported the libraries
+# before the processes meet: a worker that imported them after would hold every rank at the first collective.
+RANK_STEPS = ["process start", "launch", "imported", "store reached", "team joined", "run entered", "resolved", "share received",
               "plans gathered", "encode start", "encode loaded", "encode end", "encoded", "denoise start",
               "denoise loaded", "denoise end", "decode start", "decode loaded", "decode end", "work end"]
 
