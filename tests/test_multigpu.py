@@ -486,3 +486,75 @@ def test_a_run_of_several_processes_holds_the_folder_against_another_run(queue, 
     assert f"{len(NAMES)}/{len(NAMES)} images in" in out
     assert_same_images(run, one_process)
     assert [r["rank"] for r in manifest(run)["ranks"]] == [0, 1]
+
+
+# -- a folder diffusers wrote, a queue of mixed jobs -------------------------------------------------------------
+FOREIGN_QUEUE = """\
+[defaults]
+steps = 2
+
+[[jobs]]
+name = "wide"
+prompt = "a harbour at dawn"
+width = 64
+height = 48
+seed = 3
+
+[[jobs]]
+name = "tall-euler"
+prompt = "a harbour at dawn"
+negative_prompt = "fog, rain"
+width = 48
+height = 64
+steps = 3
+sampler = "euler-a"
+seed = 4
+
+[[jobs]]
+name = "unguided"
+prompt = "ein Leuchtturm, 灯台, 🌊"
+cfg = 1
+seed = 5
+
+[[jobs]]
+name = "drawn-seed"
+prompt = "a map of an island"
+count = 2
+
+[[jobs]]
+name = "ddim"
+prompt = "a map of an island"
+sampler = "ddim"
+steps = 4
+width = 64
+height = 64
+seed = 6
+"""
+
+
+def test_two_processes_on_a_folder_diffusers_wrote_make_the_one_process_images(tmp_path):
+    """A PixArt-Σ folder from diffusers' own `save_pretrained` (its test transformer at sample size 32 with bins,
+    a 4-block VAE), jobs of three sizes, four samplers, guidance off, drawn seeds and texts shared between jobs:
+    two processes make what one makes, each text encoded once, keeping the seeds a run folder drew."""
+    from test_foreign_configs import SIGMA, save_folder, small_vae  # noqa: PLC0415
+
+    folder = save_folder(tmp_path / "sigma", pipeline=SIGMA, transformer={"sample_size": 32}, vae=small_vae(4))
+    queue = tmp_path / "q.toml"
+    queue.write_text(FOREIGN_QUEUE)
+    one = run_queue(parse_queue(queue.read_text(), "toml"), tmp_path / "one", Settings(model=folder, **CPU32))
+    run = tmp_path / "two"
+    run.mkdir()
+    # the seeds one process drew, kept by its run.json as a rerun in its folder would keep them
+    (run / "run.json").write_text((tmp_path / "one" / "run.json").read_text())
+    assert main(["run", str(queue), "--model", folder, "--out", str(run), "--gpus", "cpu:2", "-q",
+                 "--dtype", "float32", "--no-embed-cache"]) == 0
+    data = manifest(run)
+    names = sorted(item.id for item in one.items)
+    assert sorted(item["id"] for item in data["items"]) == names and len(names) == 6
+    for item in one.items:
+        assert max_diff(pixels(run / "images" / f"{item.id}.png"), pixels(one.images[item.id])) <= 1, item.id
+    seeds = {item["id"]: item["seed"] for item in data["items"]}
+    assert seeds == {item.id: item.seed for item in one.items}  # the drawn ones as run.json kept them
+    texts = {"a harbour at dawn", "fog, rain", "ein Leuchtturm, 灯台, 🌊", "a map of an island", ""}
+    assert sum(r["made"].get("encode", 0) for r in data["ranks"]) == len(texts)
+    assert {item["rank"] for item in data["items"]} == {0, 1}
