@@ -10,6 +10,7 @@ library's stage functions by this script, not by the library). Writes OUT/run_pr
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import sys
@@ -73,9 +74,12 @@ def main() -> None:
         code = cli.main()
     events = prof.events()
     gpu = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    ranges = {e.name.removeprefix("stage:"): (e.time_range.start, e.time_range.end) for e in cpu
-              if e.name.startswith("stage:")}
+    ranges = {e.name.removeprefix("stage:"): (e.time_range.start, e.time_range.end) for e in events
+              if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("stage:")}
+    cpu = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU
+                  and not e.name.startswith("stage:")), key=lambda e: e.time_range.start)
+    cpu_starts = [e.time_range.start for e in cpu]
+    longest = max((e.time_range.end - e.time_range.start for e in cpu), default=0)
     busy = merged(gpu)
     result: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "exit": code,
                     "argv": argv, "stages": {}}
@@ -85,8 +89,10 @@ def main() -> None:
         gaps = []
         for (a0, a1), (b0, b1) in zip(inside, inside[1:]):
             if (b0 - a1) / 1000 >= args.gap_ms:
-                doing = sorted({e.name for e in cpu if e.time_range.start <= b0 and e.time_range.end >= a1
-                                and not e.name.startswith("stage:")}, key=len)[:6]
+                # the CPU events spanning the gap: those that started before it ends and at most the longest
+                # event's length before it began (bisected: a streamed run's trace holds millions of events)
+                lo, hi = bisect.bisect_left(cpu_starts, a1 - longest), bisect.bisect_right(cpu_starts, b0)
+                doing = sorted({e.name for e in cpu[lo:hi] if e.time_range.end >= a1}, key=len)[:6]
                 gaps.append({"at_ms": (a1 - start) / 1000, "ms": (b0 - a1) / 1000, "cpu": doing})
         first_kernel = (inside[0][0] - start) / 1000 if inside else None
         result["stages"][stage] = {"wall_ms": (end - start) / 1000, "gpu_busy_ms": gpu_ms,
