@@ -113,7 +113,7 @@ GPUS_HELP = (
 
 
 def _add_run_options(p: argparse.ArgumentParser, out_help: str, several: bool = False) -> None:
-    from .models import DEFAULT_MODEL  # noqa: PLC0415
+    from .presets import DEFAULT_MODEL  # noqa: PLC0415
 
     g = p.add_argument_group("run options")
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="ID_OR_DIR",
@@ -355,12 +355,12 @@ def _table(rows: list[tuple[str, ...]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def _run(jobs, out: Path, settings, quiet: bool, gpus: str | None = None) -> int:
+def _run(jobs, out: Path, settings, quiet: bool, gpus: str | None = None, standby=None) -> int:
     from . import launch  # noqa: PLC0415
 
     start = time.perf_counter()
     with _stop_on_ctrl_c() as stop:
-        result = launch.run(jobs, out, settings, TqdmReporter(quiet), stop, gpus=gpus)
+        result = launch.run(jobs, out, settings, TqdmReporter(quiet), stop, gpus=gpus, standby=standby)
     if result is None:
         return 0  # a process of several other than the first: the first reports for all
     print_summary(result, time.perf_counter() - start)
@@ -396,31 +396,48 @@ def _stop_on_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
-def cmd_run(args) -> int:
-    from .jobs import load_queue  # noqa: PLC0415
-    from .launch import launch_problems  # noqa: PLC0415
-    from .resolve import jobs_with_options  # noqa: PLC0415
+@contextlib.contextmanager
+def _standby(gpus: str | None):
+    """The other processes of `--gpus`, started before anything is imported or checked (standby.py); ended where
+    the command stops before it gives them work."""
+    from . import standby  # noqa: PLC0415
 
-    settings = _settings(args)
-    jobs = jobs_with_options(lambda: load_queue(args.queue), settings, launch_problems(args.gpus, args.device))
-    out = Path(args.out) if args.out else Path("runs") / Path(args.queue).stem
-    return _run(jobs, out, settings, args.quiet, args.gpus)
+    waiting = standby.start(gpus)
+    try:
+        yield waiting
+    except BaseException:
+        if waiting is not None:
+            waiting.close()
+        raise
+
+
+def cmd_run(args) -> int:
+    with _standby(args.gpus) as standby:
+        from .jobs import load_queue  # noqa: PLC0415
+        from .launch import launch_problems  # noqa: PLC0415
+        from .resolve import jobs_with_options  # noqa: PLC0415
+
+        settings = _settings(args)
+        jobs = jobs_with_options(lambda: load_queue(args.queue), settings, launch_problems(args.gpus, args.device))
+        out = Path(args.out) if args.out else Path("runs") / Path(args.queue).stem
+        return _run(jobs, out, settings, args.quiet, args.gpus, standby)
 
 
 def cmd_generate(args) -> int:
-    from .jobs import jobs_from_options  # noqa: PLC0415
-    from .items import prompt_folder_name  # noqa: PLC0415
+    with _standby(args.gpus) as standby:
+        from .jobs import jobs_from_options  # noqa: PLC0415
+        from .items import prompt_folder_name  # noqa: PLC0415
 
-    from .launch import launch_problems  # noqa: PLC0415
-    from .resolve import jobs_with_options  # noqa: PLC0415
+        from .launch import launch_problems  # noqa: PLC0415
+        from .resolve import jobs_with_options  # noqa: PLC0415
 
-    settings = _settings(args)
-    jobs = jobs_with_options(lambda: jobs_from_options(
-        args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
-        cfg=args.cfg, steps=args.steps, count=args.count, name=args.name, sampler=args.sampler, lora=args.lora,
-        init_image=args.init_image, strength=args.strength), settings, launch_problems(args.gpus, args.device))
-    out = Path(args.out) if args.out else Path("runs") / prompt_folder_name(args.prompt)
-    return _run(jobs, out, settings, args.quiet, args.gpus)
+        settings = _settings(args)
+        jobs = jobs_with_options(lambda: jobs_from_options(
+            args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height, seed=args.seed,
+            cfg=args.cfg, steps=args.steps, count=args.count, name=args.name, sampler=args.sampler, lora=args.lora,
+            init_image=args.init_image, strength=args.strength), settings, launch_problems(args.gpus, args.device))
+        out = Path(args.out) if args.out else Path("runs") / prompt_folder_name(args.prompt)
+        return _run(jobs, out, settings, args.quiet, args.gpus, standby)
 
 
 def cmd_demo(args) -> int:

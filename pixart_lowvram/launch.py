@@ -31,6 +31,7 @@ from .generate import RunResult, run_queue
 from .jobs import Job
 from .reporting import Reporter
 from .resolve import Settings, check_options
+from .standby import PRELOAD, Standby, context
 from .team import Team
 
 MAX_CPU_WORKERS = 64
@@ -117,11 +118,13 @@ def launch_problems(gpus: str | None, device: str = "auto") -> list[PixartError]
 
 
 def run(jobs: list[Job], out: str | Path, settings: Settings, reporter: Reporter, stop: threading.Event,
-        gpus: str | None = None) -> RunResult | None:
+        gpus: str | None = None, standby: Standby | None = None) -> RunResult | None:
     """The queue in this one process, over the GPUs of `gpus` (this process is rank 0 and starts the others), or
     as the rank torchrun made this process. Returns the result where this process is rank 0 (or alone); None on
     the other ranks, whose errors rank 0 reports. `launch_problems` tells what is wrong with `gpus` beforehand;
-    the options are checked here for the first process's device, before any other process starts."""
+    the options are checked here for the first process's device, before any other process is given work.
+    `standby`: the other processes, started already (standby.start) and given their parts here; those it has that
+    the run does not use end."""
     marks = {"launch": time.time()}  # the run's timeline (RunResult.timeline) begins here on several processes
     place = torchrun_place()
     if place is not None:
@@ -129,27 +132,39 @@ def run(jobs: list[Job], out: str | Path, settings: Settings, reporter: Reporter
         return _as_torchrun_rank(place, jobs, out, settings, reporter, stop, marks)
     if gpus is None:
         return run_queue(jobs, out, settings, reporter, stop)
-    devices = parse_gpus(gpus)
-    check_options(dataclasses.replace(settings, device=devices[0]))
+    try:
+        devices = parse_gpus(gpus)
+        check_options(dataclasses.replace(settings, device=devices[0]))
+    except BaseException:
+        if standby is not None:
+            standby.close()
+        raise
+    if standby is not None and (len(standby.processes) != len(devices) - 1 or standby.on_gpu != (devices[0] != "cpu")):
+        standby.close()  # not the processes this run needs (cannot happen from the command line)
+        standby = None
     if len(devices) == 1:
         _quiet_libraries()
         return run_queue(jobs, out, dataclasses.replace(settings, device=devices[0]), reporter, stop)
-    return _spawn(devices, jobs, out, settings, reporter, stop, marks)
+    return _spawn(devices, jobs, out, settings, reporter, stop, marks, standby)
 
 
 def _spawn(devices: list[str], jobs: list[Job], out: str | Path, settings: Settings, reporter: Reporter,
-           stop: threading.Event, marks: dict[str, float]) -> RunResult:
+           stop: threading.Event, marks: dict[str, float], standby: Standby | None = None) -> RunResult:
     import torch.distributed as dist  # noqa: PLC0415
-    import torch.multiprocessing as mp  # noqa: PLC0415
 
-    # Port 0: the system picks a free one; the workers learn it as an argument.
+    # Port 0: the system picks a free one; the workers learn it with their part.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
-    context = _context(mp, on_gpu=devices[0] != "cpu")
     env = dict(os.environ)
-    workers = {rank: context.Process(target=_worker, name=f"pixart-lowvram-rank{rank}", daemon=True,
+    if standby is not None:
+        workers = dict(enumerate(standby.processes, start=1))
+        starting = _Starting.handing(standby, {rank: (devices, store.port, jobs, str(out), settings, env)
+                                               for rank in workers}, marks)
+    else:
+        ctx = context(on_gpu=devices[0] != "cpu")
+        workers = {rank: ctx.Process(target=_worker, name=f"pixart-lowvram-rank{rank}", daemon=True,
                                      args=(rank, devices, store.port, jobs, str(out), settings, env))
-               for rank in range(1, len(devices))}
-    starting = _Starting(workers, marks)
+                   for rank in range(1, len(devices))}
+        starting = _Starting(workers, marks)
     try:
         _quiet_libraries()
         preload()  # while the workers start, as they do
@@ -169,16 +184,28 @@ class _Starting:
     """The workers, started on a thread of their own: a fork server's first start returns once the server has
     imported PRELOAD (seconds, measured on the CPU), which this process spends importing the same meanwhile."""
 
-    def __init__(self, workers: dict, marks: dict[str, float]):
+    def __init__(self, workers: dict, marks: dict[str, float], start=None):
         self.workers, self.marks = workers, marks
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._start, name="pixart-lowvram-start", daemon=True)
+        self.thread = threading.Thread(target=self._start, args=(start or self._start_all,),
+                                       name="pixart-lowvram-start", daemon=True)
         self.thread.start()
 
-    def _start(self) -> None:
+    @classmethod
+    def handing(cls, standby: Standby, orders: dict[int, tuple], marks: dict[str, float]) -> _Starting:
+        """The processes on standby, each given its part (a pipe that fills does not hold this process up)."""
+        def hand():
+            for rank, order in orders.items():
+                standby.hand(rank, order)
+        return cls(dict(enumerate(standby.processes, start=1)), marks, hand)
+
+    def _start_all(self) -> None:
+        for worker in self.workers.values():
+            worker.start()
+
+    def _start(self, start) -> None:
         try:
-            for worker in self.workers.values():
-                worker.start()
+            start()
         except BaseException as exc:  # noqa: BLE001 - told by _wait_for, on the main thread
             self.error = exc
         self.marks["workers started"] = time.time()
@@ -198,34 +225,12 @@ def _wait_for(workers: dict, devices: list[str], store, starting: _Starting) -> 
         time.sleep(0.05)
 
 
-# What every process imports anyway, each before the processes meet: rank 0 while the workers start, a spawned
-# worker before it reaches rank 0's store (measured on 2 H200s: a worker that imported them after the meeting, in
-# its first steps, held every rank 3.5 s at the first collective), and on the CPU the fork server that starts the
-# workers, once for all of them (~3 s of CPU apiece).
-PRELOAD = ("pixart_lowvram.launch", "diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha",
-           "diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma", "diffusers.models.autoencoders.autoencoder_kl",
-           "transformers.models.t5.modeling_t5", "transformers.models.t5.tokenization_t5")
-
-
 def preload() -> None:
     """Import PRELOAD; a name that does not import (another version of a library) is passed over, as the fork
     server passes it over: the run imports what it needs, and says what is missing, later."""
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
-
-
-def _context(mp, on_gpu: bool):
-    """The workers' start method. On GPUs, spawn: a fresh interpreter each, so CUDA starts in each worker untouched
-    (a process forked after any import that asked the driver a question cannot use CUDA; importing diffusers and
-    transformers does not promise not to). On the CPU, a fork server where there is one: a fresh process that
-    imports PRELOAD, then forks each worker from itself (the tests start 8 workers on two cores). Never a fork of
-    this process, whose threads a child would inherit half-way."""
-    if on_gpu or "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", *PRELOAD])
-    return context
 
 
 def _worker(rank: int, devices: list[str], port: int, jobs: list[Job], out: str, settings: Settings,

@@ -27,7 +27,6 @@ from .lora import LoraSet, merge
 from .streaming import (BlockStreamer, Computed, CpuEmbedding, Stored, load_tensor, micro_batch_blocks,
                         set_parameter)
 
-DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
 SUPPORTED_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 # Only what the staged queue reads: safetensors weights, configs and tokenizer files, never pickled weights.

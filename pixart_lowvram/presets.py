@@ -1,4 +1,7 @@
-"""The random-weight model presets, by name: a light module, so `--help` lists them without importing torch."""
+"""The model a run uses where none is named, and the random-weight model presets by name: a light module, so that
+`--help` shows them and a `--gpus` command starts its other processes (standby.py) without importing torch."""
+
+DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
 
 # Each kind of model in two sizes: tiny (seconds on a CPU) and xl (the real checkpoint's shapes). Names are
 # SIZE-KIND; plain "tiny" and "xl" are PixArt-XL-2-1024-MS.

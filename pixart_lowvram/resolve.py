@@ -14,9 +14,10 @@ from .compiling import COMPILE_MODES
 from .errors import InputErrors, PixartError, Problem, QueueError, UsageError
 from .jobs import DEFAULT_STRENGTH, Job
 from .lora import LoraFile, LoraFormatError, read_lora
-from .models import DEFAULT_MODEL, ModelInfo, bitsandbytes_available, resolve_model, vae_dtype
+from .models import ModelInfo, bitsandbytes_available, resolve_model, vae_dtype
 from .memory import resolve_host_budget
 from .placement import parse_size
+from .presets import DEFAULT_MODEL
 
 
 @dataclass

@@ -324,7 +324,7 @@ def test_two_processes_make_the_one_process_images_into_one_run_folder(queue, ti
     for row in ("encode   0 (cpu)", "encode   1 (cpu)", "decode       all", "waiting for the others"):
         assert row in out, out
     assert f"{len(NAMES)}/{len(NAMES)} images in" in out
-    assert_timelines(data)
+    assert_timelines(data, standby=True)
 
     # A run folder like any other: one process resumes it with nothing left to do.
     again = run_queue(parse_queue(queue.read_text(), "toml"), run, Settings(model=tiny_model, **CPU32))
@@ -339,7 +339,7 @@ RANK_STEPS = ["process start", "launch", "imported", "store reached", "team join
               "denoise loaded", "denoise end", "decode start", "decode loaded", "decode end", "work end"]
 
 
-def assert_timelines(data: dict) -> None:
+def assert_timelines(data: dict, standby: bool = False) -> None:
     """Each rank's steps in order, and what ties the processes together: a worker starts after rank 0 launches it,
     nobody passes the barrier after encode before every rank has encoded, rank 0 collects every record after it is
     posted, and writes run.json last."""
@@ -351,7 +351,11 @@ def assert_timelines(data: dict) -> None:
         times = [timeline[step] for step in steps]
         assert times == sorted(times), list(zip(steps, times))
     assert zero["launch"] <= zero["workers started"] <= zero["store reached"]
-    assert zero["launch"] <= one["process start"] <= zero["store reached"]
+    assert one["process start"] <= zero["store reached"]
+    if standby:  # the command starts the others before it imports torch and checks the queue (standby.py)
+        assert one["process start"] < zero["launch"]
+    else:
+        assert zero["launch"] <= one["process start"]
     assert min(zero["encoded"], one["encoded"]) >= max(zero["encode end"], one["encode end"])
     assert one["record posted"] <= zero["records collected"]
 
@@ -558,3 +562,50 @@ def test_two_processes_on_a_folder_diffusers_wrote_make_the_one_process_images(t
     texts = {"a harbour at dawn", "fog, rain", "ein Leuchtturm, 灯台, 🌊", "a map of an island", ""}
     assert sum(r["made"].get("encode", 0) for r in data["ranks"]) == len(texts)
     assert {item["rank"] for item in data["items"]} == {0, 1}
+
+
+def test_a_wrong_queue_stops_the_command_and_the_processes_started_for_it(tmp_path, capsys):
+    """The others start before the queue is read (standby.py); a queue that is wrong still stops the command with
+    its problems, and the processes started for it end without having loaded anything."""
+    import multiprocessing  # noqa: PLC0415
+
+    before = set(multiprocessing.active_children())
+    queue = tmp_path / "q.toml"
+    queue.write_text('[[jobs]]\nprompt = "a kite"\nsteps = "many"\n')
+    code = main(["run", str(queue), "--out", str(tmp_path / "run"), "--gpus", "cpu:3", "-q"])
+    assert code == 2
+    assert "steps" in capsys.readouterr().err
+    started = set(multiprocessing.active_children()) - before
+    deadline = time.monotonic() + 120
+    while any(p.is_alive() for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert started and not any(p.is_alive() for p in started)
+    assert all(p.exitcode == 0 for p in started)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_reaches_the_start_of_the_others_without_importing_torch():
+    """standby.start runs once the command line is parsed: parsing it must not import torch (1 to 2 s), or the
+    others would start that much later."""
+    script = ("import sys\n"
+              "from pixart_lowvram import cli, standby\n"
+              "args = cli.build_parser().parse_args(['run', 'q.toml', '--gpus', '0,1', '--model', 'm'])\n"
+              "assert standby.planned_processes(args.gpus) == (2, True)\n"
+              "assert not {'torch', 'diffusers', 'transformers'} & set(sys.modules), sorted(sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("gpus, planned", [("0,1", (2, True)), ("3, 1 ,2", (3, True)), ("cpu:4", (4, False)),
+                                           ("all", None), ("0", None), ("cpu:1", None), ("0,0", None),
+                                           ("cpu:x", None), ("1,a", None), (None, None)])
+def test_only_a_known_number_of_processes_is_started_ahead(gpus, planned, monkeypatch):
+    from pixart_lowvram.standby import planned_processes  # noqa: PLC0415
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert planned_processes(gpus) == planned
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert planned_processes(gpus) is None  # torchrun started this process: it starts none

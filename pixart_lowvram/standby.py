@@ -1,0 +1,105 @@
+"""The other processes of a `--gpus` run, started at the command's first step, before this process imports torch and
+checks the queue: each imports torch and the libraries meanwhile, then waits for its part (launch.py hands it one)
+or for this process to end.
+
+Measured on 2 H200s (BENCHMARKS.md, "Several GPUs"): a worker started once the launcher was reached, after rank 0
+had imported torch (1.9 s), met rank 0 2.4 s after rank 0 was ready, and every rank waited for it. Started here, it
+imports while rank 0 does. A queue or option that is wrong still stops the command before any model loads: the
+processes on standby have loaded nothing, and end as soon as this one closes their pipe (or ends).
+
+This module imports nothing heavy: it runs before torch is imported."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass, field
+
+# What every process of a run imports anyway, each before the processes meet (launch.preload): rank 0 while the
+# workers start, a spawned worker before it reaches rank 0's store (one that imported them after, in its first
+# steps, held every rank 3.5 s at the first collective on 2 H200s), and on the CPU the fork server that starts the
+# workers, once for all of them (~3 s of CPU apiece).
+PRELOAD = ("pixart_lowvram.launch", "diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha",
+           "diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma", "diffusers.models.autoencoders.autoencoder_kl",
+           "transformers.models.t5.modeling_t5", "transformers.models.t5.tokenization_t5")
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+
+
+def context(on_gpu: bool):
+    """The workers' start method. On GPUs, spawn: a fresh interpreter each, so CUDA starts in each worker untouched
+    (a process forked after any import that asked the driver a question cannot use CUDA; importing diffusers and
+    transformers does not promise not to). On the CPU, a fork server where there is one: a fresh process that
+    imports PRELOAD, then forks each worker from itself (the tests start 8 workers on two cores). Never a fork of
+    this process, whose threads a child would inherit half-way."""
+    if on_gpu or "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", *PRELOAD])
+    return ctx
+
+
+def planned_processes(gpus: str | None) -> tuple[int, bool] | None:
+    """How many processes `--gpus` asks for and whether on GPUs, where that is known without torch: a list of
+    indices or cpu:N. None for `all` (torch counts the GPUs), a single process, a value launch.parse_gpus will
+    refuse, or a process torchrun started."""
+    if gpus is None or any(name in os.environ for name in TORCHRUN_VARIABLES):
+        return None
+    value = gpus.strip().lower()
+    if value.startswith("cpu:"):
+        count = value.removeprefix("cpu:")
+        return (int(count), False) if count.isdigit() and 1 < int(count) <= 64 else None
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) < 2 or not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        return None
+    return len(parts), True
+
+
+@dataclass
+class Standby:
+    """Processes waiting for their part: rank r + 1 is `processes[r]`, told through `pipes[r]`."""
+
+    on_gpu: bool
+    processes: list = field(default_factory=list)
+    pipes: list = field(default_factory=list)
+
+    def hand(self, rank: int, order: tuple) -> None:
+        """Give rank `rank` (1 and up) its part: launch._worker's arguments after the rank."""
+        pipe = self.pipes[rank - 1]
+        pipe.send(order)
+        pipe.close()
+
+    def close(self) -> None:
+        """End those still waiting (their pipe closes: they stop once their imports are done)."""
+        for pipe in self.pipes:
+            pipe.close()
+
+
+def start(gpus: str | None) -> Standby | None:
+    """The other processes of `--gpus`, started now, or None where their number is not known yet (see
+    `planned_processes`)."""
+    planned = planned_processes(gpus)
+    if planned is None:
+        return None
+    count, on_gpu = planned
+    standby = Standby(on_gpu)
+    ctx = context(on_gpu)
+    for rank in range(1, count):
+        mine, theirs = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_wait, args=(mine, rank), name=f"pixart-lowvram-rank{rank}", daemon=True)
+        process.start()
+        mine.close()
+        standby.processes.append(process)
+        standby.pipes.append(theirs)
+    return standby
+
+
+def _wait(pipe, rank: int) -> None:
+    """A process on standby: import what its work needs, then run its part, or end quietly where none comes."""
+    try:
+        from . import launch  # noqa: PLC0415
+
+        launch.preload()
+        order = pipe.recv()
+    except (EOFError, OSError, KeyboardInterrupt):
+        sys.exit(0)  # the command ended before it had work for this process (a wrong queue, Ctrl-C)
+    launch._worker(rank, *order)
