@@ -609,3 +609,33 @@ def test_only_a_known_number_of_processes_is_started_ahead(gpus, planned, monkey
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     assert planned_processes(gpus) is None  # torchrun started this process: it starts none
+
+
+def test_two_processes_make_lora_and_image_to_image_jobs_as_one_process_does(tiny_model, tmp_path):
+    """A queue of LoRA sets and init images over two processes: each rank merges the sets its share needs and
+    encodes the init images of its share, and every image is the one-process run's."""
+    from test_img2img import write_image  # noqa: PLC0415
+    from test_lora import make_adapter  # noqa: PLC0415
+
+    adapter = str(make_adapter(tiny_model, tmp_path / "adapter"))
+    picture = write_image(tmp_path / "init.png", 300, 200, 1)
+    queue = tmp_path / "q.json"
+    queue.write_text(json.dumps({"defaults": {"steps": 3, "width": 128, "height": 128}, "jobs": [
+        {"name": "styled", "prompt": "a cat", "seed": 1, "lora": [{"path": adapter, "scale": 0.7}]},
+        {"name": "plain", "prompt": "a cat", "seed": 2},
+        {"name": "from-picture", "prompt": "a dog", "seed": 3, "init_image": picture, "strength": 0.6},
+        {"name": "styled-picture", "prompt": "a dog", "seed": 4, "init_image": picture, "strength": 0.9,
+         "lora": [{"path": adapter, "scale": 0.7}]},
+        {"name": "styled-2", "prompt": "a cow", "seed": 5, "lora": [{"path": adapter, "scale": 0.7}], "count": 2}]}))
+    one = run_queue(parse_queue(queue.read_text(), "json"), tmp_path / "one", Settings(model=tiny_model, **CPU32))
+    run = tmp_path / "two"
+    assert main(["run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2", "-q",
+                 "--dtype", "float32", "--no-embed-cache"]) == 0
+    data = manifest(run)
+    assert {item["rank"] for item in data["items"]} == {0, 1}
+    # each rank encodes the init images its own share needs (an image two ranks need is encoded by both: no wait)
+    needed = {(item["rank"], item["init_key"]) for item in data["items"] if item.get("init_key")}
+    assert len({key for _, key in needed}) == 1
+    assert sum(r["made"].get("vae-encode", 0) for r in data["ranks"]) == len(needed)
+    for item in one.items:
+        assert max_diff(pixels(run / "images" / f"{item.id}.png"), pixels(one.images[item.id])) <= 1, item.id
