@@ -5,7 +5,7 @@ or for this process to end.
 Measured on 2 H200s (BENCHMARKS.md, "Several GPUs"): a worker started once the launcher was reached, after rank 0
 had imported torch (1.9 s), met rank 0 2.4 s after rank 0 was ready, and every rank waited for it. Started here, it
 imports while rank 0 does. A queue or option that is wrong still stops the command before any model loads: the
-processes on standby have loaded nothing, and end as soon as this one closes their pipe (or ends).
+processes on standby have loaded nothing, and are ended with it (or end on their own once their pipe closes).
 
 This module imports nothing heavy: it runs before torch is imported."""
 from __future__ import annotations
@@ -69,9 +69,14 @@ class Standby:
         pipe.close()
 
     def close(self) -> None:
-        """End those still waiting (their pipe closes: they stop once their imports are done)."""
-        for pipe in self.pipes:
-            pipe.close()
+        """End those not given a part: nothing of theirs is worth waiting for (they have only imported), and a
+        command that stops leaves no process of its own behind."""
+        for pipe, process in zip(self.pipes, self.processes):
+            if not pipe.closed:  # a part handed closes its pipe
+                pipe.close()
+                process.terminate()
+        for process in self.processes:
+            process.join(5)
 
 
 def start(gpus: str | None) -> Standby | None:
