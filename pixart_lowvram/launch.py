@@ -31,45 +31,34 @@ from .generate import RunResult, run_queue
 from .jobs import Job
 from .reporting import Reporter
 from .resolve import Settings, check_options
-from .standby import PRELOAD, Standby, context
+from .standby import PRELOAD, Standby, context, requested
 from .team import Team
 
-MAX_CPU_WORKERS = 64
 # How long the store waits for a rank that is expected: a worker's first contact comes after it imports torch.
 STORE_TIMEOUT = datetime.timedelta(minutes=5)
 # After rank 0 is done, how long a worker may take to end before it is stopped (it ends once it has reported).
 REAP_SECONDS = 30.0
-GPUS_HELP = "all, a list of indices (0,1,3), or cpu:N"
 
 
 def parse_gpus(text: str) -> list[str]:
     """`--gpus`: each rank's device, rank 0 first. `all` (every GPU torch sees), indices (`0,1,3`), or `cpu:N` (N
     processes on the CPU). A UsageError (exit code 2) for anything else, before anything starts."""
-    value = text.strip().lower()
-    if value.startswith("cpu:"):
-        count = value.removeprefix("cpu:")
-        if not count.isdigit() or not 1 <= int(count) <= MAX_CPU_WORKERS:
-            raise UsageError(f"--gpus {text!r}: cpu:N takes a number of processes from 1 to {MAX_CPU_WORKERS}")
-        return ["cpu"] * int(count)
+    asked = requested(text)
+    if asked and asked[0] == "cpu":
+        return asked
     import torch  # noqa: PLC0415
 
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if available == 0:
         raise UsageError(f"--gpus {text!r}: this torch sees no CUDA GPU (torch {torch.__version__}); for "
                          "several processes on the CPU, --gpus cpu:N")
-    if value == "all":
+    if asked is None:
         return [f"cuda:{i}" for i in range(available)]
-    parts = [p.strip() for p in value.split(",")]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise UsageError(f"--gpus {text!r}: not a list of GPUs ({GPUS_HELP})")
-    indices = [int(p) for p in parts]
-    wrong = [i for i in indices if i >= available]
+    wrong = [d for d in asked if int(d.removeprefix("cuda:")) >= available]
     if wrong:
-        raise UsageError(f"--gpus {text!r}: no GPU {', '.join(map(str, wrong))}; torch sees {available} "
-                         f"(0 to {available - 1})")
-    if len(set(indices)) != len(indices):
-        raise UsageError(f"--gpus {text!r}: a GPU named twice (each GPU runs one process)")
-    return [f"cuda:{i}" for i in indices]
+        raise UsageError(f"--gpus {text!r}: no GPU {', '.join(d.removeprefix('cuda:') for d in wrong)}; torch "
+                         f"sees {available} (0 to {available - 1})")
+    return asked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +146,9 @@ def _spawn(devices: list[str], jobs: list[Job], out: str | Path, settings: Setti
     env = dict(os.environ)
     if standby is not None:
         workers = dict(enumerate(standby.processes, start=1))
-        starting = _Starting.handing(standby, {rank: (devices, store.port, jobs, str(out), settings, env)
-                                               for rank in workers}, marks)
+        order = (devices, store.port, jobs, str(out), settings, env)
+        # on the thread: a pipe that fills (a long queue) does not hold this process up until the worker reads it
+        starting = _Starting(workers, marks, start=lambda: [standby.hand(rank, order) for rank in workers])
     else:
         ctx = context(on_gpu=devices[0] != "cpu")
         workers = {rank: ctx.Process(target=_worker, name=f"pixart-lowvram-rank{rank}", daemon=True,
@@ -181,8 +171,9 @@ def _spawn(devices: list[str], jobs: list[Job], out: str | Path, settings: Setti
 
 
 class _Starting:
-    """The workers, started on a thread of their own: a fork server's first start returns once the server has
-    imported PRELOAD (seconds, measured on the CPU), which this process spends importing the same meanwhile."""
+    """The workers, started (or, on standby, given their parts: `start`) on a thread of their own: a fork server's
+    first start returns once the server has imported PRELOAD (seconds, measured on the CPU), which this process
+    spends importing the same meanwhile."""
 
     def __init__(self, workers: dict, marks: dict[str, float], start=None):
         self.workers, self.marks = workers, marks
@@ -190,14 +181,6 @@ class _Starting:
         self.thread = threading.Thread(target=self._start, args=(start or self._start_all,),
                                        name="pixart-lowvram-start", daemon=True)
         self.thread.start()
-
-    @classmethod
-    def handing(cls, standby: Standby, orders: dict[int, tuple], marks: dict[str, float]) -> _Starting:
-        """The processes on standby, each given its part (a pipe that fills does not hold this process up)."""
-        def hand():
-            for rank, order in orders.items():
-                standby.hand(rank, order)
-        return cls(dict(enumerate(standby.processes, start=1)), marks, hand)
 
     def _start_all(self) -> None:
         for worker in self.workers.values():

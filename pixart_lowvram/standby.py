@@ -15,6 +15,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .errors import UsageError
+
 # What every process of a run imports anyway, each before the processes meet (launch.preload): rank 0 while the
 # workers start, a spawned worker before it reaches rank 0's store (one that imported them after, in its first
 # steps, held every rank 3.5 s at the first collective on 2 H200s), and on the CPU the fork server that starts the
@@ -23,6 +25,8 @@ PRELOAD = ("pixart_lowvram.launch", "diffusers.pipelines.pixart_alpha.pipeline_p
            "diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma", "diffusers.models.autoencoders.autoencoder_kl",
            "transformers.models.t5.modeling_t5", "transformers.models.t5.tokenization_t5")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+MAX_CPU_WORKERS = 64
+GPUS_HELP = "all, a list of indices (0,1,3), or cpu:N"
 
 
 def context(on_gpu: bool):
@@ -38,20 +42,40 @@ def context(on_gpu: bool):
     return ctx
 
 
+def requested(text: str) -> list[str] | None:
+    """`--gpus` as written, read without torch: each rank's device, rank 0 first (`cpu:N`: N times "cpu"; a list of
+    indices: "cuda:I" each), or None for `all`, which torch counts. A UsageError (exit code 2) for what is not
+    `--gpus`' syntax; launch.parse_gpus checks the indices against the GPUs torch sees."""
+    value = text.strip().lower()
+    if value.startswith("cpu:"):
+        count = value.removeprefix("cpu:")
+        if not count.isdigit() or not 1 <= int(count) <= MAX_CPU_WORKERS:
+            raise UsageError(f"--gpus {text!r}: cpu:N takes a number of processes from 1 to {MAX_CPU_WORKERS}")
+        return ["cpu"] * int(count)
+    if value == "all":
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise UsageError(f"--gpus {text!r}: not a list of GPUs ({GPUS_HELP})")
+    indices = [int(p) for p in parts]
+    if len(set(indices)) != len(indices):
+        raise UsageError(f"--gpus {text!r}: a GPU named twice (each GPU runs one process)")
+    return [f"cuda:{i}" for i in indices]
+
+
 def planned_processes(gpus: str | None) -> tuple[int, bool] | None:
     """How many processes `--gpus` asks for and whether on GPUs, where that is known without torch: a list of
     indices or cpu:N. None for `all` (torch counts the GPUs), a single process, a value launch.parse_gpus will
     refuse, or a process torchrun started."""
     if gpus is None or any(name in os.environ for name in TORCHRUN_VARIABLES):
         return None
-    value = gpus.strip().lower()
-    if value.startswith("cpu:"):
-        count = value.removeprefix("cpu:")
-        return (int(count), False) if count.isdigit() and 1 < int(count) <= 64 else None
-    parts = [p.strip() for p in value.split(",")]
-    if len(parts) < 2 or not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+    try:
+        devices = requested(gpus)
+    except UsageError:
+        return None  # told by launch_problems, with the queue's problems
+    if devices is None or len(devices) < 2:
         return None
-    return len(parts), True
+    return len(devices), devices[0] != "cpu"
 
 
 @dataclass
@@ -71,11 +95,11 @@ class Standby:
     def close(self) -> None:
         """End those not given a part: nothing of theirs is worth waiting for (they have only imported), and a
         command that stops leaves no process of its own behind."""
-        for pipe, process in zip(self.pipes, self.processes):
-            if not pipe.closed:  # a part handed closes its pipe
-                pipe.close()
-                process.terminate()
-        for process in self.processes:
+        waiting = [process for pipe, process in zip(self.pipes, self.processes) if not pipe.closed]  # handing closes
+        for pipe in self.pipes:
+            pipe.close()
+        for process in waiting:
+            process.terminate()
             process.join(5)
 
 
