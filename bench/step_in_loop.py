@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from run_profile import merged  # bench/, beside this script
 
 
 def nvml_state() -> dict:
@@ -36,19 +37,10 @@ def nvml_state() -> dict:
 
 def busy_ms(prof) -> tuple[float, float]:
     """GPU time of the kernels (merged intervals, so overlapping streams count once) and the span they cover."""
-    spans = sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
-                   if ev.device_type == torch.autograd.DeviceType.CUDA)
-    total, current = 0.0, None
-    for start, end in spans:
-        if current is None or start > current[1]:
-            if current is not None:
-                total += current[1] - current[0]
-            current = [start, end]
-        else:
-            current[1] = max(current[1], end)
-    if current is not None:
-        total += current[1] - current[0]
-    return total / 1000, (spans[-1][1] - spans[0][0]) / 1000 if spans else 0.0
+    busy = merged([(ev.time_range.start, ev.time_range.end) for ev in prof.events()
+                   if ev.device_type == torch.autograd.DeviceType.CUDA])
+    total = sum(end - start for start, end in busy)
+    return total / 1000, (busy[-1][1] - busy[0][0]) / 1000 if busy else 0.0
 
 
 def main() -> None:
