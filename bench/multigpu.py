@@ -18,7 +18,9 @@ says where the time outside the stages goes.
 The model is built first (`make-random-model --preset xl`, on the GPU, ~30 s) unless --model names one that exists,
 and its files are read once so that no run pays for the disk. An untimed run on every GPU comes first (the first
 process on a fresh GPU ran 10 to 20% slower in bench/budgets.py; `--no-warm-up` leaves it out, for a longer queue in
-one call). Runs that would start after --deadline seconds are
+one call), with `--compile on`: inductor keys what it compiled by the device (cuda:0, cuda:1), so each GPU compiles
+its blocks once, as a user's first run on that GPU does; without it the one-GPU run would warm cuda:0's cache for
+rank 0 alone and rank 1 would compile in its timed run. Each rank's compile seconds are in its row. Runs that would start after --deadline seconds are
 left out, so that the call ends in time with what it measured. Writes OUT/multigpu.json (after every run) and
 OUT/multigpu.md.
 """
@@ -155,7 +157,9 @@ def rank_rows(manifest: dict) -> list[dict]:
              "waited": r["waited"] + slowest - r["seconds"], "barrier": r["waited"], "missing": r.get("missing"),
              "nvml_peak": max((s.get("nvml_peak") or 0 for s in r["stages"]), default=0),
              "torch_peak": max((s.get("torch_peak") or 0 for s in r["stages"]), default=0),
-             "stages": {s["name"]: round(s["seconds"], 2) for s in r["stages"] if not s.get("skipped")}}
+             "stages": {s["name"]: round(s["seconds"], 2) for s in r["stages"] if not s.get("skipped")},
+             "compile_s": {s["name"]: round(s["compile_seconds"], 2) for s in r["stages"]
+                           if s.get("compile_seconds") is not None}}
             for r in ranks]
 
 
@@ -212,7 +216,8 @@ def main() -> None:
     shutil.rmtree(args.work / "warm-up", ignore_errors=True)
     if args.warm_up:
         run(cli + ["run", str(warm), "--model", str(model), "--out", str(args.work / "warm-up"), "--no-embed-cache",
-                   "-q", "--gpus", several[0]], logs / "warm-up.log", gpus, args.timeout)
+                   "-q", "--gpus", several[0]] + ([] if cpu else ["--compile", "on"]), logs / "warm-up.log", gpus,
+            args.timeout)
 
     rows: list[dict] = []
     command = (f"python bench/multigpu.py --out OUT --gpus {gpus} --jobs {args.jobs} --budgets {args.budgets}"
@@ -286,16 +291,18 @@ def markdown(result: dict) -> str:
     per_rank = ("Each rank's share (time s of its stages; images) and what NVML showed on each GPU during the run "
                 "(processes there, the most they held together, GiB):")
     lines += ["", per_rank, "",
-              "| budget | GPUs | rank | device | images | encode | denoise | decode | share s | on its GPU: processes, GiB |",
+              "| budget | GPUs | rank | device | images | encode | denoise (of it compiling) | decode | share s | "
+              "on its GPU: processes, GiB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         for x in r.get("ranks", []):
             gpu = r["sampled"][x["rank"]] if x["rank"] < len(r["sampled"]) and r["gpus"] > 1 else (
                 r["sampled"][0] if r["sampled"] else None)
             seen = f"{gpu['processes']}, {gib(gpu['together'])}" if gpu else "-"
-            st = x["stages"]
+            st, compiled = x["stages"], x.get("compile_s", {}).get("denoise")
+            denoise = f"{st.get('denoise', '-')}" + (f" ({compiled})" if compiled is not None else "")
             lines.append(f"| {r['budget']} | {r['gpus']} | {x['rank']} | {x['device']} | {x['images']} | "
-                         f"{st.get('encode', '-')} | {st.get('denoise', '-')} | {st.get('decode', '-')} | "
+                         f"{st.get('encode', '-')} | {denoise} | {st.get('decode', '-')} | "
                          f"{x['seconds']:.1f} | {seen} |")
     stray = [f"{r['budget']} on {r['gpus']} GPU(s): GPU {', '.join(map(str, r['stray']))}" for r in result["rows"]
              if r.get("stray")]
