@@ -212,7 +212,8 @@ def main() -> None:
     queue = args.work / "queue.jsonl"
     queue.write_text("".join(json.dumps(line) + "\n" for line in queue_lines(args.jobs, size, steps)))
     warm = args.work / "warm.jsonl"
-    warm.write_text("".join(json.dumps(line) + "\n" for line in queue_lines(gpus, size, 2)))
+    # two images a GPU: each rank denoises them in one batch, the shape the runs' batches of two have
+    warm.write_text("".join(json.dumps(line) + "\n" for line in queue_lines(2 * gpus, size, 2)))
     shutil.rmtree(args.work / "warm-up", ignore_errors=True)
     if args.warm_up:
         run(cli + ["run", str(warm), "--model", str(model), "--out", str(args.work / "warm-up"), "--no-embed-cache",

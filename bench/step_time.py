@@ -9,7 +9,8 @@ Variants: eager; `blocks`: regional compilation (each BasicTransformerBlock comp
 (mode="reduce-overhead", `torch.compiler.cudagraph_mark_step_begin()` before each transformer call, so that a call's
 outputs may be overwritten by the next one's); `whole`: the whole transformer compiled; `ours`: the library's own
 regional compilation (`compiling.compile_blocks`: each block's forward, one graph for all, what `--compile on`
-runs); `ours-graphs`: the same with CUDA graphs. Suffixes: `-cudnn` runs (and compiles) the call with cuDNN's attention first
+runs, in inductor's deterministic mode); `ours-autotuned`: the same in inductor's default mode, where each
+reduction kernel's tile shape is timed on its first call; `ours-graphs`: the same with CUDA graphs. Suffixes: `-cudnn` runs (and compiles) the call with cuDNN's attention first
 in SDPA's order (`torch.nn.attention.sdpa_kernel(..., set_priority=True)`); `-graph` captures the whole transformer
 call in one CUDA graph (torch.cuda.graph, static inputs) and times its replay. Each row's `max_abs_diff` is its
 output against eager's. `--profile` adds, for the eager and eager-cudnn calls, the GPU time by kind of kernel
@@ -138,6 +139,8 @@ def transformer_rows(args) -> list[dict]:
                 model.compile(fullgraph=True)
             elif base == "ours":
                 compile_blocks(model.transformer_blocks)
+            elif base == "ours-autotuned":  # inductor's default: reductions' tile shapes timed, fastest kept
+                compile_blocks(model.transformer_blocks, deterministic=False)
             elif base == "ours-graphs":
                 compile_blocks(model.transformer_blocks, mode="reduce-overhead")
             graphs = base.endswith("graphs")

@@ -53,7 +53,7 @@ class CompiledBlocks:
 
 
 def compile_blocks(blocks: nn.ModuleList, backend: str = "inductor", mode: str | None = None,
-                   record: CompiledBlocks | None = None) -> CompiledBlocks:
+                   record: CompiledBlocks | None = None, deterministic: bool = True) -> CompiledBlocks:
     """Compile the `forward` of each block of `blocks` (all of one class) into one shared graph; returns the record
     that the calls fill in (`record`: one to go on filling, for another model of the same blocks). A failure to
     compile (no C compiler, no Triton) falls back to eager for every block, recorded in `fallback`: the images are
@@ -63,7 +63,7 @@ def compile_blocks(blocks: nn.ModuleList, backend: str = "inductor", mode: str |
     if len(classes) != 1:
         raise ValueError(f"blocks of several classes: {sorted(c.__name__ for c in classes)}")
     cls = classes.pop()
-    compiled = _compiled(cls, backend, mode)
+    compiled = _compiled(cls, backend, mode, deterministic)
     record = CompiledBlocks() if record is None else record
     for block in blocks:
         block.forward = _compiled_forward(weakref.ref(block), cls.forward, compiled, record)
@@ -71,10 +71,24 @@ def compile_blocks(blocks: nn.ModuleList, backend: str = "inductor", mode: str |
 
 
 @functools.cache
-def _compiled(cls: type, backend, mode: str | None):
+def _compiled(cls: type, backend, mode: str | None, deterministic: bool = True):
     """One compiled function per block class: torch keeps its graphs with the function's code, guarded on the
-    compiler, so a model loaded again (the next LoRA set, the next run in this process) reuses them."""
-    return torch.compile(cls.forward, backend=backend, mode=mode, dynamic=False)
+    compiler, so a model loaded again (the next LoRA set, the next run in this process) reuses them.
+
+    `deterministic`: inductor's deterministic mode, where torch has it. By default inductor times several tile
+    shapes of each reduction kernel (layer norms, softmax) on its first call and keeps the fastest; the shapes sum
+    in different orders, so two processes, or two GPUs of one run, could pick different ones and make images that
+    differ by a unit or two of 255 (seen: 2/255 between a one-GPU and a two-GPU run, BENCHMARKS.md). The mode
+    picks one shape by rule instead, so a resumed run, or another rank, computes what the first one did."""
+    options = ({"deterministic": True} if deterministic and backend == "inductor" and mode is None
+               and _has_deterministic_mode() else None)
+    return torch.compile(cls.forward, backend=backend, mode=mode, options=options, dynamic=False)
+
+
+def _has_deterministic_mode() -> bool:
+    import torch._inductor.config as inductor_config  # noqa: PLC0415
+
+    return hasattr(inductor_config, "deterministic")
 
 
 def _compiled_forward(block_ref, eager, compiled, record: CompiledBlocks):

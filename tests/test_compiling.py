@@ -143,3 +143,37 @@ def test_a_wrong_compile_option_is_an_input_error(tiny_model, tmp_path):
     with pytest.raises(UsageError, match="--compile 'fast': choose auto, on, off"):
         run_queue(jobs_from_options("a fox"), tmp_path / "run", Settings(model=tiny_model, compile="fast"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_inductor_runs_in_its_deterministic_mode(monkeypatch, deterministic):
+    """Inductor's default times several tile shapes of each reduction kernel and keeps the fastest, which can sum
+    in another order in another process; compile_blocks asks for its deterministic mode (where torch has it), so
+    a resumed run and every rank of a several-GPU run compute alike. Other backends take no inductor options."""
+    import torch._inductor.config as inductor_config
+
+    from pixart_lowvram import compiling
+
+    seen: list[dict] = []
+    real = torch.compile
+
+    def spy(fn, **kwargs):
+        seen.append(kwargs)
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+
+    class Block(torch.nn.Module):  # a class of its own: _compiled caches one compiled function per class
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(x)
+
+    compile_blocks(torch.nn.ModuleList([Block(), Block()]), deterministic=deterministic)
+    compile_blocks(torch.nn.ModuleList([Block()]), backend="aot_eager")
+    assert hasattr(inductor_config, "deterministic")  # torch 2.13, the version CI installs, has the mode
+    assert seen[0]["options"] == ({"deterministic": True} if deterministic else None)
+    assert seen[1]["options"] is None
+    compiling._compiled.cache_clear()
