@@ -299,6 +299,8 @@ def print_summary(result, seconds: float) -> None:
 
     def row(s, *label):
         load = "-" if s.load_seconds is None else f"{s.load_seconds:.1f} s"
+        if s.loads > 1:  # the DiT, once per LoRA set: the time is the first load's
+            load += f" (1st of {s.loads})"
         return (s.name, *label, "skipped" if s.skipped else str(s.items), "-" if s.skipped else f"{s.seconds:.1f} s",
                 load, format_size(s.torch_peak), format_size(s.nvml_peak), format_size(s.rss_peak))
 

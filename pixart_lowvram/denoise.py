@@ -8,7 +8,6 @@ Image-to-image items (those of one strength share a batch) start from their init
 strength's timestep (img2img.py), and the same pipeline call runs the rest."""
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from itertools import groupby
 
@@ -56,13 +55,18 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     return out
 
 
+def set_key(lora: LoraSet) -> tuple:
+    """What tells the transformers of two LoRA sets apart: the LoRAs' identities and scales, and the files they are
+    read from (the transformer is loaded once per key)."""
+    return tuple(map(tuple, lora.key())), tuple(str(file.path) for file, _ in lora.entries)
+
+
 def lora_groups(items: list[Item], loras: Mapping[str, LoraFile]) -> list[tuple[LoraSet, list[Item]]]:
     """Items by the LoRA set merged for them (the same set however a job orders it), items without one first."""
     groups: dict[tuple, tuple[LoraSet, list[Item]]] = {}
     for item in items:
         found = lora_set(item.lora, loras)
-        key = (tuple(map(tuple, found.key())), tuple(str(lora.path) for lora, _ in found.entries))
-        groups.setdefault(key, (found, []))[1].append(item)
+        groups.setdefault(set_key(found), (found, []))[1].append(item)
     return [groups[key] for key in sorted(groups, key=lambda k: (bool(k[0]), k))]
 
 
@@ -87,8 +91,7 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
         for n, (lora, group) in enumerate(lora_groups(items, loras or {})):
             if n:  # the previous set's transformer is gone before this one loads
                 release(ctx.device, ctx.meter.components if ctx.meter else None)
-            done += _denoise_group(ctx, group, lora, steps, batch_size=batch_size, first_load=n == 0,
-                                   compiled=compiled)
+            done += _denoise_group(ctx, group, lora, steps, batch_size=batch_size, compiled=compiled)
     finally:
         steps.close()
         if compiled is not None:
@@ -97,7 +100,7 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
 
 
 def _denoise_group(ctx: StageContext, items: list[Item], lora: LoraSet, steps, *, batch_size: int,
-                   first_load: bool, compiled: CompiledBlocks | None = None) -> int:
+                   compiled: CompiledBlocks | None = None) -> int:
     info, folder, plan, reporter, device = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device
     dtype = ctx.compute_dtype  # the DiT's; the latents are stored in it
     embed_shape = embed_shapes(info)
@@ -123,10 +126,7 @@ def _denoise_group(ctx: StageContext, items: list[Item], lora: LoraSet, steps, *
                 transformer = load_transformer(info, dtype, device, lora=lora)
             bar.update()
         pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
-        if first_load:
-            ctx.loaded(transformer)
-        elif ctx.meter is not None:
-            ctx.meter.components = [weakref.ref(transformer)]  # watched in its turn, so its release is checked
+        ctx.loaded(transformer)  # each set's in its turn, so that its release is checked
         if compiled is not None:
             compile_blocks(transformer.transformer_blocks, record=compiled)
         done = 0
