@@ -105,7 +105,8 @@ class TqdmReporter(Reporter):
 GPUS_HELP = (
     "run over several GPUs of this machine, one process each: all, a list of indices (0,1,3), or cpu:N (N processes "
     "on the CPU, for trying it without GPUs). The images still to make are divided by cost (steps x pixels) so the "
-    "GPUs finish together, each text is encoded once, and everything goes into the one run folder; --vram-budget "
+    "GPUs finish together, each LoRA set's images on as few GPUs as that allows (the transformer is loaded once per "
+    "set on each), each text is encoded once, and everything goes into the one run folder; --vram-budget "
     "and --host-budget apply to each process (auto: this machine's RAM shared between them). Resume with the same "
     "command, with any number of GPUs. Under torchrun (torchrun --nproc-per-node N -m pixart_lowvram.cli run QUEUE; "
     "several hosts through its rendezvous, the run folder on shared storage) leave it out: each process takes the "

@@ -753,3 +753,35 @@ def test_two_processes_make_lora_and_image_to_image_jobs_as_one_process_does(tin
     assert sum(r["made"].get("vae-encode", 0) for r in data["ranks"]) == len(needed)
     for item in one.items:
         assert max_diff(pixels(run / "images" / f"{item.id}.png"), pixels(one.images[item.id])) <= 1, item.id
+
+
+def test_three_processes_load_the_transformer_once_per_lora_set_they_meet(tiny_model, tmp_path, capsys):
+    """Four LoRA sets (none, and one adapter at three scales) of three images each over three processes: each rank's
+    stretch of four images meets two sets, so the transformer is loaded 6 = 4 + 3 - 1 times in all, as each rank's
+    denoise record counts (longest-first, dealing the twelve images in key order, took more). Every image is the
+    one-process run's."""
+    from test_lora import make_adapter  # noqa: PLC0415
+
+    adapter = str(make_adapter(tiny_model, tmp_path / "adapter"))
+    sets = [[], [{"path": adapter, "scale": 0.5}], [{"path": adapter, "scale": 0.8}], [{"path": adapter, "scale": 1}]]
+    queue = tmp_path / "q.json"
+    queue.write_text(json.dumps({"defaults": {"steps": 2, "width": 64, "height": 64}, "jobs": [
+        {"name": f"set{k}", "prompt": f"a lighthouse, style {k}", "seed": 10 * k, "count": 3, "lora": lora}
+        for k, lora in enumerate(sets)]}))
+    one = run_queue(parse_queue(queue.read_text(), "json"), tmp_path / "one", Settings(model=tiny_model, **CPU32))
+    assert [s.loads for s in one.stages if s.name == "denoise"] == [4]
+    run = tmp_path / "three"
+    assert main(["run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:3", "-q",
+                 "--dtype", "float32", "--no-embed-cache"]) == 0
+    out = capsys.readouterr().out
+    data = manifest(run)
+    met = [{json.dumps(item["lora"]) for item in data["items"] if item["rank"] == r} for r in range(3)]
+    denoise = [next(s for s in r["stages"] if s["name"] == "denoise") for r in data["ranks"]]
+    assert [s["loads"] for s in denoise] == [len(sets_met) for sets_met in met] == [2, 2, 2]
+    assert [s["items"] for s in denoise] == [4, 4, 4]
+    assert next(s for s in data["stages"] if s["name"] == "denoise")["loads"] == 6
+    assert "(1st of 6)" in out, out  # the summary's denoise row over all the processes
+    before = [Work(item["image_key"], 64 * 64, 2, lora=json.dumps(item["lora"])) for item in data["items"]]
+    assert loads(before, longest_first(before, 3)) > 6
+    for item in one.items:
+        assert max_diff(pixels(run / "images" / f"{item.id}.png"), pixels(one.images[item.id])) <= 1, item.id
