@@ -12,8 +12,14 @@ started the command, when the last process of each GPU left it, as NVML saw, and
 says where the time outside the stages goes.
 
     python bench/multigpu.py --out OUT [--gpus N] [--jobs 64] [--budgets none,1.5GiB] [--deadline 420] [--no-warm-up]
+                             [--loras K] [--compare-longest-first]
     python bench/multigpu.py --out OUT --device cpu --gpus 2 --jobs 6     # the plumbing, on the CPU: tiny model,
                                                                           # --gpus cpu:N, 128 px, 2 steps
+
+`--loras K`: the jobs take K LoRA sets in turn (job i the set i mod K): one rank-32 peft adapter on every attention
+and feed-forward linear (bench/lora.py's), at K scales, each scale a set of its own (the transformer loaded and
+merged once per set on each rank). `--compare-longest-first`: each N-GPU run again with the division that ignored
+LoRA sets and batch groups (bench/longest_first.py), to compare; each rank's transformer loads are in its row.
 
 The model is built first (`make-random-model --preset xl`, on the GPU, ~30 s) unless --model names one that exists,
 and its files are read once so that no run pays for the disk. An untimed run on every GPU comes first (the first
@@ -44,10 +50,15 @@ GiB = 1024**3
 PROMPT = "a lighthouse on a cliff at dusk, oil painting, dramatic light, number {i}"
 
 
-def queue_lines(jobs: int, size: int, steps: int) -> list[dict]:
-    """`jobs` images, each of its own prompt (and one shared negative prompt): jobs + 1 distinct texts."""
-    return [{"name": f"job-{i:04d}", "prompt": PROMPT.format(i=i), "negative_prompt": "blurry, low quality",
-             "seed": 1000 + i, "width": size, "height": size, "steps": steps} for i in range(jobs)]
+def queue_lines(jobs: int, size: int, steps: int, lora: Path | None = None, sets: int = 0) -> list[dict]:
+    """`jobs` images, each of its own prompt (and one shared negative prompt): jobs + 1 distinct texts; with `lora`,
+    job i merges it at the (i mod `sets`)-th of `sets` scales."""
+    lines = [{"name": f"job-{i:04d}", "prompt": PROMPT.format(i=i), "negative_prompt": "blurry, low quality",
+              "seed": 1000 + i, "width": size, "height": size, "steps": steps} for i in range(jobs)]
+    if lora is not None:
+        for i, line in enumerate(lines):
+            line["lora"] = [{"path": str(lora), "scale": round(0.5 + 0.1 * (i % sets), 2)}]
+    return lines
 
 
 class GpuSampler:
@@ -158,6 +169,7 @@ def rank_rows(manifest: dict) -> list[dict]:
              "nvml_peak": max((s.get("nvml_peak") or 0 for s in r["stages"]), default=0),
              "torch_peak": max((s.get("torch_peak") or 0 for s in r["stages"]), default=0),
              "stages": {s["name"]: round(s["seconds"], 2) for s in r["stages"] if not s.get("skipped")},
+             "loads": {s["name"]: s.get("loads", 0) for s in r["stages"] if not s.get("skipped")},
              "compile_s": {s["name"]: round(s["compile_seconds"], 2) for s in r["stages"]
                            if s.get("compile_seconds") is not None}}
             for r in ranks]
@@ -179,6 +191,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/pixart-multigpu"))
     parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                         help="leave out the untimed run on every GPU (~20 s; the first one-GPU run is then its own)")
+    parser.add_argument("--loras", type=int, default=0, help="K: the jobs take K LoRA sets in turn (default: none)")
+    parser.add_argument("--lora-rank", type=int, default=32, help="the adapter's rank (with --loras)")
+    parser.add_argument("--compare-longest-first", action="store_true",
+                        help="each N-GPU run again with the division that ignored LoRA sets (bench/longest_first.py)")
     args = parser.parse_args()
     begin = time.perf_counter()
     cpu = args.device == "cpu"
@@ -209,8 +225,13 @@ def main() -> None:
                "import pixart_lowvram.launch")
     subprocess.run([py, "-c", imports], cwd=ROOT, check=True)
 
+    lora = None
+    if args.loras:
+        from lora import make_adapter
+
+        lora = make_adapter(model, args.work / f"lora-r{args.lora_rank}", args.lora_rank)
     queue = args.work / "queue.jsonl"
-    queue.write_text("".join(json.dumps(line) + "\n" for line in queue_lines(args.jobs, size, steps)))
+    queue.write_text("".join(json.dumps(line) + "\n" for line in queue_lines(args.jobs, size, steps, lora, args.loras)))
     warm = args.work / "warm.jsonl"
     # two images a GPU: each rank denoises them in one batch, the shape the runs' batches of two have
     warm.write_text("".join(json.dumps(line) + "\n" for line in queue_lines(2 * gpus, size, 2)))
@@ -222,21 +243,28 @@ def main() -> None:
 
     rows: list[dict] = []
     command = (f"python bench/multigpu.py --out OUT --gpus {gpus} --jobs {args.jobs} --budgets {args.budgets}"
-               + (" --device cpu" if cpu else "") + ("" if args.warm_up else " --no-warm-up"))
+               + (" --device cpu" if cpu else "") + ("" if args.warm_up else " --no-warm-up")
+               + (f" --loras {args.loras}" if args.loras else "")
+               + (" --compare-longest-first" if args.compare_longest_first else ""))
     result = {"gpu": name, "gpus": gpus, "jobs": args.jobs, "size": size, "steps": steps, "rows": rows,
-              "command": command}
+              "command": command, "loras": args.loras}
+    runs = [("1", ["--device", "cpu"] if cpu else [], cli), (str(gpus), ["--gpus", several[0]], cli)]
+    if args.compare_longest_first:
+        runs.append((str(gpus), ["--gpus", several[0]], [py, str(ROOT / "bench" / "longest_first.py")]))
     for budget in args.budgets.split(","):
         one = None
-        for label, launch in (("1", ["--device", "cpu"] if cpu else []), (str(gpus), ["--gpus", several[0]])):
+        for label, launch, program in runs:
+            division = "longest-first" if program is not cli else "share.py"
             if time.perf_counter() - begin > args.deadline:
-                print(f"deadline: {budget} on {label} GPU(s) not run")
+                print(f"deadline: {budget} on {label} GPU(s) ({division}) not run")
                 continue
-            folder = args.work / f"{label}-gpu-{budget}"
+            folder = args.work / (f"{label}-gpu-{budget}" + ("-longest-first" if program is not cli else ""))
             shutil.rmtree(folder, ignore_errors=True)
-            argv = cli + ["run", str(queue), "--model", str(model), "--out", str(folder), "--no-embed-cache", "-q",
-                          *launch] + ([] if budget == "none" else ["--vram-budget", budget])
+            argv = program + ["run", str(queue), "--model", str(model), "--out", str(folder), "--no-embed-cache",
+                              "-q", *launch] + ([] if budget == "none" else ["--vram-budget", budget])
             wall, sampled, outside = run(argv, logs / f"{folder.name}.log", 0 if cpu else gpus, args.timeout)
-            row = {"budget": budget, "gpus": int(label), "wall_s": wall, "folder": str(folder), "sampled": sampled,
+            row = {"budget": budget, "gpus": int(label), "division": division, "wall_s": wall, "folder": str(folder),
+                   "sampled": sampled,
                    # GPUs where NVML saw more processes of this run than one per rank: a context opened on the
                    # wrong GPU, which would count against that GPU's budget
                    "stray": [i for i, seen in enumerate(sampled) if seen["processes"] > (i < int(label))]}
@@ -271,30 +299,34 @@ def gib(value) -> str:
 
 
 def markdown(result: dict) -> str:
+    sets = (f", in {result['loras']} LoRA sets taken in turn" if result.get("loras") else "")
     head = (f"`{result['command']}` on {result['gpus']} x {result['gpu']}: {result['jobs']} images of "
             f"{result['size']}x{result['size']}, {result['steps']} steps, each of its own prompt "
-            f"({result['jobs'] + 1} texts); every run a fresh process, imports and exit included.")
-    columns = ("| budget | GPUs | wall s | images/s | ratio to 1 GPU | of N x 1 GPU | stages s (ratio) | before / "
-               "stages / after s | NVML peak per GPU, GiB (each rank) | waited for the others, s (each rank) | "
-               "max px diff vs 1 GPU |")
-    lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"({result['jobs'] + 1} texts){sets}; every run a fresh process, imports and exit included.")
+    columns = ("| budget | GPUs | division | wall s | images/s | ratio to 1 GPU | of N x 1 GPU | stages s (ratio) | "
+               "before / stages / after s | NVML peak per GPU, GiB (each rank) | waited for the others, s (each rank) | "
+               "DiT loads (each rank) | max px diff vs 1 GPU |")
+    lines = [head, "", columns, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        division = r.get("division", "share.py") if r["gpus"] > 1 else "-"
         if r["wall_s"] is None:
-            lines.append(f"| {r['budget']} | {r['gpus']} | failed or timed out | | | | | | | | |")
+            lines.append(f"| {r['budget']} | {r['gpus']} | {division} | failed or timed out | | | | | | | | | |")
             continue
         ranks, cut = r["ranks"], r.get("phases") or {}
         split = " / ".join(format(cut[k], ".1f") for k in ("before", "stages", "after")) if cut else "-"
-        lines.append(f"| {r['budget']} | {r['gpus']} | {r['wall_s']:.1f} | {r['images_per_s']:.3f} | "
+        dit = [x.get("loads", {}).get("denoise", 0) for x in ranks]
+        lines.append(f"| {r['budget']} | {r['gpus']} | {division} | {r['wall_s']:.1f} | {r['images_per_s']:.3f} | "
                      f"{r.get('ratio', 1.0):.2f} | {r.get('of_ideal', 1.0):.2f} | "
                      f"{r['work_s']:.1f} ({r.get('work_ratio', 1.0):.2f}) | {split} | "
                      f"{', '.join(gib(x['nvml_peak']) for x in ranks)} | "
-                     f"{', '.join(format(x['waited'], '.1f') for x in ranks)} | {r.get('max_diff_vs_one', '-')} |")
+                     f"{', '.join(format(x['waited'], '.1f') for x in ranks)} | {sum(dit)} ({', '.join(map(str, dit))}) | "
+                     f"{r.get('max_diff_vs_one', '-')} |")
     per_rank = ("Each rank's share (time s of its stages; images) and what NVML showed on each GPU during the run "
                 "(processes there, the most they held together, GiB):")
     lines += ["", per_rank, "",
-              "| budget | GPUs | rank | device | images | encode | denoise (of it compiling) | decode | share s | "
-              "on its GPU: processes, GiB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| budget | GPUs | division | rank | device | images | encode | denoise (of it compiling) | DiT loads | "
+              "decode | share s | on its GPU: processes, GiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         for x in r.get("ranks", []):
             gpu = r["sampled"][x["rank"]] if x["rank"] < len(r["sampled"]) and r["gpus"] > 1 else (
@@ -302,8 +334,10 @@ def markdown(result: dict) -> str:
             seen = f"{gpu['processes']}, {gib(gpu['together'])}" if gpu else "-"
             st, compiled = x["stages"], x.get("compile_s", {}).get("denoise")
             denoise = f"{st.get('denoise', '-')}" + (f" ({compiled})" if compiled is not None else "")
-            lines.append(f"| {r['budget']} | {r['gpus']} | {x['rank']} | {x['device']} | {x['images']} | "
-                         f"{st.get('encode', '-')} | {denoise} | {st.get('decode', '-')} | "
+            division = r.get("division", "share.py") if r["gpus"] > 1 else "-"
+            lines.append(f"| {r['budget']} | {r['gpus']} | {division} | {x['rank']} | {x['device']} | {x['images']} | "
+                         f"{st.get('encode', '-')} | {denoise} | {x.get('loads', {}).get('denoise', '-')} | "
+                         f"{st.get('decode', '-')} | "
                          f"{x['seconds']:.1f} | {seen} |")
     stray = [f"{r['budget']} on {r['gpus']} GPU(s): GPU {', '.join(map(str, r['stray']))}" for r in result["rows"]
              if r.get("stray")]
@@ -321,7 +355,8 @@ def timeline_tables(rows: list[dict]) -> list[str]:
         runs = [r for r in rows if r["budget"] == budget and r.get("timeline")]
         if not runs:
             continue
-        columns = [(f"{r['gpus']} GPU{'s' if r['gpus'] > 1 else ''}" + (f", rank {rank}" if r["gpus"] > 1 else ""),
+        columns = [(f"{r['gpus']} GPU{'s' if r['gpus'] > 1 else ''}" + (f", rank {rank}" if r["gpus"] > 1 else "")
+                    + (" (longest-first)" if r.get("division") == "longest-first" else ""),
                     marks) for r in runs for rank, marks in enumerate(r["timeline"])]
         seen = {step for _, marks in columns for step in marks}
         steps = [s for s in STEPS if s in seen] + sorted(seen - set(STEPS))

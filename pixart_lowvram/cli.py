@@ -105,7 +105,8 @@ class TqdmReporter(Reporter):
 GPUS_HELP = (
     "run over several GPUs of this machine, one process each: all, a list of indices (0,1,3), or cpu:N (N processes "
     "on the CPU, for trying it without GPUs). The images still to make are divided by cost (steps x pixels) so the "
-    "GPUs finish together, each text is encoded once, and everything goes into the one run folder; --vram-budget "
+    "GPUs finish together, each LoRA set's images on as few GPUs as that allows (the transformer is loaded once per "
+    "set on each), each text is encoded once, and everything goes into the one run folder; --vram-budget "
     "and --host-budget apply to each process (auto: this machine's RAM shared between them). Resume with the same "
     "command, with any number of GPUs. Under torchrun (torchrun --nproc-per-node N -m pixart_lowvram.cli run QUEUE; "
     "several hosts through its rendezvous, the run folder on shared storage) leave it out: each process takes the "
@@ -299,6 +300,8 @@ def print_summary(result, seconds: float) -> None:
 
     def row(s, *label):
         load = "-" if s.load_seconds is None else f"{s.load_seconds:.1f} s"
+        if s.loads > 1:  # the DiT, once per LoRA set: the time is the first load's
+            load += f" (1st of {s.loads})"
         return (s.name, *label, "skipped" if s.skipped else str(s.items), "-" if s.skipped else f"{s.seconds:.1f} s",
                 load, format_size(s.torch_peak), format_size(s.nvml_peak), format_size(s.rss_peak))
 

@@ -8,7 +8,6 @@ Image-to-image items (those of one strength share a batch) start from their init
 strength's timestep (img2img.py), and the same pipeline call runs the rest."""
 from __future__ import annotations
 
-import weakref
 from collections.abc import Collection, Mapping
 from itertools import groupby
 
@@ -56,13 +55,18 @@ def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
     return out
 
 
+def set_key(lora: LoraSet) -> tuple:
+    """What tells the transformers of two LoRA sets apart: the LoRAs' identities and scales, and the files they are
+    read from (the transformer is loaded once per key)."""
+    return tuple(map(tuple, lora.key())), tuple(str(file.path) for file, _ in lora.entries)
+
+
 def lora_groups(items: list[Item], loras: Mapping[str, LoraFile]) -> list[tuple[LoraSet, list[Item]]]:
     """Items by the LoRA set merged for them (the same set however a job orders it), items without one first."""
     groups: dict[tuple, tuple[LoraSet, list[Item]]] = {}
     for item in items:
         found = lora_set(item.lora, loras)
-        key = (tuple(map(tuple, found.key())), tuple(str(lora.path) for lora, _ in found.entries))
-        groups.setdefault(key, (found, []))[1].append(item)
+        groups.setdefault(set_key(found), (found, []))[1].append(item)
     return [groups[key] for key in sorted(groups, key=lambda k: (bool(k[0]), k))]
 
 
@@ -111,8 +115,7 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
         for n, (lora, group) in enumerate(denoise_batches(items, batch_size, loras)):
             if n:  # the previous set's transformer is gone before this one loads
                 release(ctx.device, ctx.meter.components if ctx.meter else None)
-            done += _denoise_group(ctx, group, lora, steps, first_load=n == 0, compiled=compiled,
-                                   compile_shapes=compile_shapes)
+            done += _denoise_group(ctx, group, lora, steps, compiled=compiled, compile_shapes=compile_shapes)
     finally:
         steps.close()
         if compiled is not None:
@@ -120,7 +123,7 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
     return done
 
 
-def _denoise_group(ctx: StageContext, group: list[list[Item]], lora: LoraSet, steps, *, first_load: bool,
+def _denoise_group(ctx: StageContext, group: list[list[Item]], lora: LoraSet, steps, *,
                    compiled: CompiledBlocks | None = None, compile_shapes: Collection[tuple] = ()) -> int:
     info, folder, plan, reporter, device = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device
     dtype = ctx.compute_dtype  # the DiT's; the latents are stored in it
@@ -147,10 +150,7 @@ def _denoise_group(ctx: StageContext, group: list[list[Item]], lora: LoraSet, st
                 transformer = load_transformer(info, dtype, device, lora=lora)
             bar.update()
         pipe = make_pipeline(info, transformer=transformer, scheduler=scheduler)
-        if first_load:
-            ctx.loaded(transformer)
-        elif ctx.meter is not None:
-            ctx.meter.components = [weakref.ref(transformer)]  # watched in its turn, so its release is checked
+        ctx.loaded(transformer)  # each set's in its turn, so that its release is checked
         if compiled is not None:
             compile_blocks(transformer.transformer_blocks, record=compiled)
         done = 0

@@ -22,6 +22,7 @@ import datetime
 import platform
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +31,13 @@ import torch
 from . import __version__
 from .decode import decode_items
 from .compiling import shapes_to_compile
-from .denoise import calls_by_shape, denoise_items, steps_run
+from .denoise import calls_by_shape, denoise_items, group_key, set_key, steps_run
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory, PixartError, RankFailed
 from .files import cache_dir
 from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, init_shapes, latent_shapes
 from .jobs import Job
+from .lora import LoraFile, lora_set
 from .memory import GpuMemoryProbe, StageMeter, StageStats, process_start, release, resolve_host_budget
 from .models import component_sizes
 from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, PlanError, Sizes, format_plan, format_size, make_plan
@@ -119,8 +121,8 @@ class RankRecord:
 
 
 def combined(name: str, stats: list[StageStats]) -> StageStats:
-    """One stage over several ranks: what they made together, the slowest one's time, the highest peaks (a budget
-    is per GPU: each rank's own is in its record)."""
+    """One stage over several ranks: what they made and how many loads they took together, the slowest one's time,
+    the highest peaks (a budget is per GPU: each rank's own is in its record)."""
     ran = [s for s in stats if not s.skipped]
     if not ran:
         return StageStats(name, skipped=True)
@@ -130,7 +132,7 @@ def combined(name: str, stats: list[StageStats]) -> StageStats:
         return max(values) if values else None
 
     return StageStats(name, seconds=max(s.seconds for s in ran), load_seconds=most("load_seconds"),
-                      items=sum(s.items for s in ran), torch_peak=most("torch_peak"),
+                      items=sum(s.items for s in ran), loads=sum(s.loads for s in ran), torch_peak=most("torch_peak"),
                       torch_reserved_peak=most("torch_reserved_peak"), nvml_peak=most("nvml_peak"),
                       rss_peak=most("rss_peak"), ram_peak=most("ram_peak"), vram_budget=ran[0].vram_budget,
                       host_budget=ran[0].host_budget)
@@ -179,6 +181,16 @@ def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = C
                      text_encoder_8bit=settings.text_encoder_8bit,
                      host_budget=resolved.host_budget if resolved.device.type == "cuda" else None,
                      init_sizes=[size for it, size in zip(items, binned) if it.init_image])
+
+
+def image_work(item: Item, size: tuple[int, int], loras: Mapping[str, LoraFile], denoise: bool) -> Work:
+    """An image to make, as share.py divides it: its size (binned), the steps left, and what loads a transformer
+    and what shares a batch, as denoise.py tells them apart (an image to decode only needs neither)."""
+    pixels = size[0] * size[1]
+    if not denoise:
+        return Work(item.image_key, pixels, 0)
+    return Work(item.image_key, pixels, steps_run(item), lora=repr(set_key(lora_set(item.lora, loras))),
+                group=repr(group_key(item)))
 
 
 def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
@@ -578,8 +590,8 @@ class _TeamRun(_Run):
         on_cpu = self.plan["encode"].placement == "cpu"
         denoise = {it.id for it in todo.latents}
         sizes = binned_sizes(self.info, todo.images)
-        work = [Work(it.image_key, w * h, steps_run(it) if it.id in denoise else 0)
-                for it, (w, h) in zip(todo.images, sizes)]
+        work = [image_work(it, size, self.resolved.loras or {}, it.id in denoise)
+                for it, size in zip(todo.images, sizes)]
         image_shares = divide_images(work, self.team.size)
         text_shares = divide_texts(list(todo.texts), self.team.size)
         everything = todo.images or self.items

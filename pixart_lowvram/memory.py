@@ -30,7 +30,8 @@ class StageStats:
 
     name: str
     seconds: float = 0.0
-    load_seconds: float | None = None  # of `seconds`, the part spent loading the component
+    load_seconds: float | None = None  # of `seconds`, the part spent loading the component (its first load)
+    loads: int = 0  # times the component was loaded: the DiT once per LoRA set
     compile_seconds: float | None = None  # of `seconds`, the part spent in torch.compile (None: not compiled)
     items: int = 0
     torch_peak: int | None = None  # torch.cuda.max_memory_allocated during the stage
@@ -227,12 +228,15 @@ class StageMeter:
         return self
 
     def loaded(self, *components) -> None:
-        """Mark the end of loading: the rest of the stage is work. `components`: what the stage loaded, watched
+        """Mark the end of a load: after the first, the rest of the stage is work (a stage that loads its component
+        again, the DiT for another LoRA set, calls this each time). `components`: what the stage loaded, watched
         (weakly) so that `release` can tell whether they are gone."""
         self.components = [weakref.ref(c) for c in components]
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-        self.stats.load_seconds = time.perf_counter() - self._start
+        self.stats.loads += 1
+        if self.stats.load_seconds is None:
+            if self._device.type == "cuda":
+                torch.cuda.synchronize(self._device)
+            self.stats.load_seconds = time.perf_counter() - self._start
 
     def __exit__(self, *exc) -> None:
         if self._device.type == "cuda":

@@ -18,12 +18,19 @@ def test_the_queue_has_a_prompt_per_image_and_one_negative():
     assert {(line["width"], line["height"], line["steps"]) for line in lines} == {(1024, 1024, 20)}
 
 
+def test_with_loras_the_jobs_take_the_sets_in_turn():
+    lines = multigpu.queue_lines(8, 1024, 20, Path("/tmp/adapter"), 3)
+    assert [line["lora"] for line in lines[:4]] == [[{"path": "/tmp/adapter", "scale": scale}] for scale in
+                                                     (0.5, 0.6, 0.7, 0.5)]
+    assert "lora" not in multigpu.queue_lines(8, 1024, 20)[0]
+
+
 def test_each_rank_waits_for_the_slowest_and_the_table_shows_every_gpu():
     manifest = {"settings": {"device": "cuda:0"}, "stages": [], "items": [], "ranks": [
         {"rank": 0, "device": "cuda:0", "images": 32, "seconds": 30.0, "waited": 0.5, "missing": None,
-         "stages": [{"name": "denoise", "seconds": 20.0, "nvml_peak": int(1.38 * GiB), "torch_peak": GiB}]},
+         "stages": [{"name": "denoise", "seconds": 20.0, "nvml_peak": int(1.38 * GiB), "torch_peak": GiB, "loads": 2}]},
         {"rank": 1, "device": "cuda:1", "images": 32, "seconds": 31.0, "waited": 0.2, "missing": None,
-         "stages": [{"name": "denoise", "seconds": 21.0, "nvml_peak": int(1.40 * GiB), "torch_peak": GiB}]}]}
+         "stages": [{"name": "denoise", "seconds": 21.0, "nvml_peak": int(1.40 * GiB), "torch_peak": GiB, "loads": 3}]}]}
     ranks = multigpu.rank_rows(manifest)
     assert [round(r["waited"], 1) for r in ranks] == [1.5, 0.2]
     result = {"command": "python bench/multigpu.py --out OUT", "gpus": 2, "gpu": "H200", "jobs": 64, "size": 1024,
@@ -35,8 +42,9 @@ def test_each_rank_waits_for_the_slowest_and_the_table_shows_every_gpu():
                    "of_ideal": 0.91, "max_diff_vs_one": 0, "ranks": ranks,
                    "sampled": [{"processes": 1, "together": int(1.4 * GiB), "one_process": 0}] * 2}]}
     table = multigpu.markdown(result)
-    assert "| 1.5GiB | 2 | 55.0 | 1.160 | 1.81 | 0.91 | 45.0 (1.96) | - | 1.38, 1.40 | 1.5, 0.2 | 0 |" in table
-    assert "| 1.5GiB | 2 | 1 | cuda:1 | 32 | - | 21.0 | - | 31.0 | 1, 1.40 |" in table
+    assert ("| 1.5GiB | 2 | share.py | 55.0 | 1.160 | 1.81 | 0.91 | 45.0 (1.96) | - | 1.38, 1.40 | 1.5, 0.2 | 5 (2, 3) "
+            "| 0 |") in table
+    assert "| 1.5GiB | 2 | share.py | 1 | cuda:1 | 32 | - | 21.0 | 3 | - | 31.0 | 1, 1.40 |" in table
     assert table.endswith("Processes on a GPU that was not theirs: none seen.\n")
     result["rows"][0]["stray"] = [1]
     assert "1.5GiB on 1 GPU(s): GPU 1" in multigpu.markdown(result)
