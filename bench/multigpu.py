@@ -22,12 +22,12 @@ merged once per set on each rank). `--compare-longest-first`: each N-GPU run aga
 LoRA sets and batch groups (bench/longest_first.py), to compare; each rank's transformer loads are in its row.
 
 The model is built first (`make-random-model --preset xl`, on the GPU, ~30 s) unless --model names one that exists,
-and its files are read once so that no run pays for the disk. An untimed run on every GPU comes first (the first
-process on a fresh GPU ran 10 to 20% slower in bench/budgets.py; `--no-warm-up` leaves it out, for a longer queue in
-one call), with `--compile on`: inductor keys what it compiled by the device (cuda:0, cuda:1), so each GPU compiles
+and its files are read once so that no run pays for the disk. An untimed run on every GPU comes first, one per budget (the
+first process on a fresh GPU ran 10 to 20% slower in bench/budgets.py; `--no-warm-up` leaves them out, for a longer
+queue in one call), with `--compile on`: inductor keys what it compiled by the device (cuda:0, cuda:1), so each GPU compiles
 its blocks once, as a user's first run on that GPU does; without it the one-GPU run would warm cuda:0's cache for
-rank 0 alone and rank 1 would compile in its timed run. Each rank's compile seconds are in its row. Runs that would start after --deadline seconds are
-left out, so that the call ends in time with what it measured. Writes OUT/multigpu.json (after every run) and
+rank 0 alone and rank 1 would compile in its timed run; a budget can plan another batch shape. Each rank's compile
+seconds are in its row. Runs that would start after --deadline seconds are left out, so that the call ends in time with what it measured. Writes OUT/multigpu.json (after every run) and
 OUT/multigpu.md.
 """
 from __future__ import annotations
@@ -235,10 +235,13 @@ def main() -> None:
     warm = args.work / "warm.jsonl"
     # two images a GPU: each rank denoises them in one batch, the shape the runs' batches of two have
     warm.write_text("".join(json.dumps(line) + "\n" for line in queue_lines(2 * gpus, size, 2)))
-    shutil.rmtree(args.work / "warm-up", ignore_errors=True)
-    if args.warm_up:
-        run(cli + ["run", str(warm), "--model", str(model), "--out", str(args.work / "warm-up"), "--no-embed-cache",
-                   "-q", "--gpus", several[0]] + ([] if cpu else ["--compile", "on"]), logs / "warm-up.log", gpus,
+    # one warm-up per budget: a budget can plan another batch, or stream the DiT, and so compile another shape
+    for budget in args.budgets.split(",") if args.warm_up else []:
+        folder = args.work / f"warm-up-{budget}"
+        shutil.rmtree(folder, ignore_errors=True)
+        run(cli + ["run", str(warm), "--model", str(model), "--out", str(folder), "--no-embed-cache", "-q", "--gpus",
+                   several[0]] + ([] if cpu else ["--compile", "on"])
+            + ([] if budget == "none" else ["--vram-budget", budget]), logs / f"warm-up-{budget}.log", gpus,
             args.timeout)
 
     rows: list[dict] = []
