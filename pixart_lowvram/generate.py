@@ -551,8 +551,9 @@ class _TeamRun(_Run):
     """Step four on one rank of several (team.py). Rank 0 opens the run folder (its lock stands for the whole run),
     prepares it as one process would and divides what is left (share.py); every rank plans its own share within
     its own GPU's budget and runs the same stages on it. Each text and each init image is encoded by one rank,
-    and every rank waits for all of them before it denoises; a rank then decodes what it denoised. Rank 0 gathers every rank's figures
-    into run.json and the result. A rank that fails stops the others at their next safe point."""
+    and every rank waits for all of them before it denoises; a rank then decodes what it denoised. Rank 0 gathers
+    every rank's figures into run.json and the result. A rank that fails stops the others at their next safe
+    point."""
 
     def __init__(self, jobs: list[Job], resolved: Resolved, folder: RunFolder, reporter: Reporter,
                  stop: threading.Event, team: Team, timeline: dict[str, float] | None = None):
@@ -706,7 +707,8 @@ class _TeamRun(_Run):
         m = team.members[team.rank]
         record = RankRecord(team.rank, m.device, m.host, gpu=torch.cuda.get_device_name(self.device)
                             if self.device.type == "cuda" else None, texts=len(self.share.todo.texts),
-                            inits=len(self.share.todo.inits), images=len(self.share.todo.images), stages=list(self.stages), made=dict(self.made),
+                            inits=len(self.share.todo.inits), images=len(self.share.todo.images),
+                            stages=list(self.stages), made=dict(self.made),
                             failures=list(self.failures), seconds=self.seconds, waited=self.waited,
                             plan={name: dataclasses.asdict(st) for name, st in self.plan.stages.items()},
                             timeline=self.timeline, pngs=self.folder.known_pngs() if team.rank else {})
