@@ -6,13 +6,16 @@ Only the block's `forward` is compiled, not the module's call: the streamer's ho
 eagerly, as without compilation. With torch's default `inline_inbuilt_nn_modules`, the block's parameters are
 inputs of the graph, not constants in it, so swapping a streamed block's weights in and out changes nothing it is
 guarded on: every block of a step, and every step, reuses the graph (tests/test_compiling.py counts it). A new
-image size or batch compiles once more (static shapes give the best kernels)."""
+image size or batch compiles once more (static shapes give the best kernels): the denoise stage compiles the shapes
+that make enough calls to repay it (`shapes_to_compile`) and runs the others eager (`CompiledBlocks.eager`), which
+also keeps a queue of many sizes under torch's limit of shapes per function."""
 from __future__ import annotations
 
 import functools
 import os
 import time
 import weakref
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,10 +24,10 @@ from torch import nn
 from .files import cache_dir
 
 COMPILE_MODES = ("auto", "on", "off")
-# `auto` compiles on a GPU when the denoise stage makes at least this many transformer calls (one a step and batch):
-# below it, compiling (~2 s with a warm cache, ~12 s for the first run on a machine) costs more than it saves
-# (~9 to 14 ms a call at 1024x1024 on an H200, bench/step_time.py). A chosen break-even, to be refined by
-# bench/budgets.py's compile rows.
+# `auto` compiles, on a GPU, each call shape (image size and batch) of the denoise stage that makes at least this
+# many transformer calls (one a step and batch): below it, compiling a shape (~2 s with a warm cache, ~12 s for the
+# first run on a machine) costs more than it saves (~4 to 14 ms a call at 1024x1024 on an H200, bench/step_time.py).
+# A chosen break-even, to be refined by bench/budgets.py's compile rows.
 AUTO_MIN_CALLS = 200
 
 
@@ -34,12 +37,21 @@ def compile_cache() -> str:
     return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(cache_dir() / "torch-compile")
 
 
-def should_compile(mode: str, device: torch.device, calls: int) -> bool:
-    """Whether the denoise stage compiles the DiT's blocks: `mode` is the --compile option, `calls` how many
-    transformer calls the stage makes. On the CPU `auto` never does: compiling there takes longer than most runs."""
-    if mode == "on":
-        return True
-    return mode == "auto" and device.type == "cuda" and calls >= AUTO_MIN_CALLS
+def shape_limit() -> int:
+    """How many input shapes torch compiles one function for: past it, dynamo prints a warning and runs eager."""
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", 8))
+
+
+def shapes_to_compile(mode: str, device: torch.device, calls: Mapping[Hashable, int]) -> set:
+    """The call shapes the denoise stage compiles: `mode` is the --compile option, `calls` how many transformer
+    calls the stage makes in each shape (denoise.calls_by_shape). `on`: every shape; `auto`: on a GPU, those with
+    AUTO_MIN_CALLS calls or more (on the CPU none: compiling there takes longer than most runs). At most
+    shape_limit() of them, those with the most calls first; the others run eager."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return set()
+    ordered = sorted(calls, key=lambda shape: (-calls[shape], repr(shape)))
+    return set([s for s in ordered if mode == "on" or calls[s] >= AUTO_MIN_CALLS][:shape_limit()])
 
 
 @dataclass
@@ -49,6 +61,8 @@ class CompiledBlocks:
 
     seconds: float = 0.0
     fallback: str | None = None
+    # Set by the caller between calls: the next calls run eager (a call shape not chosen for compiling)
+    eager: bool = False
     _shapes: set = field(default_factory=set)
 
 
@@ -99,7 +113,7 @@ def _compiled_forward(block_ref, eager, compiled, record: CompiledBlocks):
         # The first block gets a transposed view from the patch embedding, the others contiguous outputs: made
         # contiguous here, all blocks match one graph instead of two (the same values: a copy, no arithmetic).
         hidden_states = hidden_states.contiguous()
-        if record.fallback is not None:
+        if record.fallback is not None or record.eager:
             return eager(block, hidden_states, *args, **kwargs)
         shape = tuple(tuple(t.shape) for t in (hidden_states, *args, *kwargs.values()) if torch.is_tensor(t))
         if shape in record._shapes:

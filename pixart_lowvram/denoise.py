@@ -9,19 +9,19 @@ strength's timestep (img2img.py), and the same pipeline call runs the rest."""
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from itertools import groupby
 
 import torch
 
 from . import img2img
-from .compiling import CompiledBlocks, compile_blocks, compile_cache
+from .compiling import CompiledBlocks, compile_blocks, compile_cache, shape_limit
 from .lora import LoraFile, LoraSet, lora_set
 from .memory import release
 from .memory import available_ram
 from .models import (ModelInfo, component_sizes, load_scheduler, load_transformer, load_transformer_streamed,
                      make_pipeline)
-from .items import Item, embed_shapes, init_shapes
+from .items import Item, binned_sizes, embed_shapes, init_shapes
 from .stage import StageContext
 
 
@@ -66,29 +66,53 @@ def lora_groups(items: list[Item], loras: Mapping[str, LoraFile]) -> list[tuple[
     return [groups[key] for key in sorted(groups, key=lambda k: (bool(k[0]), k))]
 
 
-def transformer_calls(items: list[Item], batch_size: int) -> int:
-    """How many times denoising `items` in batches of `batch_size` calls the transformer (once a step and batch)."""
-    return sum(steps_run(batch[0]) for batch in batches(items, batch_size))
+def call_shape(info: ModelInfo, batch: list[Item]) -> tuple:
+    """What decides the shapes of a batch's transformer calls: its images, their size as denoised (after
+    resolution binning) and whether guidance doubles the batch."""
+    first = batch[0]
+    return (len(batch), *binned_sizes(info, [first])[0], first.cfg > 1)
+
+
+def denoise_batches(items: list[Item], batch_size: int,
+                    loras: Mapping[str, LoraFile] | None = None) -> list[tuple[LoraSet, list[list[Item]]]]:
+    """The batches the stage runs, per LoRA set, in the order it runs them."""
+    return [(lora, batches(group, batch_size)) for lora, group in lora_groups(items, loras or {})]
+
+
+def calls_by_shape(info: ModelInfo, items: list[Item], batch_size: int,
+                   loras: Mapping[str, LoraFile] | None = None) -> dict[tuple, int]:
+    """How many times denoising `items` calls the transformer (once a step and batch), by call_shape."""
+    calls: dict[tuple, int] = {}
+    for _, group in denoise_batches(items, batch_size, loras):
+        for batch in group:
+            shape = call_shape(info, batch)
+            calls[shape] = calls.get(shape, 0) + steps_run(batch[0])
+    return calls
 
 
 def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
-                  loras: Mapping[str, LoraFile] | None = None, compile_transformer: bool = False) -> int:
+                  loras: Mapping[str, LoraFile] | None = None, compile_shapes: Collection[tuple] = ()) -> int:
     """Denoise `items`, writing latents/<key>.safetensors for each, with the LoRAs `loras` reads (path -> LoRA)
-    merged where an item names them. Returns how many were made. `compile_transformer`: the DiT's blocks
-    compiled (compiling.py), resident or streamed."""
+    merged where an item names them. Returns how many were made. `compile_shapes`: the call shapes (call_shape)
+    whose batches run the DiT's blocks compiled (compiling.py), resident or streamed; the others run eager."""
     steps = ctx.reporter.bar("denoise", total=sum(steps_run(it) for it in items), unit="step")  # image-steps
     compiled = None
-    if compile_transformer:
-        ctx.reporter.info(f"denoise: compiling the transformer's blocks (torch.compile), in its first steps: ~10 to "
-                          f"20 s the first time on a machine, seconds later (cached in {compile_cache()})")
+    if compile_shapes:
+        shapes = {call_shape(ctx.info, batch) for _, group in denoise_batches(items, batch_size, loras)
+                  for batch in group}
+        which = "" if shapes <= set(compile_shapes) else (
+            f" for {len(shapes & set(compile_shapes))} of its {len(shapes)} image sizes and batches (the others run "
+            f"uncompiled: too few steps to repay compiling, or past torch's {shape_limit()} shapes)")
+        ctx.reporter.info(f"denoise: compiling the transformer's blocks (torch.compile){which}, in its first steps: "
+                          f"~10 to 20 s the first time on a machine, seconds later (cached in {compile_cache()})")
         compiled = CompiledBlocks()
     done = 0
     try:
-        for n, (lora, group) in enumerate(lora_groups(items, loras or {})):
+        for n, (lora, group) in enumerate(denoise_batches(items, batch_size, loras)):
             if n:  # the previous set's transformer is gone before this one loads
                 release(ctx.device, ctx.meter.components if ctx.meter else None)
-            done += _denoise_group(ctx, group, lora, steps, batch_size=batch_size, first_load=n == 0,
-                                   compiled=compiled)
+            done += _denoise_group(ctx, group, lora, steps, first_load=n == 0, compiled=compiled,
+                                   compile_shapes=compile_shapes)
     finally:
         steps.close()
         if compiled is not None:
@@ -96,8 +120,8 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
     return done
 
 
-def _denoise_group(ctx: StageContext, items: list[Item], lora: LoraSet, steps, *, batch_size: int,
-                   first_load: bool, compiled: CompiledBlocks | None = None) -> int:
+def _denoise_group(ctx: StageContext, group: list[list[Item]], lora: LoraSet, steps, *, first_load: bool,
+                   compiled: CompiledBlocks | None = None, compile_shapes: Collection[tuple] = ()) -> int:
     info, folder, plan, reporter, device = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device
     dtype = ctx.compute_dtype  # the DiT's; the latents are stored in it
     embed_shape = embed_shapes(info)
@@ -130,8 +154,10 @@ def _denoise_group(ctx: StageContext, items: list[Item], lora: LoraSet, steps, *
         if compiled is not None:
             compile_blocks(transformer.transformer_blocks, record=compiled)
         done = 0
-        for batch in batches(items, batch_size):
+        for batch in group:
             ctx.checkpoint()
+            if compiled is not None:
+                compiled.eager = call_shape(info, batch) not in compile_shapes
 
             def embeds(key_of):
                 tensors = [folder.read_tensors(folder.embed_path(key_of(it)), key_of(it), embed_shape)

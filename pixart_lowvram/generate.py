@@ -32,8 +32,8 @@ import torch
 
 from . import __version__
 from .decode import decode_items
-from .compiling import should_compile
-from .denoise import denoise_items, steps_run, transformer_calls
+from .compiling import shapes_to_compile
+from .denoise import calls_by_shape, denoise_items, steps_run
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory, PixartError, RankFailed
 from .files import cache_dir
@@ -469,9 +469,10 @@ class _Run:
         latents = [it for it in todo.latents if it.id not in lost]
         images = [it for it in todo.images if it.id not in lost]
         batch = self.plan["denoise"].batch
-        compile_transformer = should_compile(self.settings.compile, self.device, transformer_calls(latents, batch))
+        compile_shapes = shapes_to_compile(self.settings.compile, self.device,
+                                           calls_by_shape(self.info, latents, batch, self.resolved.loras))
         failed = self.stage("denoise", len(latents), lambda ctx: denoise_items(
-            ctx, latents, batch_size=batch, loras=self.resolved.loras, compile_transformer=compile_transformer))
+            ctx, latents, batch_size=batch, loras=self.resolved.loras, compile_shapes=compile_shapes))
         lost = self.overflowed("denoise", failed, latents)
         images = [it for it in images if it.id not in lost]
         failed = self.stage("decode", len(images), lambda ctx: decode_items(ctx, images))

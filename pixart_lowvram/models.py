@@ -786,7 +786,16 @@ def load_text_encoder(info: ModelInfo, dtype: torch.dtype, device: torch.device,
     # transformers keeps T5's `wo` layers in fp32 (_keep_in_fp32_modules) as the reference pipeline does.
     if eight_bit:
         return _load(info, "text_encoder", **text_encoder_8bit_kwargs(dtype, device)).eval()
-    return _load(info, "text_encoder", dtype=dtype, use_safetensors=True).to(device).eval()
+    # Read straight onto the device (device_map), not built on the CPU and then moved: the same tensors, ~0.25 s
+    # less for the XL T5 on an H200 (1.75 s against 2.0 to 2.2, bench/t5_load.py), and no CPU copy of its 9.5 GB.
+    return _load(info, "text_encoder", dtype=dtype, use_safetensors=True, device_map={"": _map_target(device)}).eval()
+
+
+def _map_target(device: torch.device) -> int | str:
+    """`device` as from_pretrained's device_map names it: a GPU by its index, anything else by its type."""
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return device.type
 
 
 def text_encoder_8bit_kwargs(dtype: torch.dtype, device: torch.device) -> dict:
@@ -796,9 +805,8 @@ def text_encoder_8bit_kwargs(dtype: torch.dtype, device: torch.device) -> dict:
     ones becomes LLM.int8 (`wo` stays fp32, as transformers keeps it), the rest is in `dtype`."""
     from transformers import BitsAndBytesConfig  # noqa: PLC0415
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
     return dict(dtype=dtype, use_safetensors=True, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                device_map={"": index})
+                device_map={"": _map_target(device)})
 
 
 def bitsandbytes_available() -> bool:

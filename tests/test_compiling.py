@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import max_diff, pixels
-from pixart_lowvram.compiling import compile_blocks, should_compile
+from pixart_lowvram.compiling import compile_blocks, shapes_to_compile
 from pixart_lowvram.errors import UsageError
 from pixart_lowvram.generate import Settings, run_queue
 from pixart_lowvram.jobs import jobs_from_options
@@ -131,12 +131,63 @@ def test_compiled_images_match_uncompiled_ones(tiny_model, tmp_path):
     assert [s["compile_seconds"] for s in manifest["stages"]] == [None, denoise.compile_seconds, None]
 
 
-def test_auto_compiles_on_a_gpu_for_long_denoise_stages_only():
-    long, short = 640, 110  # 32 images of 20 steps; the seed queue
-    assert should_compile("auto", torch.device("cuda", 0), long)
-    assert not should_compile("auto", torch.device("cuda", 0), short)
-    assert not should_compile("auto", CPU, long)  # compiling on a CPU takes longer than most runs
-    assert should_compile("on", CPU, 1) and not should_compile("off", torch.device("cuda", 0), long)
+def test_auto_compiles_on_a_gpu_the_shapes_that_repay_it():
+    gpu = torch.device("cuda", 0)
+    long, short = (2, 1024, 1024, True), (1, 512, 512, True)
+    calls = {long: 320, short: 110}  # 32 images of 20 steps in batches of 2; the seed queue's
+    assert shapes_to_compile("auto", gpu, calls) == {long}
+    assert shapes_to_compile("auto", gpu, {short: 110, (2, 512, 512, True): 110}) == set()  # 220 calls, in two
+    assert shapes_to_compile("auto", CPU, calls) == set()  # compiling on a CPU takes longer than most runs
+    assert shapes_to_compile("on", CPU, calls) == {long, short}
+    assert shapes_to_compile("off", gpu, calls) == set()
+
+
+def test_no_more_shapes_than_torch_compiles_for_one_function():
+    """Past torch's limit dynamo warns and runs eager: the shapes chosen stop at the limit, the most calls first."""
+    calls = {(1, 128 * k, 128, True): 100 * k for k in range(1, 7)}
+    with torch._dynamo.config.patch(recompile_limit=3):
+        assert shapes_to_compile("on", CPU, calls) == {(1, 128 * k, 128, True) for k in (4, 5, 6)}
+        assert shapes_to_compile("auto", torch.device("cuda", 0), calls) == {(1, 128 * k, 128, True)
+                                                                             for k in (4, 5, 6)}
+    assert len(shapes_to_compile("on", CPU, calls)) == 6  # torch's own limit, 8
+
+
+def test_calls_are_counted_by_the_shape_the_transformer_sees(tiny_model):
+    """Sizes that bin to one size are one shape; guidance doubles a batch; each LoRA set's batches are its own."""
+    from pixart_lowvram.denoise import calls_by_shape, call_shape  # noqa: PLC0415
+    from pixart_lowvram.items import expand  # noqa: PLC0415
+
+    info = resolve_model(tiny_model, hash_weights=False)
+    jobs = jobs_from_options("a fox", seed=1, steps=3, count=3, width=128, height=128)
+    jobs += jobs_from_options("a fox", seed=9, steps=4, width=128, height=128, cfg=1.0)
+    items, _ = expand(jobs, info.defaults, {})
+    calls = calls_by_shape(info, items, 2)
+    assert calls == {call_shape(info, items[:2]): 3, call_shape(info, items[2:3]): 3, call_shape(info, items[3:]): 4}
+    assert call_shape(info, items[2:3]) != call_shape(info, items[3:])  # guided or not
+    assert sum(calls.values()) == 10
+
+
+def test_a_queue_of_more_sizes_than_torch_compiles_runs_without_its_warning(tiny_model, tmp_path, monkeypatch,
+                                                                             caplog):
+    """--compile on over more sizes than torch compiles for one function: the most-used shapes compile, the rest
+    run eager, dynamo never reaches its limit (whose warning a user would see), and every image is the eager one."""
+    from pixart_lowvram import denoise  # noqa: PLC0415
+
+    monkeypatch.setattr(denoise, "compile_blocks", lambda blocks, record: compile_blocks(
+        blocks, backend="aot_eager", record=record))  # torch's ops, traced: inductor on a CPU takes minutes
+    jobs = []
+    for n, (w, h) in enumerate([(128, 128), (192, 128), (128, 192), (256, 128)]):
+        jobs += jobs_from_options("a lighthouse", seed=n, steps=2 + (n == 0), count=2 if n == 0 else 1, width=w,
+                                  height=h)
+    settings = dict(model=tiny_model, device="cpu", dtype="float32", embed_cache=None)
+    plain = run_queue(jobs, tmp_path / "plain", Settings(**settings))
+    with caplog.at_level("WARNING", logger="torch._dynamo"), torch._dynamo.config.patch(recompile_limit=2):
+        compiled = run_queue(jobs, tmp_path / "compiled", Settings(compile="on", **settings))
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+    assert counters["stats"]["unique_graphs"] == 2
+    assert {s.name: s for s in compiled.stages}["denoise"].compile_seconds > 0
+    for item in plain.items:
+        assert max_diff(pixels(plain.images[item.id]), pixels(compiled.images[item.id])) <= 1
 
 
 def test_a_wrong_compile_option_is_an_input_error(tiny_model, tmp_path):

@@ -114,6 +114,22 @@ def test_each_layout_makes_the_plain_pipelines_image(layouts, layout, tmp_path):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_t5_read_straight_onto_its_device_is_what_from_pretrained_builds(layouts, layout):
+    """The resident T5 is read onto its device through device_map; every tensor, and its dtype (T5's `wo` kept in
+    float32), is what a plain from_pretrained in float16 gives."""
+    folder = layouts[layout]
+    got = models.load_text_encoder(models.resolve_model(str(folder)), torch.float16, torch.device("cpu"))
+    expected = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float16,
+                                              variant="fp16" if "fp16" in layout else None)
+    got, expected = got.state_dict(), expected.state_dict()
+    assert got.keys() == expected.keys()
+    assert {k: t.dtype for k, t in got.items()} == {k: t.dtype for k, t in expected.items()}
+    assert torch.float32 in {t.dtype for t in got.values()}
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert models._map_target(torch.device("cuda", 1)) == 1 and models._map_target(torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_each_layout_streams_what_from_pretrained_loads(layouts, layout):
     folder = layouts[layout]
     variant = "fp16" if "fp16" in layout else None
