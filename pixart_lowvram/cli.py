@@ -319,10 +319,12 @@ def print_summary(result, seconds: float) -> None:
         over = [(f"{mine.name} on rank {r.rank}", what) for r in result.ranks for mine in r.stages
                 for what in mine.over_budget()]
         slowest = max(r.seconds for r in result.ranks)
-        rows = [("process", "images", "texts", "time", "waiting for the others")]
-        rows += [(_process(r), str(r.images), str(r.texts), f"{r.seconds:.1f} s",
+        inits = any(r.inits for r in result.ranks)  # the column only for a run that encodes init images
+        rows = [("process", "images", "texts", *(["init images"] if inits else []), "time", "waiting for the others")]
+        rows += [(_process(r), str(r.images), str(r.texts), *([str(r.inits)] if inits else []), f"{r.seconds:.1f} s",
                   f"{r.waited + slowest - r.seconds:.1f} s") if r.missing is None
-                 else (_process(r), "-", "-", "-", f"no figures: {r.missing}") for r in result.ranks]
+                 else (_process(r), "-", "-", *(["-"] if inits else []), "-", f"no figures: {r.missing}")
+                 for r in result.ranks]
         _table(rows)
     for s in result.stages:
         if s.compile_seconds is not None:

@@ -8,7 +8,10 @@
 
 On several GPUs (launch.py starts the processes, team.py connects them) each process is one rank and runs the
 same four steps: rank 0 prepares the run folder and divides what is left between the ranks (share.py), and each
-rank plans and runs the same stages on its own share (`_TeamRun`).
+rank plans and runs the same stages on its own share (`_TeamRun`). The texts and the init images still to encode
+are divided apart from the images (each encoded by one rank, for whichever ranks' images need it): every rank
+encodes its part of both, all wait for one another once (`_TeamRun.encoded`), and denoising reads every encoding
+from the run folder.
 
 Each stage loads its component, works through every pending item, persists what it made and releases the
 component before the next stage loads anything. What is already in the run folder (and made by the same model,
@@ -44,7 +47,7 @@ from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, PlanError, Sizes, for
 from .reporting import Reporter
 from .resolve import Resolved, Settings, resolve
 from .run import EmbeddingCache, RunFolder
-from .share import Work, divide_images, divide_texts
+from .share import Work, divide_images, divide_inits, divide_texts
 from .stage import StageContext
 from .team import Team, TeamReporter, devices
 from .vae_encode import InitImage, encode_images, pending_images
@@ -103,6 +106,7 @@ class RankRecord:
     host: str
     gpu: str | None = None  # the GPU's name
     texts: int = 0  # texts it was given to encode
+    inits: int = 0  # init images it was given to encode
     images: int = 0  # images in its share
     stages: list[StageStats] = field(default_factory=list)
     made: dict[str, int] = field(default_factory=dict)
@@ -166,9 +170,12 @@ def planned_sizes(resolved: Resolved) -> Sizes:
     return dataclasses.replace(sizes, **changes)
 
 
-def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = CUDA_CONTEXT) -> Plan:
-    """Step three: each stage's placement for making `items`, `texts` of whose texts go through T5. Pure; the
-    budget "auto" (what the GPU has free) is resolved by the run, which measures it."""
+def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = CUDA_CONTEXT,
+             inits: list[InitImage] | None = None) -> Plan:
+    """Step three: each stage's placement for making `items`, `texts` of whose texts go through T5, and the init
+    images of its image-to-image items through the VAE's encoder, or `inits` where given (a rank's share of a run
+    over several processes: the init images it encodes may be for other ranks' items). Pure; the budget "auto"
+    (what the GPU has free) is resolved by the run, which measures it."""
     settings = resolved.settings
     budget = resolved.budget if isinstance(resolved.budget, int) else None
     sizes = planned_sizes(resolved)
@@ -176,11 +183,13 @@ def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = C
     denoise_batch = settings.denoise_batch
     if denoise_batch is None and resolved.device.type != "cuda":
         denoise_batch = 1  # the automatic batch is what paid on GPUs; on the CPU a batch is no faster
+    init_sizes = ([size for it, size in zip(items, binned) if it.init_image] if inits is None
+                  else [resolved.info.geometry.denoise_size(init.width, init.height) for init in inits])
     return make_plan(budget, sizes, binned, texts=max(1, texts), encode_batch=settings.encode_batch,
                      denoise_batch=denoise_batch, context=context, encode_on_cpu=settings.encode_on_cpu,
                      text_encoder_8bit=settings.text_encoder_8bit,
                      host_budget=resolved.host_budget if resolved.device.type == "cuda" else None,
-                     init_sizes=[size for it, size in zip(items, binned) if it.init_image])
+                     init_sizes=init_sizes)
 
 
 def image_work(item: Item, size: tuple[int, int], loras: Mapping[str, LoraFile], denoise: bool) -> Work:
@@ -238,11 +247,13 @@ def plan_queue(jobs: list[Job], settings: Settings | None = None, reporter: Repo
 
 @dataclass
 class Pending:
-    """What is left to make: texts to encode (key -> text), items to denoise, items to decode."""
+    """What is left to make: texts to encode (key -> text), items to denoise, items to decode, and init images to
+    encode (those the image-to-image items among the latents need)."""
 
     texts: dict[str, str]
     latents: list[Item]
     images: list[Item]
+    inits: list[InitImage] = field(default_factory=list)
 
 
 class _Run:
@@ -452,19 +463,21 @@ class _Run:
     def left(self) -> Pending:
         images = self.pending_images()
         latents = self.pending_latents(images)
-        return Pending(self.restore_from_cache(self.pending_texts(latents)), latents, images)
+        return Pending(self.restore_from_cache(self.pending_texts(latents)), latents, images,
+                       self.pending_inits(latents))
 
     def run_stages(self, todo: Pending) -> None:
-        """The stages over what is left (vae-encode for the init images it needs, where the plan has it); what one
-        stage could not make (non-finite) the next leaves out."""
+        """The stages over what is left: the texts, then the init images (vae-encode, where the plan has it); what
+        these could not make (non-finite) denoise leaves out, and what denoise could not make, decode."""
         failed = self.stage("encode", len(todo.texts), lambda ctx: encode_texts(
             ctx, todo.texts, batch_size=self.plan["encode"].batch, cache=self.cache,
             eight_bit=self.settings.text_encoder_8bit))
-        lost = self.overflowed("encode", self.encoded(failed), todo.images)
+        unencoded: list[str] = []
         if "vae-encode" in self.plan.stages:  # image-to-image: a queue without init images has no such stage
-            inits = self.pending_inits(todo.latents)
-            failed = self.stage("vae-encode", len(inits), lambda ctx: encode_images(ctx, inits))
-            lost |= self.overflowed("vae-encode", failed, todo.images)
+            unencoded = self.stage("vae-encode", len(todo.inits), lambda ctx: encode_images(ctx, todo.inits))
+        failed, unencoded = self.encoded(failed, unencoded)
+        lost = self.overflowed("encode", failed, todo.images)
+        lost |= self.overflowed("vae-encode", unencoded, todo.images)
         latents = [it for it in todo.latents if it.id not in lost]
         images = [it for it in todo.images if it.id not in lost]
         batch = self.plan["denoise"].batch
@@ -477,9 +490,10 @@ class _Run:
         failed = self.stage("decode", len(images), lambda ctx: decode_items(ctx, images))
         self.overflowed("decode", failed, images)
 
-    def encoded(self, failed: list[str]) -> list[str]:
-        """Once encode is over, the texts that came out non-finite (a rank of several waits for every rank's)."""
-        return failed
+    def encoded(self, texts: list[str], inits: list[str]) -> tuple[list[str], list[str]]:
+        """Once the texts and init images are encoded, the keys of those that came out non-finite (a rank of
+        several waits for every rank's)."""
+        return texts, inits
 
     def run(self) -> RunResult:
         self.start_device()
@@ -541,7 +555,7 @@ class _Run:
 class Share:
     """One rank's part of what is left, as rank 0 divides it."""
 
-    todo: Pending
+    todo: Pending  # its inits: init images it encodes, which other ranks' images may need
     encode_on_cpu: bool  # where T5 runs, the same on every rank: an embedding's key says where it was made
     largest: Item  # what a rank with no images plans for: the largest image of the queue
 
@@ -549,9 +563,10 @@ class Share:
 class _TeamRun(_Run):
     """Step four on one rank of several (team.py). Rank 0 opens the run folder (its lock stands for the whole run),
     prepares it as one process would and divides what is left (share.py); every rank plans its own share within
-    its own GPU's budget and runs the same stages on it. Each text is encoded by one rank, and every rank waits
-    for all of them before it denoises; a rank then decodes what it denoised. Rank 0 gathers every rank's figures
-    into run.json and the result. A rank that fails stops the others at their next safe point."""
+    its own GPU's budget and runs the same stages on it. Each text and each init image is encoded by one rank,
+    and every rank waits for all of them before it denoises; a rank then decodes what it denoised. Rank 0 gathers
+    every rank's figures into run.json and the result. A rank that fails stops the others at their next safe
+    point."""
 
     def __init__(self, jobs: list[Job], resolved: Resolved, folder: RunFolder, reporter: Reporter,
                  stop: threading.Event, team: Team, timeline: dict[str, float] | None = None):
@@ -562,6 +577,7 @@ class _TeamRun(_Run):
         # what run.json says of each rank until rank 0 has its record
         self.records = [RankRecord(m.rank, m.device, m.host, missing="at work") for m in team.members]
         self.seconds = self.waited = 0.0
+        self.img2img = False  # rank 0: whether the run has a vae-encode stage, on any rank or none
 
     def run(self) -> RunResult:
         team = self.team
@@ -588,25 +604,30 @@ class _TeamRun(_Run):
         self.prepare()
         todo = self.pending()  # rank 0's plan for all of it says where T5 runs, for every rank
         on_cpu = self.plan["encode"].placement == "cpu"
+        self.img2img = "vae-encode" in self.plan.stages
         denoise = {it.id for it in todo.latents}
         sizes = binned_sizes(self.info, todo.images)
         work = [image_work(it, size, self.resolved.loras or {}, it.id in denoise)
                 for it, size in zip(todo.images, sizes)]
         image_shares = divide_images(work, self.team.size)
         text_shares = divide_texts(list(todo.texts), self.team.size)
+        init_pixels = [(init.key, w * h) for init in todo.inits
+                       for w, h in [self.info.geometry.denoise_size(init.width, init.height)]]
+        init_shares = divide_inits(init_pixels, [len(texts) for texts in text_shares])
         everything = todo.images or self.items
         largest = max(zip(binned_sizes(self.info, everything), everything), key=lambda s: s[0][0] * s[0][1])[1]
-        for images, texts in zip(image_shares, text_shares):
+        for images, texts, inits in zip(image_shares, text_shares, init_shares):
             mine = [todo.images[i] for i in images]
-            self.shares.append(Share(Pending({k: todo.texts[k] for k in texts},
-                                             [it for it in mine if it.id in denoise], mine), on_cpu, largest))
+            self.shares.append(Share(Pending({k: todo.texts[k] for k in texts}, [it for it in mine if it.id in denoise],
+                                             mine, [todo.inits[i] for i in inits]), on_cpu, largest))
         return self.shares
 
     def plan_share(self) -> Plan:
         share = self.share
         resolved = dataclasses.replace(self.resolved, budget=self.budget, settings=dataclasses.replace(
             self.settings, encode_on_cpu=share.encode_on_cpu))
-        plan = plan_run(resolved, share.todo.images or [share.largest], len(share.todo.texts), self.context)
+        plan = plan_run(resolved, share.todo.images or [share.largest], len(share.todo.texts), self.context,
+                        inits=share.todo.inits)
         if plan["encode"].placement == "cpu" and not share.encode_on_cpu:
             raise PlanError(f"{self.team.label(self.team.rank)}: its budget leaves no room for T5 on its GPU, where "
                             "rank 0's does; every rank must encode alike (an embedding's key says where it was "
@@ -635,13 +656,14 @@ class _TeamRun(_Run):
             return f"{sum(counts)} ({' + '.join(map(str, counts))})"
 
         todo = [s.todo for s in self.shares]
+        inits = f"{each([len(t.inits) for t in todo])} init image(s) to encode, " if any(t.inits for t in todo) else ""
         self.console.info(
             f"{len(self.items)} image(s) in the queue, {sum(len(t.images) for t in todo)} to make over "
-            f"{team.size} processes: {each([len(t.texts) for t in todo])} text(s) to encode, "
+            f"{team.size} processes: {each([len(t.texts) for t in todo])} text(s) to encode, {inits}"
             f"{each([len(t.latents) for t in todo])} latent(s) to denoise, {each([len(t.images) for t in todo])} "
             f"image(s) to decode [{self.info.name}, {devices([m.device for m in team.members])}, "
             f"{self.resolved.dtype_name}]")
-        totals = {"encode": sum(len(t.texts) for t in todo),
+        totals = {"encode": sum(len(t.texts) for t in todo), "vae-encode": sum(len(t.inits) for t in todo),
                   "denoise": sum(steps_run(it) for t in todo for it in t.latents),  # image-steps, as the stage counts
                   "decode": sum(len(t.images) for t in todo)}
         team.show(self.console, {stage: n for stage, n in totals.items() if n})
@@ -669,17 +691,20 @@ class _TeamRun(_Run):
         self.mark("work end")
         return self.finish(error)
 
-    def encoded(self, failed: list[str]) -> list[str]:
+    def encoded(self, texts: list[str], inits: list[str]) -> tuple[list[str], list[str]]:
+        """Wait for every rank to have encoded its texts and init images; what came out non-finite on any of them
+        (every rank leaves out its own images that need one, as one process would)."""
         start = time.perf_counter()
         try:
-            everyone = self.team.exchange("encoded", failed, self.stop)
+            everyone = self.team.exchange("encoded", (texts, inits), self.stop)
         except Interrupted as exc:
-            raise Interrupted(f"stopped after encode; finished work is kept in {self.folder.path}.\n"
+            raise Interrupted(f"stopped after encoding; finished work is kept in {self.folder.path}.\n"
                               "  Run the same command again to resume.") from exc
         finally:
             self.waited = time.perf_counter() - start
         self.mark("encoded")  # by every rank
-        return sorted({key for keys in everyone for key in keys})
+        return (sorted({key for keys, _ in everyone for key in keys}),
+                sorted({key for _, keys in everyone for key in keys}))
 
     def idle(self, stage: str) -> None:
         pass  # rank 0 told what each rank has to do
@@ -695,7 +720,8 @@ class _TeamRun(_Run):
         m = team.members[team.rank]
         record = RankRecord(team.rank, m.device, m.host, gpu=torch.cuda.get_device_name(self.device)
                             if self.device.type == "cuda" else None, texts=len(self.share.todo.texts),
-                            images=len(self.share.todo.images), stages=list(self.stages), made=dict(self.made),
+                            inits=len(self.share.todo.inits), images=len(self.share.todo.images),
+                            stages=list(self.stages), made=dict(self.made),
                             failures=list(self.failures), seconds=self.seconds, waited=self.waited,
                             plan={name: dataclasses.asdict(st) for name, st in self.plan.stages.items()},
                             timeline=self.timeline, pngs=self.folder.known_pngs() if team.rank else {})
@@ -719,7 +745,9 @@ class _TeamRun(_Run):
             self.folder.learn_pngs(self.records[r].pngs)
         self.read_pngs = True
         present = [r for r in self.records if r.missing is None]
-        listed = {s.name for r in present for s in r.stages}  # vae-encode only where a rank had init images
+        # vae-encode where the queue's images to make have init images, as one process has it (a rank, only where
+        # it was given some to encode)
+        listed = {s.name for r in present for s in r.stages} | ({"vae-encode"} if self.img2img else set())
         self.stages = [combined(name, [s for r in present for s in r.stages if s.name == name]) for name in STAGES
                        if name != "vae-encode" or name in listed]
         self.made = {name: sum(r.made.get(name, 0) for r in present) for name in STAGES

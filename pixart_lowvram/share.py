@@ -19,9 +19,12 @@ than longest-first divides it (where no image is decode only). Images whose late
 need no transformer: they are dealt last, costliest first, each to the rank with the least so far.
 
 Texts are divided by count (every text is padded to the model's token length, so each costs the same), each
-encoded by one rank only."""
+encoded by one rank only. Image-to-image's init images still to encode are divided by the pixels they are encoded
+at, each encoded by one rank only, whichever rank's images need it: texts and init images are both encoded before
+the ranks wait for one another, so an init image goes first to a rank with fewer texts."""
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 # What decoding an image costs, in denoising steps at its size: a 1024x1024 SD-VAE decode took ~0.13 s on the H100
@@ -94,6 +97,24 @@ def _deal(work: list[Work], sets: dict[str, list[int]], decode_only: list[int], 
         shares[rank].append(i)
         load[rank] += ranks * work[i].cost
     return shares, load
+
+
+def divide_inits(inits: list[tuple[str, int]], texts: list[int]) -> list[list[int]]:
+    """Indices into `inits` (each an init image's key and the pixels it is encoded at) for each rank, `texts[r]`
+    being how many texts rank r encodes, each list in ascending order. Greedy longest-first: the largest to the rank
+    with the fewest pixels so far (among equals, the one with the fewest texts, then the lowest rank), and so on
+    down, equal sizes in key order."""
+    if not texts:
+        raise ValueError("ranks must be at least 1, not 0")
+    order = sorted(range(len(inits)), key=lambda i: (-inits[i][1], inits[i][0], i))
+    loads = [(0, t, rank) for rank, t in enumerate(texts)]  # a heap of (pixels so far, texts, rank)
+    heapq.heapify(loads)
+    shares: list[list[int]] = [[] for _ in texts]
+    for i in order:
+        load, t, rank = heapq.heappop(loads)
+        shares[rank].append(i)
+        heapq.heappush(loads, (load + inits[i][1], t, rank))
+    return [sorted(share) for share in shares]
 
 
 def divide_texts(keys: list[str], ranks: int) -> list[list[str]]:

@@ -34,7 +34,8 @@ from .reporting import Bar, Reporter
 
 T = TypeVar("T")
 
-STAGE_UNITS = {"encode": "text", "denoise": "step", "decode": "image"}  # the bars summed over ranks
+# the bars summed over ranks, in the order the stages run
+STAGE_UNITS = {"encode": "text", "vae-encode": "image", "denoise": "step", "decode": "image"}
 POLL_SECONDS = 0.2  # how often the team thread flushes counters, looks for a stop and redraws rank 0's bars
 # How often a rank waiting at a barrier or for the records looks again: the wait ends this long after the last
 # rank arrives, at most (each look is one store request per rank, ~0.1 ms on one host)

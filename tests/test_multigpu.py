@@ -28,8 +28,8 @@ from pixart_lowvram.generate import Settings, image_work, run_queue
 from pixart_lowvram.items import binned_sizes
 from pixart_lowvram.jobs import parse_queue
 from pixart_lowvram.models import resolve_model
-from pixart_lowvram.reporting import Reporter
-from pixart_lowvram.share import DECODE_STEPS, Work, divide_images, divide_texts, total_cost
+from pixart_lowvram.reporting import Bar, Reporter
+from pixart_lowvram.share import DECODE_STEPS, Work, divide_images, divide_inits, divide_texts, total_cost
 from pixart_lowvram.team import Member, Team
 
 CHILD = Path(__file__).with_name("crash_child.py")
@@ -238,6 +238,21 @@ def test_each_text_goes_to_one_rank():
     assert sorted(k for share in shares for k in share) == sorted(set(keys))
     assert [len(s) for s in shares] == [3, 3, 3, 2]
     assert divide_texts(list(reversed(keys)), 4) == shares
+
+
+def test_each_init_image_goes_to_one_rank_by_its_pixels_first_to_ranks_with_fewer_texts():
+    inits = [(f"i{i}", 1024 * 1024) for i in range(5)] + [("big", 2048 * 2048), ("small", 256 * 256)]
+    # texts dealt 3, 3, 2, 2: the largest picture to the first rank with fewer texts (2), the next (equal ones in
+    # key order) to the other rank with fewer (3), then to the ranks with the fewest pixels so far
+    shares = divide_inits(inits, [3, 3, 2, 2])
+    keys = [[inits[i][0] for i in share] for share in shares]
+    assert keys == [["i1", "i4"], ["i2", "small"], ["big"], ["i0", "i3"]]
+    pixels = [sum(inits[i][1] for i in share) for share in shares]
+    assert max(pixels) - min(pixels) <= max(p for _, p in inits)
+    reordered = list(reversed(inits))
+    assert [sorted(reordered[i][0] for i in share) for share in divide_inits(reordered, [3, 3, 2, 2])] == [
+        sorted(k) for k in keys], "a rerun that lists them in another order divides them alike"
+    assert divide_inits([], [1, 0]) == [[], []]
 
 
 # -- the ranks' store protocol, two ranks as threads of one process ------------------------------------------------
@@ -725,32 +740,50 @@ def test_only_a_known_number_of_processes_is_started_ahead(gpus, planned, monkey
     assert planned_processes(gpus) is None  # torchrun started this process: it starts none
 
 
-def test_two_processes_make_lora_and_image_to_image_jobs_as_one_process_does(tiny_model, tmp_path):
-    """A queue of LoRA sets and init images over two processes: each rank merges the sets its share needs and
-    encodes the init images of its share, and every image is the one-process run's."""
+def test_two_processes_make_lora_and_image_to_image_jobs_as_one_process_does(tiny_model, tmp_path, capsys):
+    """A queue of LoRA sets and init images over two processes: each rank merges the sets its share needs, each
+    init image is encoded by one rank though both ranks' images need it, and every image is the one-process run's."""
     from test_img2img import write_image  # noqa: PLC0415
     from test_lora import make_adapter  # noqa: PLC0415
 
     adapter = str(make_adapter(tiny_model, tmp_path / "adapter"))
     picture = write_image(tmp_path / "init.png", 300, 200, 1)
+    other = write_image(tmp_path / "other.png", 200, 260, 2)
     queue = tmp_path / "q.json"
     queue.write_text(json.dumps({"defaults": {"steps": 3, "width": 128, "height": 128}, "jobs": [
         {"name": "styled", "prompt": "a cat", "seed": 1, "lora": [{"path": adapter, "scale": 0.7}]},
         {"name": "plain", "prompt": "a cat", "seed": 2},
-        {"name": "from-picture", "prompt": "a dog", "seed": 3, "init_image": picture, "strength": 0.6},
+        {"name": "from-picture", "prompt": "a dog", "seed": 3, "init_image": picture, "strength": 0.6, "count": 3},
         {"name": "styled-picture", "prompt": "a dog", "seed": 4, "init_image": picture, "strength": 0.9,
          "lora": [{"path": adapter, "scale": 0.7}]},
+        {"name": "other-picture", "prompt": "a dog", "seed": 6, "init_image": other, "strength": 0.7},
         {"name": "styled-2", "prompt": "a cow", "seed": 5, "lora": [{"path": adapter, "scale": 0.7}], "count": 2}]}))
     one = run_queue(parse_queue(queue.read_text(), "json"), tmp_path / "one", Settings(model=tiny_model, **CPU32))
     run = tmp_path / "two"
-    assert main(["run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2", "-q",
+    assert main(["run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2",
                  "--dtype", "float32", "--no-embed-cache"]) == 0
+    out = capsys.readouterr().out
     data = manifest(run)
     assert {item["rank"] for item in data["items"]} == {0, 1}
-    # each rank encodes the init images its own share needs (an image two ranks need is encoded by both: no wait)
-    needed = {(item["rank"], item["init_key"]) for item in data["items"] if item.get("init_key")}
-    assert len({key for _, key in needed}) == 1
-    assert sum(r["made"].get("vae-encode", 0) for r in data["ranks"]) == len(needed)
+    needs = {}  # init key -> the ranks whose images need it
+    for item in data["items"]:
+        if item.get("init_key"):
+            needs.setdefault(item["init_key"], set()).add(item["rank"])
+    assert len(needs) == 2 and {0, 1} in needs.values(), needs  # one picture's images on both ranks
+    # each init image encoded once, by one rank, before either denoised
+    assert [r["inits"] for r in data["ranks"]] == [1, 1]
+    assert [r["made"].get("vae-encode", 0) for r in data["ranks"]] == [1, 1]
+    assert {s["name"]: s["items"] for s in data["stages"]}["vae-encode"] == len(needs)
+    for r in data["ranks"]:
+        timeline = r["timeline"]
+        assert timeline["encode end"] <= timeline["vae-encode start"] <= timeline["vae-encode end"] <= \
+            timeline["encoded"] <= timeline["denoise start"]
+        assert "vae-encode" in r["plan"]
+    # the summary: the stage's row per process and over both, and what each was given to encode
+    rows = [line.split() for line in out.splitlines()]
+    for row in (["vae-encode", "0", "(cpu)", "1"], ["vae-encode", "1", "(cpu)", "1"], ["vae-encode", "all", "2"],
+                ["process", "images", "texts", "init", "images"]):
+        assert row in [cells[:len(row)] for cells in rows], out
     for item in one.items:
         assert max_diff(pixels(run / "images" / f"{item.id}.png"), pixels(one.images[item.id])) <= 1, item.id
 
@@ -785,3 +818,121 @@ def test_three_processes_load_the_transformer_once_per_lora_set_they_meet(tiny_m
     assert loads(before, longest_first(before, 3)) > 6
     for item in one.items:
         assert max_diff(pixels(run / "images" / f"{item.id}.png"), pixels(one.images[item.id])) <= 1, item.id
+
+
+class Bars(Reporter):
+    """Rank 0's console: how far each stage's bar, summed over the ranks, went, and its total."""
+
+    def __init__(self):
+        self.totals: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+
+    def bar(self, desc: str, total: int | None, unit: str = "it", transient: bool = False) -> Bar:
+        self.totals[desc], self.done[desc] = total, 0
+        done = self.done
+
+        class Counting(Bar):
+            def update(self, n: int = 1) -> None:
+                done[desc] += n
+
+        return Counting()
+
+
+def img2img_jobs(entries: list[dict], **defaults) -> list:
+    return parse_queue(json.dumps({"defaults": {"steps": 2, "width": 128, "height": 128, **defaults},
+                                   "jobs": entries}), "json")
+
+
+def test_an_init_image_an_earlier_run_encoded_is_encoded_by_no_rank(tiny_model, tmp_path):
+    """A folder where an earlier run encoded one picture: two processes resume it with a sweep over both pictures;
+    the other picture is encoded by one rank, the one already encoded by none (its file untouched), the vae-encode
+    bar counts what is left, and the images are those of one process."""
+    from test_img2img import write_image  # noqa: PLC0415
+
+    harbour = write_image(tmp_path / "harbour.png", 300, 200, 1)
+    field = write_image(tmp_path / "field.png", 180, 260, 2)
+    first = [{"name": "harbour", "prompt": "a harbour", "seed": 1, "init_image": harbour, "strength": 0.6}]
+    rest = [{"name": "harbour-sweep", "prompt": "a harbour at night", "seed": 2, "init_image": harbour, "count": 4},
+            {"name": "field", "prompt": "a field", "seed": 3, "init_image": field, "strength": 0.9, "count": 2},
+            {"name": "boat", "prompt": "a boat", "seed": 4}]
+    one = run_queue(img2img_jobs(first + rest), tmp_path / "one", Settings(model=tiny_model, **CPU32))
+    run = tmp_path / "run"
+    early = run_queue(img2img_jobs(first), run, Settings(model=tiny_model, **CPU32))
+    encoding = run / "latents" / f"{early.items[0].init_key}.safetensors"
+    before = encoding.stat()
+
+    bars = Bars()
+    result = launch.run(img2img_jobs(first + rest), run, Settings(model=tiny_model, **CPU32), bars,
+                        threading.Event(), gpus="cpu:2")
+    data = manifest(run)
+    harbour_ranks = {e["rank"] for e in data["items"] if e.get("init_key") == early.items[0].init_key and "rank" in e}
+    assert harbour_ranks == {0, 1}  # both ranks denoise images of the picture encoded before
+    assert result.made["vae-encode"] == 1 and sorted(r.inits for r in result.ranks) == [0, 1]
+    assert sorted(r.made.get("vae-encode", 0) for r in result.ranks) == [0, 1]
+    assert result.made["denoise"] == len(one.items) - 1
+    after = encoding.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert bars.totals["vae-encode"] == bars.done["vae-encode"] == 1
+    for item in one.items:
+        assert max_diff(pixels(result.images[item.id]), pixels(one.images[item.id])) <= 1, item.id
+
+
+def test_a_picture_one_rank_finds_non_finite_loses_its_images_on_every_rank(tmp_path, capsys):
+    """A folder diffusers wrote (a 2-block VAE, sample size 8: no bins) whose VAE encoder overflows float16 on a
+    picture with contrast and not on a flat grey one (its first convolution's weights scaled by 1e5). Over two
+    processes the contrasted picture is encoded by one rank; the images of it on the other rank are lost too, as
+    one process loses them: the same non-finite record, the same images made, exit code 4. With --upcast vae only
+    that picture is encoded again, by one rank."""
+    from PIL import Image  # noqa: PLC0415
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+    from test_foreign_configs import save_folder, small_vae  # noqa: PLC0415
+    from test_img2img import write_image  # noqa: PLC0415
+
+    folder = save_folder(tmp_path / "model", vae=small_vae(2))
+    # the weights file alone rewritten (a config saved again would name its folder: keys, and so the division,
+    # would change with the test's temporary path)
+    weights = Path(folder) / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["encoder.conv_in.weight"] *= 1e5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    wild = write_image(tmp_path / "wild.png", 40, 40, 1)
+    grey = str(tmp_path / "grey.png")
+    Image.new("RGB", (40, 40), (128, 128, 128)).save(grey)
+    queue = tmp_path / "q.json"
+    queue.write_text(json.dumps({"defaults": {"steps": 4, "width": 32, "height": 32, "strength": 0.5}, "jobs": [
+        {"name": "wild", "prompt": "a storm", "seed": 1, "init_image": wild, "count": 3},
+        {"name": "wild-more", "prompt": "a storm", "seed": 2, "init_image": wild, "strength": 1.0},
+        {"name": "grey", "prompt": "a calm sea", "seed": 3, "init_image": grey, "count": 2},
+        {"name": "text", "prompt": "a calm sea", "seed": 4}]}))
+    half = dict(model=folder, device="cpu", dtype="float16", embed_cache=None)
+    one = run_queue(parse_queue(queue.read_text(), "json"), tmp_path / "one", Settings(**half))
+    lost = {"wild-1", "wild-2", "wild-3", "wild-more"}
+    assert [(f.stage, f.component, f.dtype, set(f.items)) for f in one.failures] == [
+        ("vae-encode", "vae", "float16", lost)]
+
+    run = tmp_path / "two"
+    command = ["run", str(queue), "--model", folder, "--out", str(run), "--gpus", "cpu:2", "-q",
+               "--dtype", "float16", "--no-embed-cache"]
+    assert main(command) == 4
+    assert "4 image(s) not made: the vae (float16) gave non-finite values in vae-encode" in capsys.readouterr().err
+    data = manifest(run)
+    ranks = {e["id"]: e["rank"] for e in data["items"]}
+    assert {ranks[name] for name in lost} == {0, 1}  # the lost images were on both ranks
+    # each picture encoded by one rank (the texts are 2 + 1: the first picture went to the rank with fewer); the
+    # wild one's encoding not written
+    assert [r["inits"] for r in data["ranks"]] == [1, 1]
+    assert sum(r["made"].get("vae-encode", 0) for r in data["ranks"]) == 1
+    assert [(f["stage"], set(f["items"])) for f in data["non_finite"]] == [("vae-encode", lost)]
+    for r in data["ranks"]:  # each rank names the images of its own share that it lost
+        assert {name for f in r["failures"] for name in f["items"]} == {n for n in lost if ranks[n] == r["rank"]}
+    made = sorted(p.name for p in (run / "images").glob("*.png"))
+    assert made == sorted(f"{item.id}.png" for item in one.items if item.id not in lost)
+    for item in one.items:
+        if item.id not in lost:
+            assert max_diff(pixels(run / "images" / f"{item.id}.png"), pixels(one.images[item.id])) <= 1, item.id
+
+    assert main([*command, "--upcast", "vae"]) == 0
+    data = manifest(run)
+    assert sum(r["made"].get("vae-encode", 0) for r in data["ranks"]) == 1  # the wild picture alone, once
+    assert sum(r["made"].get("denoise", 0) for r in data["ranks"]) == len(lost)
+    assert all((run / "images" / f"{item.id}.png").is_file() for item in one.items)

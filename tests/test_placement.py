@@ -237,6 +237,38 @@ def test_the_automatic_denoise_batch_is_one_on_the_cpu(tiny_model):
     assert plan_run(asked, items, texts=1)["denoise"].batch == 4
 
 
+def test_a_ranks_plan_has_the_vae_encode_stage_for_the_init_images_it_is_given(tmp_path):
+    """A rank of several encodes the init images rank 0 gives it, whichever rank's images need them: its plan has
+    the stage for those (sized by the largest, at the size it is encoded at), not for its own images' pictures. On
+    a folder diffusers wrote without resolution bins, so that sizes are used as asked."""
+    from PIL import Image
+
+    from pixart_lowvram.generate import plan_run
+    from pixart_lowvram.items import expand
+    from pixart_lowvram.jobs import Job
+    from pixart_lowvram.resolve import Settings, resolve
+    from pixart_lowvram.vae_encode import InitImage
+    from test_foreign_configs import save_folder, small_vae
+
+    folder = save_folder(tmp_path / "model", vae=small_vae(2))
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (64, 64)).save(picture)
+    jobs = [Job(index=1, prompt="a", width=32, height=32, seed=1),
+            Job(index=2, prompt="b", width=32, height=32, seed=2, init_image=str(picture), strength=0.5)]
+    resolved = resolve(jobs, Settings(model=folder, device="cpu", dtype="float32"))
+    items, _ = expand(jobs, resolved.info.defaults, {})
+    text_only, img2img = items
+    assert list(plan_run(resolved, [img2img], texts=1).stages) == ["encode", "vae-encode", "denoise", "decode"]
+    assert "vae-encode" not in plan_run(resolved, [text_only], texts=1).stages
+    assert "vae-encode" not in plan_run(resolved, [img2img], texts=1, inits=[]).stages, "another rank encodes it"
+    small, large = InitImage("s.png", 32, 32, "k1"), InitImage("l.png", 128, 96, "k2")
+    given = plan_run(resolved, [text_only], texts=1, inits=[small, large])
+    assert list(given.stages) == ["encode", "vae-encode", "denoise", "decode"]
+    assert given["vae-encode"] == plan_run(resolved, [text_only], texts=1, inits=[large])["vae-encode"]
+    assert given["vae-encode"].estimate > plan_run(resolved, [text_only], texts=1, inits=[small])["vae-encode"].estimate
+    assert given["denoise"] == plan_run(resolved, [text_only], texts=1)["denoise"], "its images' plan as before"
+
+
 def test_format_plan_names_each_stage_and_the_budget(xl_sizes):
     text = format_plan(seed_plan(xl_sizes, gib(1.5)))
     assert "1.50 GiB" in text
