@@ -80,10 +80,8 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
                 ctx.checkpoint()
                 # Read while the GPU decodes the image before this one; that one is handed over before this one
                 # is queued, so a stop or a crash here leaves the same finished images as a plain loop would.
-                stored = folder.read_tensors(folder.latent_path(item.latent_key), item.latent_key,
-                                             latent_shapes(info, item))
-                if stored is None:
-                    raise RuntimeError(f"the latents of {item.id} vanished between stages")
+                stored = folder.read_made(folder.latent_path(item.latent_key), item.latent_key,
+                                          latent_shapes(info, item), f"the latents of {item.id}")
                 if pending:
                     hand_over()
                 latents = stored["latents"][None].to(device, vae.dtype)

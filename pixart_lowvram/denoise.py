@@ -160,10 +160,8 @@ def _denoise_group(ctx: StageContext, group: list[list[Item]], lora: LoraSet, st
                 compiled.eager = call_shape(info, batch) not in compile_shapes
 
             def embeds(key_of):
-                tensors = [folder.read_tensors(folder.embed_path(key_of(it)), key_of(it), embed_shape)
+                tensors = [folder.read_made(folder.embed_path(key_of(it)), key_of(it), embed_shape, "the embedding")
                            for it in batch]
-                if any(t is None for t in tensors):
-                    raise RuntimeError("an embedding vanished between stages")  # encode wrote and checked them
                 return (torch.stack([t["embeds"] for t in tensors]).to(device, dtype),
                         torch.stack([t["mask"] for t in tensors]).to(device))
 
@@ -176,10 +174,8 @@ def _denoise_group(ctx: StageContext, group: list[list[Item]], lora: LoraSet, st
             timesteps = list(info.kind.timesteps) if info.kind.timesteps else None  # DMD: one step at t=400
             start = None  # text-to-image: the pipeline draws its own starting noise
             if first.init_image:
-                moments = [folder.read_tensors(folder.latent_path(it.init_key), it.init_key, init_shapes(info, it))
-                           for it in batch]
-                if any(m is None for m in moments):
-                    raise RuntimeError("an init image's encoding vanished between stages")  # vae-encode checked them
+                moments = [folder.read_made(folder.latent_path(it.init_key), it.init_key, init_shapes(info, it),
+                                            "the init image's encoding") for it in batch]
                 start, pipe.scheduler = img2img.noised_latents(
                     pipe.scheduler, [m["moments"] for m in moments], generators, steps=first.steps,
                     strength=first.strength, timesteps=timesteps, scaling_factor=info.geometry.scaling_factor,

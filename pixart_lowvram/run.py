@@ -220,6 +220,17 @@ class RunFolder:
     def read_tensors(self, path: Path, key: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
         return read_artifact(path, key, shapes)
 
+    def read_made(self, path: Path, key: str, shapes: dict[str, tuple[int, ...]], what: str) -> dict[str, torch.Tensor]:
+        """An artifact an earlier stage of this run made and checked (`what`: "the embedding", ...), for the next
+        stage. Gone or unreadable by now (deleted meanwhile, or storage that lost it, or another host's rank
+        that wrote it to storage this one does not see) is a RunFolderError that names it: the same command makes
+        it again."""
+        tensors = read_artifact(path, key, shapes)
+        if tensors is None:
+            raise RunFolderError(f"{path}: {what} made earlier in this run is gone or unreadable (deleted, or not on "
+                                 "storage every process sees); run the same command again to make it anew")
+        return tensors
+
     def write_png(self, path: Path, image: Image.Image, text: dict[str, str]) -> None:
         info = PngImagePlugin.PngInfo()
         for k, v in text.items():

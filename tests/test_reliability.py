@@ -220,6 +220,33 @@ def test_out_of_memory_keeps_finished_work_and_exits_3(tiny_model, tmp_path, cap
     assert "made" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("gone", ["embeds", "latents"])
+def test_an_artifact_deleted_between_stages_is_named_and_the_same_command_remakes_it(tiny_model, tmp_path, capsys,
+                                                                                      monkeypatch, gone):
+    """An embedding removed after encode wrote it, or latents after denoise: the next stage's read names the file
+    (exit code 1, no traceback), what was finished stays, and the same command makes what is missing."""
+    stage = {"embeds": "denoise_items", "latents": "decode_items"}[gone]
+    real = getattr(generate, stage)
+
+    def remove_then_run(ctx, items, **kw):
+        victim = sorted((tmp_path / "run" / gone).glob("*.safetensors"))[0]
+        victim.unlink()
+        return real(ctx, items, **kw)
+
+    monkeypatch.setattr(generate, stage, remove_then_run)
+    q = tmp_path / "q.toml"
+    q.write_text('[defaults]\nsteps = 2\n[[jobs]]\nprompt = "a"\nseed = 1\ncount = 2\n')
+    command = ["run", str(q), "--model", tiny_model, "--out", str(tmp_path / "run"), "--device", "cpu", "-q",
+               "--no-embed-cache"]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run' / gone}" in err and "gone or unreadable" in err, err
+    assert "run the same command again" in err and "Traceback" not in err
+    monkeypatch.setattr(generate, stage, real)
+    assert main(command) == 0
+    assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 2
+
+
 def test_a_full_disk_is_a_clear_error_and_keeps_what_was_written(tiny_model, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
