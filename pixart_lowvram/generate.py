@@ -481,14 +481,19 @@ class _Run:
         latents = [it for it in todo.latents if it.id not in lost]
         images = [it for it in todo.images if it.id not in lost]
         batch = self.plan["denoise"].batch
-        compile_shapes = shapes_to_compile(self.settings.compile, self.device,
-                                           calls_by_shape(self.info, latents, batch, self.resolved.loras))
+        compile_shapes = self.compile_shapes(latents, batch)
         failed = self.stage("denoise", len(latents), lambda ctx: denoise_items(
             ctx, latents, batch_size=batch, loras=self.resolved.loras, compile_shapes=compile_shapes))
         lost = self.overflowed("denoise", failed, latents)
         images = [it for it in images if it.id not in lost]
         failed = self.stage("decode", len(images), lambda ctx: decode_items(ctx, images))
         self.overflowed("decode", failed, images)
+
+    def compile_shapes(self, latents: list[Item], batch: int) -> set:
+        """The call shapes the denoise stage compiles (compiling.shapes_to_compile) for `latents` in batches of
+        `batch`."""
+        return shapes_to_compile(self.settings.compile, self.device,
+                                 calls_by_shape(self.info, latents, batch, self.resolved.loras))
 
     def encoded(self, texts: list[str], inits: list[str]) -> tuple[list[str], list[str]]:
         """Once the texts and init images are encoded, the keys of those that came out non-finite (a rank of
@@ -558,6 +563,9 @@ class Share:
     todo: Pending  # its inits: init images it encodes, which other ranks' images may need
     encode_on_cpu: bool  # where T5 runs, the same on every rank: an embedding's key says where it was made
     largest: Item  # what a rank with no images plans for: the largest image of the queue
+    # the call shapes every rank compiles: those one process would compile for all that is left, so that the images
+    # do not depend on the number of GPUs (compiled and eager ones differ by float16 rounding)
+    compile_shapes: frozenset = frozenset()
 
 
 class _TeamRun(_Run):
@@ -616,11 +624,17 @@ class _TeamRun(_Run):
         init_shares = divide_inits(init_pixels, [len(texts) for texts in text_shares])
         everything = todo.images or self.items
         largest = max(zip(binned_sizes(self.info, everything), everything), key=lambda s: s[0][0] * s[0][1])[1]
+        compiled = frozenset(self.compile_shapes(todo.latents, self.plan["denoise"].batch))
         for images, texts, inits in zip(image_shares, text_shares, init_shares):
             mine = [todo.images[i] for i in images]
             self.shares.append(Share(Pending({k: todo.texts[k] for k in texts}, [it for it in mine if it.id in denoise],
-                                             mine, [todo.inits[i] for i in inits]), on_cpu, largest))
+                                             mine, [todo.inits[i] for i in inits]), on_cpu, largest, compiled))
         return self.shares
+
+    def compile_shapes(self, latents: list[Item], batch: int) -> set:
+        if self.share is None:  # rank 0, deciding for all
+            return super().compile_shapes(latents, batch)
+        return set(self.share.compile_shapes)
 
     def plan_share(self) -> Plan:
         share = self.share

@@ -936,3 +936,31 @@ def test_a_picture_one_rank_finds_non_finite_loses_its_images_on_every_rank(tmp_
     assert sum(r["made"].get("vae-encode", 0) for r in data["ranks"]) == 1  # the wild picture alone, once
     assert sum(r["made"].get("denoise", 0) for r in data["ranks"]) == len(lost)
     assert all((run / "images" / f"{item.id}.png").is_file() for item in one.items)
+
+
+def test_every_rank_compiles_what_rank_0_decided_for_the_whole_queue(tiny_model, tmp_path, monkeypatch):
+    """Which image sizes and batches are compiled is decided once, by rank 0, for all that is left, as one process
+    would decide it, and every rank follows (compiled and eager images differ by float16 rounding: a rank deciding
+    on its own share could make other images than one GPU makes). Here rank 0 decides to compile nothing although
+    --compile on would compile every shape: the other rank, in a process of its own, compiles nothing either."""
+    from pixart_lowvram import generate  # noqa: PLC0415
+
+    decided: list[dict] = []
+
+    def nothing(mode, device, calls):
+        decided.append(dict(calls))
+        return set()
+
+    monkeypatch.setattr(generate, "shapes_to_compile", nothing)  # in this process only: rank 0
+    queue = tmp_path / "q.json"
+    queue.write_text(json.dumps({"defaults": {"steps": 2, "width": 64, "height": 64}, "jobs": [
+        {"name": "a", "prompt": "a lighthouse", "seed": 1, "count": 3},
+        {"name": "b", "prompt": "a harbour", "seed": 5, "width": 128, "count": 2}]}))
+    run = tmp_path / "two"
+    assert main(["run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2", "-q",
+                 "--dtype", "float32", "--no-embed-cache", "--compile", "on"]) == 0
+    assert len(decided) == 1 and sum(decided[0].values()) > 0  # once, over the whole queue's calls
+    data = manifest(run)
+    assert {item["rank"] for item in data["items"]} == {0, 1}
+    denoise = [next(s for s in r["stages"] if s["name"] == "denoise") for r in data["ranks"]]
+    assert [s["compile_seconds"] for s in denoise] == [None, None]
