@@ -161,9 +161,11 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str, several: bool = 
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the DiT's repeated blocks (resident or streamed): faster denoising steps on "
                         "a GPU. The first run on a machine spends ~10 to 20 s compiling, later runs seconds (the "
-                        "cache is kept in ~/.cache/pixart-lowvram/torch-compile). auto (default): on a GPU, for "
-                        "at least 200 transformer calls (steps x batches); never on the CPU. Images within "
-                        "float16 rounding of the uncompiled ones (BENCHMARKS.md, Speed)")
+                        "cache is kept in ~/.cache/pixart-lowvram/torch-compile). auto (default): on a GPU, each image "
+                        "size and batch with at least 200 transformer calls (steps x batches), the others "
+                        "uncompiled; never on the CPU. on: every size and batch. At most 8 either way (torch's "
+                        "limit per function). Images within float16 rounding of the uncompiled ones "
+                        "(BENCHMARKS.md, Speed)")
     g.add_argument("--no-embed-cache", dest="embed_cache", action="store_const", const=None, default="default",
                    help="do not share prompt embeddings across runs (default: ~/.cache/pixart-lowvram/embeds)")
     g.add_argument("--force", action="store_true",
