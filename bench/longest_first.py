@@ -1,6 +1,6 @@
 """The `pixart-lowvram` command with the work divided as before LoRA sets and batch groups counted (issue 15's
 division: the costliest image to the rank with the least so far, by cost alone), for bench/multigpu.py
-`--compare-longest-first` to set against share.py's. Only rank 0 divides (generate._TeamRun.divide), in this
+`--compare-longest-first` to set against share.py's. Only rank 0 divides (generate.divide), in this
 process; the workers it starts import this file under another name and change nothing.
 
     python bench/longest_first.py run QUEUE --gpus 0,1 ...      # the arguments of `pixart-lowvram`

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import PixartError
+from .errors import PixartError, UsageError
 from .reporting import Bar, Reporter
 from .samplers import NAMES as SAMPLER_NAMES
 
@@ -113,7 +113,15 @@ GPUS_HELP = (
     "GPU of its LOCAL_RANK")
 
 
-def _add_run_options(p: argparse.ArgumentParser, out_help: str, several: bool = False) -> None:
+PLAN_GPUS_HELP = (
+    "show how `run --gpus` with the same value would divide the whole queue, as a fresh run (a run folder's finished "
+    "work is not read): rank 0's plan, the ranks whose placements differ, the texts, init images, latents and "
+    "images each process gets, and with LoRAs the sets (transformer loads) each meets. all, a list of indices "
+    "(0,1,3; on a machine without GPUs, a plan for another's), or cpu:N")
+
+
+def _add_run_options(p: argparse.ArgumentParser, out_help: str, several: bool = False,
+                     gpus_help: str = GPUS_HELP) -> None:
     from .presets import DEFAULT_MODEL  # noqa: PLC0415
 
     g = p.add_argument_group("run options")
@@ -123,7 +131,7 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str, several: bool = 
     g.add_argument("--out", metavar="DIR", help=out_help)
     g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if there is one)")
     if several:
-        g.add_argument("--gpus", metavar="all|0,1,...|cpu:N", help=GPUS_HELP)
+        g.add_argument("--gpus", metavar="all|0,1,...|cpu:N", help=gpus_help)
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="precision of the weights (default: float16 on a GPU, as the reference; float32 on CPU). "
                         "PixArt-Σ's SDXL VAE overflows float16: it decodes in float32 in a float16 run")
@@ -246,9 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prints the placement plan for a queue: for each stage whether its model is "
                                    "resident on the GPU, streamed block by block, or (T5) on the CPU, whether the "
                                    "VAE decodes (and, for init images, encodes) whole or in strips, and the "
-                                   "predicted peak. Reads only configs and safetensors headers.")
+                                   "predicted peak. With --gpus, how a run over those GPUs would divide the queue: "
+                                   "each process's plan and counts, and with LoRAs the sets each one loads. Reads "
+                                   "only configs and safetensors headers; starts no process.")
     p.add_argument("queue", metavar="QUEUE", help="the queue file")
-    _add_run_options(p, "(not used)")
+    _add_run_options(p, "(not used)", several=True, gpus_help=PLAN_GPUS_HELP)
 
     p = sub.add_parser("generate", help="make images from one prompt",
                        description="Make images from one prompt; a one-job queue with the same rules.")
@@ -467,16 +477,45 @@ def cmd_make_random_model(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .generate import plan_queue  # noqa: PLC0415
+    from .generate import plan_queue, plan_team  # noqa: PLC0415
     from .jobs import load_queue  # noqa: PLC0415
+    from .launch import plan_gpus  # noqa: PLC0415
     from .placement import format_plan  # noqa: PLC0415
 
     from .resolve import jobs_with_options  # noqa: PLC0415
 
     settings = _settings(args)
-    jobs = jobs_with_options(lambda: load_queue(args.queue), settings)
-    print(format_plan(plan_queue(jobs, settings, TqdmReporter(args.quiet))))
+    if args.gpus is None:
+        jobs = jobs_with_options(lambda: load_queue(args.queue), settings)
+        print(format_plan(plan_queue(jobs, settings, TqdmReporter(args.quiet))))
+        return 0
+    quiet_libraries()  # main leaves it to the launcher where there is --gpus
+    reporter = TqdmReporter(args.quiet)
+    problems, devices_used = [], []
+    try:
+        devices_used = plan_gpus(args.gpus)
+    except UsageError as exc:
+        problems.append(exc)
+    if args.device != "auto":
+        problems.append(UsageError(f"--device {args.device!r} and --gpus {args.gpus!r}: --gpus chooses each "
+                                   "process's device; leave --device out"))
+    jobs = jobs_with_options(lambda: load_queue(args.queue), settings, problems)
+    if devices_used[0] == "cpu" or _sees_gpu():
+        settings = dataclasses.replace(settings, device=devices_used[0])  # rank 0's, as the run resolves it
+    else:
+        reporter.info(f"this machine has no GPU: planned for GPUs {args.gpus} with this machine's device and "
+                      "its defaults")
+    if len(devices_used) == 1:  # a run on one device is one process
+        print(format_plan(plan_queue(jobs, settings, reporter)))
+        return 0
+    print("\n".join(plan_team(jobs, devices_used, settings, reporter).lines))
     return 0
+
+
+def _sees_gpu() -> bool:
+    import torch  # noqa: PLC0415
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "generate": cmd_generate, "demo": cmd_demo,

@@ -34,15 +34,15 @@ import torch
 from . import __version__
 from .decode import decode_items
 from .compiling import shapes_to_compile
-from .denoise import calls_by_shape, denoise_items, group_key, set_key, steps_run
+from .denoise import calls_by_shape, denoise_items, group_key, lora_groups, steps_run
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory, PixartError, RankFailed
 from .files import cache_dir
 from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, init_shapes, latent_shapes
 from .jobs import Job
-from .lora import LoraFile, lora_set
+from .lora import LoraFile, LoraSet, lora_set
 from .memory import GpuMemoryProbe, StageMeter, StageStats, process_start, release, resolve_host_budget
-from .models import component_sizes
+from .models import COMPONENTS, ModelInfo, component_sizes
 from .placement import CUDA_CONTEXT, OOM_HINT_SHARE, Plan, PlanError, Sizes, format_plan, format_size, make_plan
 from .reporting import Reporter
 from .resolve import Resolved, Settings, resolve
@@ -52,7 +52,7 @@ from .stage import StageContext
 from .team import Team, TeamReporter, devices
 from .vae_encode import InitImage, encode_images, pending_images
 
-__all__ = ["RunResult", "Settings", "plan_queue", "plan_run", "run_queue"]
+__all__ = ["RunResult", "Settings", "TeamPlan", "plan_queue", "plan_run", "plan_team", "run_queue"]
 
 @dataclass
 class RunResult:
@@ -194,12 +194,14 @@ def plan_run(resolved: Resolved, items: list[Item], texts: int, context: int = C
 
 def image_work(item: Item, size: tuple[int, int], loras: Mapping[str, LoraFile], denoise: bool) -> Work:
     """An image to make, as share.py divides it: its size (binned), the steps left, and what loads a transformer
-    and what shares a batch, as denoise.py tells them apart (an image to decode only needs neither)."""
+    and what shares a batch, as denoise.py tells them apart (an image to decode only needs neither). A LoRA set is
+    named by its files and scales, which tell sets apart as denoise.set_key does (a file is one identity), without
+    the files' hashes: `plan --gpus`, which hashes nothing, divides as the run will."""
     pixels = size[0] * size[1]
     if not denoise:
         return Work(item.image_key, pixels, 0)
-    return Work(item.image_key, pixels, steps_run(item), lora=repr(set_key(lora_set(item.lora, loras))),
-                group=repr(group_key(item)))
+    files = sorted((str(file.path), scale) for file, scale in lora_set(item.lora, loras).entries)
+    return Work(item.image_key, pixels, steps_run(item), lora=repr(files), group=repr(group_key(item)))
 
 
 def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None,
@@ -220,11 +222,7 @@ def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None
         resolved = resolve(jobs, settings)
         timeline["resolved"] = time.time()
         return _Run(jobs, resolved, RunFolder(out), reporter, stop, timeline).run()
-    if settings.host_budget == "auto" and team.local_size > 1:
-        # what the machine has is shared by the ranks on it; a size given is each process's
-        whole = resolve_host_budget("auto")
-        if whole is not None:
-            settings = dataclasses.replace(settings, host_budget=whole // team.local_size)
+    settings = shared_host_budget(settings, team.local_size)
     resolved = team.together(lambda: resolve(jobs, settings))
     timeline["resolved"] = time.time()
     return _TeamRun(jobs, resolved, RunFolder(out), reporter, stop, team, timeline).run()
@@ -233,16 +231,69 @@ def run_queue(jobs: list[Job], out: str | Path, settings: Settings | None = None
 def plan_queue(jobs: list[Job], settings: Settings | None = None, reporter: Reporter | None = None) -> Plan:
     """The plan `run_queue` would follow for all of `jobs`: configs and safetensors headers are read, nothing
     is loaded or written, and no GPU is touched. What the plan assumes is told through `reporter`."""
-    resolved = resolve(jobs, settings or Settings(), hash_weights=False)
-    reporter = reporter or Reporter()
+    resolved = _resolve_for_plan(jobs, settings or Settings(), reporter or Reporter())
+    items, _ = expand(jobs, resolved.info.defaults, {})
+    texts = {text for it in items for text in (it.prompt, it.negative_prompt)}
+    return plan_run(resolved, items, len(texts))
+
+
+@dataclass
+class TeamPlan:
+    """What a run over several processes would do with a whole queue, as `plan --gpus` shows it."""
+
+    plans: list[Plan]  # each rank's, for its share
+    shares: list[Share]
+    lines: list[str]  # what the run says at its start (division_lines)
+
+
+def plan_team(jobs: list[Job], devices_used: list[str], settings: Settings | None = None,
+              reporter: Reporter | None = None) -> TeamPlan:
+    """How a run over `devices_used` (each rank's device, rank 0 first, from `--gpus`) would divide all of `jobs`
+    and place each rank's share, as a fresh run: rank 0's steps (expand, keys, its plan for all, the division)
+    and each rank's plan, with rank 0's settings. Loads, hashes and writes nothing, starts no process and touches
+    no GPU. The keys it divides by stand in for the run's (the weights are not hashed): they tell the same items
+    and texts apart, which is all the counts depend on."""
+    settings = shared_host_budget(settings or Settings(), len(devices_used))
+    resolved = _resolve_for_plan(jobs, settings, reporter or Reporter())
+    info = dataclasses.replace(resolved.info, identity={c: resolved.info.identity.get(c, "") for c in COMPONENTS})
+    items, _ = expand(jobs, info.defaults, {})
+
+    def pending(encode_on_cpu: bool) -> Pending:
+        texts = assign_keys(items, info, resolved.dtype, encode_on_cpu, settings.text_encoder_8bit,
+                            loras=resolved.loras)
+        return Pending(texts, items, items, pending_images(items))
+
+    todo = pending(settings.encode_on_cpu)
+    whole = plan_run(resolved, items, len(todo.texts))
+    on_cpu = whole["encode"].placement == "cpu"
+    if on_cpu and not settings.encode_on_cpu:
+        todo = pending(True)  # the run keys its embeddings so, and looks at what is left again
+    shares = divide(todo, items, info, resolved.loras, len(devices_used), encode_on_cpu=on_cpu)
+    labels = [f"rank {r} ({device})" for r, device in enumerate(devices_used)]
+    plans = [plan_share(resolved, share, label=label) for share, label in zip(shares, labels)]
+    return TeamPlan(plans, shares, division_lines(plans, shares, labels, devices_used, len(items), resolved,
+                                                  kept=""))
+
+
+def shared_host_budget(settings: Settings, processes: int) -> Settings:
+    """Each process's settings where `processes` of a run share this machine: --host-budget auto is what the machine
+    has, shared between them (a size given is each process's)."""
+    if settings.host_budget == "auto" and processes > 1:
+        whole = resolve_host_budget("auto")
+        if whole is not None:
+            return dataclasses.replace(settings, host_budget=whole // processes)
+    return settings
+
+
+def _resolve_for_plan(jobs: list[Job], settings: Settings, reporter: Reporter) -> Resolved:
+    """Step one without hashing the weights, and what the plan assumes told through `reporter`."""
+    resolved = resolve(jobs, settings, hash_weights=False)
     if resolved.budget == "auto":
         reporter.info("--vram-budget auto is what the GPU has free when a run starts: planned here without a limit")
     elif resolved.budget is not None and resolved.device.type != "cuda":
         reporter.info(f"planned for a GPU with this budget; on this machine the run would use the "
                       f"{resolved.device.type.upper()}, where --vram-budget does not apply")
-    items, _ = expand(jobs, resolved.info.defaults, {})
-    texts = {text for it in items for text in (it.prompt, it.negative_prompt)}
-    return plan_run(resolved, items, len(texts))
+    return resolved
 
 
 @dataclass
@@ -254,6 +305,94 @@ class Pending:
     latents: list[Item]
     images: list[Item]
     inits: list[InitImage] = field(default_factory=list)
+
+
+@dataclass
+class Share:
+    """One rank's part of what is left, as rank 0 divides it."""
+
+    todo: Pending  # its inits: init images it encodes, which other ranks' images may need
+    encode_on_cpu: bool  # where T5 runs, the same on every rank: an embedding's key says where it was made
+    largest: Item  # what a rank with no images plans for: the largest image of the queue
+    # the call shapes every rank compiles: those one process would compile for all that is left, so that the images
+    # do not depend on the number of GPUs (compiled and eager ones differ by float16 rounding)
+    compile_shapes: frozenset = frozenset()
+
+
+def divide(todo: Pending, queue: list[Item], info: ModelInfo, loras: Mapping[str, LoraFile], ranks: int, *,
+           encode_on_cpu: bool, compile_shapes: frozenset = frozenset()) -> list[Share]:
+    """What is left (`todo`, of the items `queue`) divided between `ranks` processes (share.py): the images by cost,
+    with their latents to make where `todo` has them, the texts by count, the init images by pixels. Pure: a run's
+    rank 0 and `plan --gpus` both divide with it. `encode_on_cpu`: where rank 0's plan for all of it puts T5."""
+    denoise = {it.id for it in todo.latents}
+    work = [image_work(it, size, loras, it.id in denoise) for it, size in zip(todo.images, binned_sizes(info, todo.images))]
+    image_shares = divide_images(work, ranks)
+    text_shares = divide_texts(list(todo.texts), ranks)
+    init_pixels = [(init.key, w * h) for init in todo.inits
+                   for w, h in [info.geometry.denoise_size(init.width, init.height)]]
+    init_shares = divide_inits(init_pixels, [len(texts) for texts in text_shares])
+    everything = todo.images or queue
+    largest = max(zip(binned_sizes(info, everything), everything), key=lambda s: s[0][0] * s[0][1])[1]
+    shares = []
+    for images, texts, inits in zip(image_shares, text_shares, init_shares):
+        mine = [todo.images[i] for i in images]
+        shares.append(Share(Pending({k: todo.texts[k] for k in texts}, [it for it in mine if it.id in denoise], mine,
+                                    [todo.inits[i] for i in inits]), encode_on_cpu, largest, compile_shapes))
+    return shares
+
+
+def plan_share(resolved: Resolved, share: Share, context: int = CUDA_CONTEXT, label: str = "a rank") -> Plan:
+    """A rank's plan for its share, within its own budget (`resolved.budget`). A PlanError where the budget would
+    move T5 to the CPU while rank 0's plan keeps it on the GPU: every rank must encode alike."""
+    resolved = dataclasses.replace(resolved, settings=dataclasses.replace(resolved.settings,
+                                                                          encode_on_cpu=share.encode_on_cpu))
+    plan = plan_run(resolved, share.todo.images or [share.largest], len(share.todo.texts), context,
+                    inits=share.todo.inits)
+    if plan["encode"].placement == "cpu" and not share.encode_on_cpu:
+        raise PlanError(f"{label}: its budget leaves no room for T5 on its GPU, where rank 0's does; every rank must "
+                        "encode alike (an embedding's key says where it was made): give every GPU the same room "
+                        "(--vram-budget), or --text-encoder-on-cpu")
+    return plan
+
+
+def _placements(plan: Plan) -> list[tuple]:
+    """A plan less its figures, which follow each share's size."""
+    return [(st.placement, st.batch, st.ahead, st.resident_blocks, st.hold_in_ram, st.room, st.tile, bool(st.spill))
+            for st in plan.stages.values()]
+
+
+def division_lines(plans: list[Plan], shares: list[Share], labels: list[str], devices_used: list[str], queue: int,
+                   resolved: Resolved, kept: str = " (each rank's plan for its share is in run.json)") -> list[str]:
+    """What a run over several processes says at its start, and `plan --gpus` before it: rank 0's plan, and any
+    other rank's that places a component otherwise (`kept`: where the others' are to be read); what each rank
+    makes; with LoRAs, the sets each rank's transformer is loaded with."""
+    lines = [f"{labels[0]}: {format_plan(plans[0])}"]
+    same = [r for r in range(1, len(plans)) if _placements(plans[r]) == _placements(plans[0])]
+    if same:
+        lines.append(f"{', '.join(labels[r] for r in same)}: the same placements{kept}")
+    lines += [f"{labels[r]}: {format_plan(plans[r])}" for r in range(1, len(plans)) if r not in same]
+
+    def each(counts: list[int]) -> str:
+        return f"{sum(counts)} ({' + '.join(map(str, counts))})"
+
+    todo = [s.todo for s in shares]
+    inits = f"{each([len(t.inits) for t in todo])} init image(s) to encode, " if any(t.inits for t in todo) else ""
+    lines.append(
+        f"{queue} image(s) in the queue, {sum(len(t.images) for t in todo)} to make over {len(shares)} processes: "
+        f"{each([len(t.texts) for t in todo])} text(s) to encode, {inits}{each([len(t.latents) for t in todo])} "
+        f"latent(s) to denoise, {each([len(t.images) for t in todo])} image(s) to decode "
+        f"[{resolved.info.name}, {devices(devices_used)}, {resolved.dtype_name}]")
+    if resolved.loras:
+        for label, t in zip(labels, todo):
+            sets = [lora_name(lora) for lora, _ in lora_groups(t.latents, resolved.loras)]
+            lines.append(f"{label}: {len(sets)} transformer load(s), one per LoRA set{': ' if sets else ''}"
+                         f"{'; '.join(sets)}")
+    return lines
+
+
+def lora_name(lora: LoraSet) -> str:
+    """A LoRA set as a line shows it: each file's name and scale, or "no LoRA"."""
+    return " + ".join(f"{Path(file.path).name} x{scale:g}" for file, scale in lora.entries) or "no LoRA"
 
 
 class _Run:
@@ -556,18 +695,6 @@ class _Run:
         }
 
 
-@dataclass
-class Share:
-    """One rank's part of what is left, as rank 0 divides it."""
-
-    todo: Pending  # its inits: init images it encodes, which other ranks' images may need
-    encode_on_cpu: bool  # where T5 runs, the same on every rank: an embedding's key says where it was made
-    largest: Item  # what a rank with no images plans for: the largest image of the queue
-    # the call shapes every rank compiles: those one process would compile for all that is left, so that the images
-    # do not depend on the number of GPUs (compiled and eager ones differ by float16 rounding)
-    compile_shapes: frozenset = frozenset()
-
-
 class _TeamRun(_Run):
     """Step four on one rank of several (team.py). Rank 0 opens the run folder (its lock stands for the whole run),
     prepares it as one process would and divides what is left (share.py); every rank plans its own share within
@@ -611,24 +738,10 @@ class _TeamRun(_Run):
         self.folder.open()
         self.prepare()
         todo = self.pending()  # rank 0's plan for all of it says where T5 runs, for every rank
-        on_cpu = self.plan["encode"].placement == "cpu"
         self.img2img = "vae-encode" in self.plan.stages
-        denoise = {it.id for it in todo.latents}
-        sizes = binned_sizes(self.info, todo.images)
-        work = [image_work(it, size, self.resolved.loras or {}, it.id in denoise)
-                for it, size in zip(todo.images, sizes)]
-        image_shares = divide_images(work, self.team.size)
-        text_shares = divide_texts(list(todo.texts), self.team.size)
-        init_pixels = [(init.key, w * h) for init in todo.inits
-                       for w, h in [self.info.geometry.denoise_size(init.width, init.height)]]
-        init_shares = divide_inits(init_pixels, [len(texts) for texts in text_shares])
-        everything = todo.images or self.items
-        largest = max(zip(binned_sizes(self.info, everything), everything), key=lambda s: s[0][0] * s[0][1])[1]
         compiled = frozenset(self.compile_shapes(todo.latents, self.plan["denoise"].batch))
-        for images, texts, inits in zip(image_shares, text_shares, init_shares):
-            mine = [todo.images[i] for i in images]
-            self.shares.append(Share(Pending({k: todo.texts[k] for k in texts}, [it for it in mine if it.id in denoise],
-                                             mine, [todo.inits[i] for i in inits]), on_cpu, largest, compiled))
+        self.shares = divide(todo, self.items, self.info, self.resolved.loras or {}, self.team.size,
+                             encode_on_cpu=self.plan["encode"].placement == "cpu", compile_shapes=compiled)
         return self.shares
 
     def compile_shapes(self, latents: list[Item], batch: int) -> set:
@@ -637,46 +750,17 @@ class _TeamRun(_Run):
         return set(self.share.compile_shapes)
 
     def plan_share(self) -> Plan:
-        share = self.share
-        resolved = dataclasses.replace(self.resolved, budget=self.budget, settings=dataclasses.replace(
-            self.settings, encode_on_cpu=share.encode_on_cpu))
-        plan = plan_run(resolved, share.todo.images or [share.largest], len(share.todo.texts), self.context,
-                        inits=share.todo.inits)
-        if plan["encode"].placement == "cpu" and not share.encode_on_cpu:
-            raise PlanError(f"{self.team.label(self.team.rank)}: its budget leaves no room for T5 on its GPU, where "
-                            "rank 0's does; every rank must encode alike (an embedding's key says where it was "
-                            "made): give every GPU the same room (--vram-budget), or --text-encoder-on-cpu")
-        return plan
+        return plan_share(dataclasses.replace(self.resolved, budget=self.budget), self.share, self.context,
+                          self.team.label(self.team.rank))
 
     def announce(self, plans: list[Plan]) -> None:
-        """Rank 0: its plan, and any other rank's that places a component otherwise; what each rank makes; then the
-        bars, summed over the ranks."""
+        """Rank 0: what `division_lines` says of the run (`plan --gpus` says the same); then the bars, summed over the
+        ranks."""
         team = self.team
-
-        def placements(plan: Plan) -> list[tuple]:  # a plan less its figures, which follow each share's size
-            return [(st.placement, st.batch, st.ahead, st.resident_blocks, st.hold_in_ram, st.room, st.tile,
-                     bool(st.spill)) for st in plan.stages.values()]
-
-        self.console.info(f"{team.label(0)}: {format_plan(plans[0])}")
-        same = [r for r in range(1, team.size) if placements(plans[r]) == placements(plans[0])]
-        if same:
-            self.console.info(f"{', '.join(team.label(r) for r in same)}: the same placements (each rank's plan "
-                              "for its share is in run.json)")
-        for r in range(1, team.size):
-            if r not in same:
-                self.console.info(f"{team.label(r)}: {format_plan(plans[r])}")
-
-        def each(counts: list[int]) -> str:
-            return f"{sum(counts)} ({' + '.join(map(str, counts))})"
-
+        for line in division_lines(plans, self.shares, [team.label(r) for r in range(team.size)],
+                                   [m.device for m in team.members], len(self.items), self.resolved):
+            self.console.info(line)
         todo = [s.todo for s in self.shares]
-        inits = f"{each([len(t.inits) for t in todo])} init image(s) to encode, " if any(t.inits for t in todo) else ""
-        self.console.info(
-            f"{len(self.items)} image(s) in the queue, {sum(len(t.images) for t in todo)} to make over "
-            f"{team.size} processes: {each([len(t.texts) for t in todo])} text(s) to encode, {inits}"
-            f"{each([len(t.latents) for t in todo])} latent(s) to denoise, {each([len(t.images) for t in todo])} "
-            f"image(s) to decode [{self.info.name}, {devices([m.device for m in team.members])}, "
-            f"{self.resolved.dtype_name}]")
         totals = {"encode": sum(len(t.texts) for t in todo), "vae-encode": sum(len(t.inits) for t in todo),
                   "denoise": sum(steps_run(it) for t in todo for it in t.latents),  # image-steps, as the stage counts
                   "decode": sum(len(t.images) for t in todo)}

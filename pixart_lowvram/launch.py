@@ -61,6 +61,24 @@ def parse_gpus(text: str) -> list[str]:
     return asked
 
 
+def plan_gpus(text: str) -> list[str]:
+    """`--gpus` for `plan`: each rank's device, as `run` would have them. A list of indices is checked against the
+    GPUs torch sees where it sees any (where it sees none, the plan is for another machine's GPUs); `all` needs
+    torch to count them. A UsageError (exit code 2) for what `run` would refuse."""
+    asked = requested(text)
+    if asked is not None and asked[0] == "cpu":
+        return asked
+    import torch  # noqa: PLC0415
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        if asked is None:
+            raise UsageError(f"--gpus {text!r}: this torch sees no CUDA GPU to count (torch {torch.__version__}); "
+                             "to plan for GPUs of another machine, list them (--gpus 0,1), or for several processes "
+                             "on the CPU, --gpus cpu:N")
+        return asked
+    return parse_gpus(text)
+
+
 @dataclasses.dataclass(frozen=True)
 class TorchrunPlace:
     """This process's place among those torchrun (or another launcher setting torch.distributed's environment)
