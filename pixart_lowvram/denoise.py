@@ -101,9 +101,9 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
     whose batches run the DiT's blocks compiled (compiling.py), resident or streamed; the others run eager."""
     steps = ctx.reporter.bar("denoise", total=sum(steps_run(it) for it in items), unit="step")  # image-steps
     compiled = None
+    planned = denoise_batches(items, batch_size, loras)
     if compile_shapes:
-        shapes = {call_shape(ctx.info, batch) for _, group in denoise_batches(items, batch_size, loras)
-                  for batch in group}
+        shapes = {call_shape(ctx.info, batch) for _, group in planned for batch in group}
         which = "" if shapes <= set(compile_shapes) else (
             f" for {len(shapes & set(compile_shapes))} of its {len(shapes)} image sizes and batches (the others run "
             f"uncompiled: too few steps to repay compiling, or past torch's {shape_limit()} shapes)")
@@ -112,7 +112,7 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
         compiled = CompiledBlocks()
     done = 0
     try:
-        for n, (lora, group) in enumerate(denoise_batches(items, batch_size, loras)):
+        for n, (lora, group) in enumerate(planned):
             if n:  # the previous set's transformer is gone before this one loads
                 release(ctx.device, ctx.meter.components if ctx.meter else None)
             done += _denoise_group(ctx, group, lora, steps, compiled=compiled, compile_shapes=compile_shapes)
