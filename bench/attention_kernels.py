@@ -18,21 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchlib import event_times
 
 
 def timed(fn, reps: int) -> float:
     """Median milliseconds of `fn()` by CUDA events, after 5 warm-up calls."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    times = sorted(event_times(fn, reps, warm=5))
+    return times[len(times) // 2]
 
 
 def padded(fn, size: int):

@@ -13,6 +13,24 @@ def queue_arguments(parser) -> None:
     parser.add_argument("--queue", default="examples/seed-queue.toml")
 
 
+def event_times(fn, reps: int, warm: int = 0) -> list[float]:
+    """Milliseconds of each of `reps` calls of `fn()` on the current CUDA device, by CUDA events, after `warm`
+    untimed calls."""
+    import torch  # noqa: PLC0415
+
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def replace_section(path: Path, heading: str, text: str) -> None:
     """Replace the section `## heading` (up to the next "## " heading) with `text`, or append it."""
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"

@@ -20,6 +20,7 @@ from pathlib import Path
 def worker(index: int, calls: int, preset: str, start_at: float | None, queue) -> None:
     import pynvml  # noqa: PLC0415
     import torch  # noqa: PLC0415
+    from benchlib import event_times  # noqa: PLC0415
     from diffusers import PixArtTransformer2DModel  # noqa: PLC0415
 
     from pixart_lowvram.random_model import preset_config  # noqa: PLC0415
@@ -57,14 +58,7 @@ def worker(index: int, calls: int, preset: str, start_at: float | None, queue) -
         time.sleep(max(0.0, start_at - time.time()))
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    times = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = event_times(call, calls)
     done.set()
     sampler.join()
     clocks = [s[0] for s in samples] or [0]
