@@ -900,6 +900,7 @@ def _place_from_files(model: nn.Module, find, block_pattern: str, units: int, dt
     others load onto `device` now. `find(stored_name, param)` locates a tensor in the files."""
     block = re.compile(block_pattern)
     per_unit: list[dict] = [dict() for _ in range(units)]
+    now: list[tuple[tuple[nn.Module, str], Stored | Computed, torch.dtype]] = []
     for name, param in list(model.named_parameters()):
         if name.startswith(skip):
             continue
@@ -911,7 +912,9 @@ def _place_from_files(model: nn.Module, find, block_pattern: str, units: int, dt
         if match and int(match.group(1)) >= first:
             per_unit[int(match.group(1)) - first][name] = (owner, find(plain, param), target)
         else:
-            set_parameter(owner, load_tensor(find(plain, param), target, device))
+            now.append((owner, find(plain, param), target))
+    for (owner, _, _), tensor in zip(now, load_tensors([src for _, src, _ in now], [d for _, _, d in now], device)):
+        set_parameter(owner, tensor)
     return per_unit
 
 
