@@ -229,15 +229,28 @@ def _peft_config(path: Path) -> dict:
                               "rank_pattern, alpha_pattern) can be merged")
     for key in ("r", "lora_alpha"):
         value = config.get(key, 8)  # peft's defaults
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _finite(value):
             raise LoraFormatError(f"{path}: {key} must be a number, not {json.dumps(value)}")
+    if config.get("r", 8) <= 0:  # peft refuses such an adapter too; its factor alpha / r would divide by it
+        raise LoraFormatError(f"{path}: r must be more than 0, not {json.dumps(config['r'])}")
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                for v in pattern.values()):
+        if not isinstance(pattern, dict) or not all(_finite(v) for v in pattern.values()):
             raise LoraFormatError(f"{path}: {key} must map module patterns to numbers")
+        for name, value in pattern.items():
+            try:
+                re.compile(name)
+            except re.error as exc:
+                raise LoraFormatError(f"{path}: {key} has {name!r}, not a pattern peft can match modules "
+                                      f"with ({exc})") from None
+            if key == "rank_pattern" and value <= 0:
+                raise LoraFormatError(f"{path}: rank_pattern gives {name!r} rank {json.dumps(value)}; a rank "
+                                      "must be more than 0")
     return config
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _pattern_key(patterns, module: str) -> str:

@@ -467,3 +467,21 @@ def test_defaults_give_every_job_a_lora_unless_it_names_its_own(tmp_path):
     jobs = load_queue(queue)
     assert [j.lora for j in jobs] == [(LoraSpec(str(tmp_path / "ink.safetensors"), 0.8),), (),
                                       (LoraSpec("/abs/boat", 1.0),)]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"r": 0}, "r must be more than 0, not 0"),
+    ({"r": 0, "use_rslora": True}, "r must be more than 0, not 0"),
+    ({"rank_pattern": {"attn2.to_q": 0}}, "rank_pattern gives 'attn2.to_q' rank 0"),
+    ({"alpha_pattern": {"attn1.(to_k": 2}}, "alpha_pattern has 'attn1.(to_k', not a pattern peft can match"),
+])
+def test_an_adapter_config_peft_could_not_apply_is_refused_naming_it(tiny_model, adapter, change, message, tmp_path):
+    """A rank of 0 (whose factor alpha / r divides by it) or a pattern that is no regular expression: a queue problem
+    naming the config, not a crash after the queue was checked."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    text = plan_problem(tiny_model, [{"path": str(folder)}], tmp_path)
+    assert f"{folder / 'adapter_config.json'}: {message}" in text
