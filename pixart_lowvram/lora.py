@@ -395,6 +395,8 @@ def _pair_problem(name: str, down_key: str | None, up_key: str | None, stored: d
                 f"(rank {up.shape[1]})")
     if down.shape[0] == 0:
         return f"{name}: rank 0"
+    if missing := [t for t in targets if t not in modules]:
+        return f"{name}: this transformer has no module {missing[0]}: a LoRA for another model?"
     weight = modules[targets[0]]
     rows = sum(modules[t][0] for t in targets)
     if tuple(down.shape[1:]) != tuple(weight[1:]) or up.shape[0] != rows:

@@ -485,3 +485,16 @@ def test_an_adapter_config_peft_could_not_apply_is_refused_naming_it(tiny_model,
     (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
     text = plan_problem(tiny_model, [{"path": str(folder)}], tmp_path)
     assert f"{folder / 'adapter_config.json'}: {message}" in text
+
+
+def test_a_peft_adapter_for_modules_this_transformer_lacks_is_refused_naming_one(tiny_model, adapter, tmp_path):
+    """An adapter folder made for a deeper PixArt (or another model with peft): its modules are named, not a
+    KeyError."""
+    folder = tmp_path / "deeper"
+    folder.mkdir()
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k.replace("transformer_blocks.1.", "transformer_blocks.27."): v for k, v in tensors.items()},
+              folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    text = plan_problem(tiny_model, [{"path": str(folder)}], tmp_path)
+    assert "this transformer has no module transformer_blocks.27." in text and "a LoRA for another model?" in text
