@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -72,8 +73,10 @@ def main() -> None:
                    "--compile", "off" if way == "eager" else "on", "--no-embed-cache", "-q"]
             options = None if way == "eager" else OPTIONS[way]
             proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(options), *cli], capture_output=True,
-                                  text=True)
-            row = {"way": way, "round": rnd, "rc": proc.returncode}
+                                  text=True, env=dict(os.environ, TORCH_LOGS="recompiles"))
+            (args.out / f"{way}-{rnd}.log").write_text(proc.stderr[-200_000:])
+            row = {"way": way, "round": rnd, "rc": proc.returncode,
+                   "recompiles": proc.stderr.count("Recompiling function")}
             if proc.returncode:
                 row["error"] = proc.stderr[-1500:]
             else:
@@ -96,14 +99,15 @@ def main() -> None:
         row["max_diff_vs_round_0"] = max(max_pixel_diff(p, first / p.name) for p in images)
         row["images"] = len(images)
     (args.out / "compile_precision.json").write_text(json.dumps({"jobs": args.jobs, "rows": rows}, indent=1))
-    print("| way | round | images | compile s | steady ms / image-step | max px diff vs eager | vs its round 0 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| way | round | images | compile s | recompiles | steady ms / image-step | max px diff vs eager | "
+          "vs its round 0 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["rc"]:
             print(f"| {r['way']} | {r['round']} | failed: {r['error'].splitlines()[-1] if r['error'] else ''} |")
             continue
         compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
-        print(f"| {r['way']} | {r['round']} | {r['images']} | {compile_s} | {r['steady_ms']:.1f} | "
+        print(f"| {r['way']} | {r['round']} | {r['images']} | {compile_s} | {r['recompiles']} | {r['steady_ms']:.1f} | "
               f"{r['max_diff_vs_eager']} | {r['max_diff_vs_round_0']} |")
 
 
