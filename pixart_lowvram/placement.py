@@ -162,6 +162,9 @@ def parse_size(text: str, option: str = "--vram-budget") -> int | str:
     size = int(float(match.group(1)) * _UNITS[match.group(2)])
     if size <= 0:
         raise UsageError(f"{option} {text!r}: must be more than zero")
+    if match.group(2) in ("", "b") and size < MiB:  # '--vram-budget 2': nobody means two bytes
+        raise UsageError(f"{option} {text!r}: {size} bytes (a size without a unit is in bytes); "
+                         f"did you mean {match.group(1)}GiB?")
     return size
 
 

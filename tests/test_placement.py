@@ -58,6 +58,12 @@ def test_parse_size_refuses_what_is_not_a_positive_size(text):
         parse_size(text)
 
 
+def test_a_size_without_a_unit_too_small_to_mean_bytes_gets_a_hint():
+    with pytest.raises(UsageError, match=r"--host-budget '2': 2 bytes .*did you mean 2GiB\?"):
+        parse_size("2", "--host-budget")
+    assert parse_size(str(2 * 2**30)) == 2 * 2**30  # plain bytes stay bytes
+
+
 # -- sizes of PixArt-XL-2, from shapes alone -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
