@@ -10,9 +10,13 @@ processes on standby have loaded nothing, and are ended with it (or end on their
 This module imports nothing heavy: it runs before torch is imported."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -39,7 +43,26 @@ def context(on_gpu: bool):
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", *PRELOAD])
+    with deaf_to_ctrl_c():
+        multiprocessing.forkserver.ensure_running()
     return ctx
+
+
+@contextlib.contextmanager
+def deaf_to_ctrl_c():
+    """Processes started in here begin with Ctrl-C ignored (an ignored signal stays ignored through exec, and Python
+    keeps it so), until they set their own handlers (launch._worker does): a Ctrl-C in a terminal reaches every
+    process, and one still importing the libraries (the fork server's preload, a process on standby) would print a
+    KeyboardInterrupt traceback beside this process's one message. This process, the one that handles Ctrl-C for the
+    run, ignores it only for the instant a process takes to start. Only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def requested(text: str) -> list[str] | None:
@@ -115,7 +138,10 @@ def start(gpus: str | None) -> Standby | None:
     for rank in range(1, count):
         mine, theirs = ctx.Pipe(duplex=False)
         process = ctx.Process(target=_wait, args=(mine, rank), name=f"pixart-lowvram-rank{rank}", daemon=True)
-        process.start()
+        # a fork server's worker is forked from the server, deaf already: its start waits for the server's preload
+        # (seconds), which this process must not spend deaf
+        with deaf_to_ctrl_c() if ctx.get_start_method() == "spawn" else contextlib.nullcontext():
+            process.start()
         mine.close()
         standby.processes.append(process)
         standby.pipes.append(theirs)

@@ -1,0 +1,81 @@
+"""A run over several processes (`--gpus cpu:N`, gloo ranks on the CPU) meeting what goes wrong from outside: Ctrl-C
+in a terminal (it reaches every process of the run) at any moment, the libraries still loading included; a rank
+that dies or fails in each stage; the run folder given in odd ways. Each ends without hanging, with the exit code
+the README promises and one message, keeps what was finished, and the same command resumes it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QUEUE = """\
+[defaults]
+steps = 2
+width = 64
+height = 64
+
+[[jobs]]
+name = "kite"
+prompt = "a red kite"
+seed = 1
+count = 2
+"""
+
+
+def env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+
+def session_children(leader: int) -> list[int]:
+    """The live processes of `leader`'s session other than itself (zombies left for init to reap are not)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == leader:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == leader:  # state, ..., session id
+            found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_while_the_other_processes_load_the_libraries_is_one_message_and_130(tiny_model, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the command, and the fork server that is still importing
+    torch and diffusers for the workers (or a worker on standby). The command ends with 130 and its one message; no
+    other process prints a KeyboardInterrupt traceback, and none is left behind."""
+    queue = tmp_path / "q.toml"
+    queue.write_text(QUEUE)
+    command = [sys.executable, "-m", "pixart_lowvram.cli", "run", str(queue), "--model", tiny_model, "--out",
+               str(tmp_path / "run"), "--gpus", "cpu:2", "-q"]
+    # a session of its own, as a terminal gives a command; Ctrl-C as Python's default handles it, whatever the test's
+    # own process ignores
+    first = subprocess.Popen(command, cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                                 signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        # the others have started (the fork server is importing): a command line naming the fork server
+        while not any(b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                      for pid in session_children(first.pid) if Path(f"/proc/{pid}/cmdline").exists()):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.02)
+        time.sleep(0.3)  # into the imports
+        os.killpg(first.pid, signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.communicate()
+    assert first.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted; finished work is kept" in err
+    deadline = time.monotonic() + 20
+    while session_children(first.pid):  # the fork server and the resource tracker end once the command is gone
+        assert time.monotonic() < deadline, session_children(first.pid)
+        time.sleep(0.1)
