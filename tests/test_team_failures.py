@@ -11,6 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import max_diff, pixels
+from test_multigpu import CPU32, child
+from pixart_lowvram.generate import Settings, run_queue
+from pixart_lowvram.jobs import parse_queue
+
 QUEUE = """\
 [defaults]
 steps = 2
@@ -79,3 +84,36 @@ def test_ctrl_c_while_the_other_processes_load_the_libraries_is_one_message_and_
     while session_children(first.pid):  # the fork server and the resource tracker end once the command is gone
         assert time.monotonic() < deadline, session_children(first.pid)
         time.sleep(0.1)
+
+
+def one_process_images(tiny_model: str, queue: Path, tmp_path: Path) -> dict[str, object]:
+    result = run_queue(parse_queue(queue.read_text(), "toml"), tmp_path / "one", Settings(model=tiny_model, **CPU32))
+    return {item.id: pixels(result.images[item.id]) for item in result.items}
+
+
+def assert_same_images(run: Path, one: dict[str, object]) -> None:
+    """The same pixels as one process makes (text-to-image: the ranks' share of the cores rounds nothing otherwise)."""
+    assert sorted(p.stem for p in (run / "images").glob("*.png")) == sorted(one)
+    for name, image in one.items():
+        assert max_diff(pixels(run / "images" / f"{name}.png"), image) == 0, name
+
+
+def test_rank_0_killed_leaves_the_others_to_end_on_their_own_in_one_line_each(tiny_model, tmp_path):
+    """The command's own process (rank 0) killed outright in its denoising (the OOM killer's likeliest choice): the
+    other ends by itself at once (the test's wait for its output to close is bounded), saying so in one line, with
+    no C++ stack trace from the calls it made to the store that went with rank 0; the same command resumes."""
+    queue = tmp_path / "q.toml"
+    queue.write_text(QUEUE.replace("count = 2", "count = 4"))
+    run = tmp_path / "run"
+    command = ["--", "run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2", "-q",
+               "--dtype", "float32"]
+    cache = ["--env", f"XDG_CACHE_HOME={tmp_path / 'cache'}"]
+    killed = child([*cache, "--kill", "denoise:compute:2", "--rank", "0", *command], tmp_path, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    lines = [line for line in killed.stderr.splitlines() if line.strip()]
+    assert lines == [line for line in lines if line.startswith("error: rank 1 (cpu): lost contact")], killed.stderr
+    assert len(lines) == 1 and "run the same command again" in lines[0]
+    assert list((run / "embeds").glob("*.safetensors")), "what was encoded is kept"
+    again = child([*cache, *command], tmp_path, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert_same_images(run, one_process_images(tiny_model, queue, tmp_path))
