@@ -789,9 +789,15 @@ class _TeamRun(_Run):
         self.mark("work end")
         return self.finish(error)
 
+    def stage(self, name: str, count: int, work) -> list[str]:
+        if count:
+            self.team.enter(name)  # before its component loads: a rank that dies loading it is named in this stage
+        return super().stage(name, count, work)
+
     def encoded(self, texts: list[str], inits: list[str]) -> tuple[list[str], list[str]]:
         """Wait for every rank to have encoded its texts and init images; what came out non-finite on any of them
         (every rank leaves out its own images that need one, as one process would)."""
+        self.team.enter("the wait for the others after encoding")
         start = time.perf_counter()
         try:
             everyone = self.team.exchange("encoded", (texts, inits), self.stop)

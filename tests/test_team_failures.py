@@ -4,6 +4,7 @@ that dies or fails in each stage; the run folder given in odd ways. Each ends wi
 the README promises and one message, keeps what was finished, and the same command resumes it."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import max_diff, pixels
 from test_multigpu import CPU32, child
 from pixart_lowvram.generate import Settings, run_queue
@@ -117,3 +119,28 @@ def test_rank_0_killed_leaves_the_others_to_end_on_their_own_in_one_line_each(ti
     again = child([*cache, *command], tmp_path, timeout=120)
     assert again.returncode == 0, again.stderr
     assert_same_images(run, one_process_images(tiny_model, queue, tmp_path))
+
+
+@pytest.mark.parametrize("point, named", [
+    ("decode:load:1", "during decode"),  # loading the VAE, its denoising done
+    ("encode:barrier:1", "during the wait for the others after encoding"),
+])
+def test_a_rank_killed_between_its_steps_is_named_where_it_was(point, named, tiny_model, tmp_path):
+    """Rank 1 killed while it loads a stage's component, or while it waits for the others after encoding: the run
+    ends with exit code 5 naming where it was (not the stage it finished before), and the same command finishes."""
+    queue = tmp_path / "q.toml"
+    queue.write_text(QUEUE)
+    run = tmp_path / "run"
+    command = ["--", "run", str(queue), "--model", tiny_model, "--out", str(run), "--gpus", "cpu:2", "-q",
+               "--dtype", "float32"]
+    cache = ["--env", f"XDG_CACHE_HOME={tmp_path / 'cache'}"]
+    killed = child([*cache, "--kill", point, "--rank", "1", *command], tmp_path, timeout=120)
+    assert killed.returncode == 5, killed.stderr
+    assert f"error: rank 1 (cpu) ended unexpectedly (killed by signal 9) {named};" in killed.stderr
+    if point.endswith("barrier:1"):
+        assert len(list((run / "embeds").glob("*.safetensors"))) == 2, "both texts encoded, by one rank each"
+        again = child([*cache, *command], tmp_path, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert "encode" not in {s["name"] for s in json.loads((run / "run.json").read_text())["stages"]
+                                if not s["skipped"]}
+        assert_same_images(run, one_process_images(tiny_model, queue, tmp_path))
