@@ -144,3 +144,34 @@ def test_a_rank_killed_between_its_steps_is_named_where_it_was(point, named, tin
         assert "encode" not in {s["name"] for s in json.loads((run / "run.json").read_text())["stages"]
                                 if not s["skipped"]}
         assert_same_images(run, one_process_images(tiny_model, queue, tmp_path))
+
+
+def test_ctrl_c_under_torchrun_is_told_once_by_rank_0(tiny_model, tmp_path):
+    """Under torchrun a terminal's Ctrl-C reaches every rank (and torchrun, which passes it on): rank 0 alone says it
+    is stopping, and what was finished is kept for the same command to resume. (torchrun's own exit code and report
+    follow: they are torchrun's.)"""
+    queue = tmp_path / "q.toml"
+    queue.write_text(QUEUE.replace("steps = 2", "steps = 30").replace("count = 2", "count = 6"))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "pixart_lowvram.cli", "run", str(queue), "--model", tiny_model, "--out", str(run), "--device", "cpu",
+               "--dtype", "float32", "-q"]
+    first = subprocess.Popen(command, cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                                 signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not list((run / "latents").glob("*.safetensors")):  # denoising, some images finished
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.communicate()
+    assert err.count("stopping after the current step is saved") == 1, err
+    # torchrun passes the Ctrl-C on, a second one: rank 0 may stop at once, wherever it is
+    assert "finished work is kept" in err and "run the same command again" in err
+    made = len(list((run / "latents").glob("*.safetensors")))
+    assert 1 <= made < 6 and not list(run.rglob("*.tmp"))
