@@ -859,6 +859,9 @@ class _TeamRun(_Run):
         self.failures = merged([f for r in present for f in r.failures])
         self.mark("run.json written")  # as it is written, which takes milliseconds: the file carries it
         self.write_manifest()
+        gone = [r for r in team.dead if r != 0]
+        if isinstance(error, Interrupted) and gone and not following:
+            raise team.ended(gone[0])  # asked to stop (torchrun does so when a rank dies) while one had gone: it
         if error is not None and not following:
             raise error
         if team.stopper() not in (None, 0):

@@ -175,3 +175,22 @@ def test_ctrl_c_under_torchrun_is_told_once_by_rank_0(tiny_model, tmp_path):
     assert "finished work is kept" in err and "run the same command again" in err
     made = len(list((run / "latents").glob("*.safetensors")))
     assert 1 <= made < 6 and not list(run.rglob("*.tmp"))
+
+
+def test_under_torchrun_a_rank_killed_is_named_by_rank_0_which_stops_soon(tiny_model, tmp_path):
+    """Under torchrun nobody tells rank 0 that rank 1 died: torchrun asks it to stop (SIGTERM). Rank 0 finds rank 1
+    silent (its team thread no longer ticks) instead of waiting GRACE_SECONDS for its record, and ends the run naming
+    it, with exit code 5, before torchrun's own deadline (30 s) would kill it."""
+    queue = tmp_path / "q.toml"
+    queue.write_text(QUEUE.replace("steps = 2", "steps = 10").replace("count = 2", "count = 4"))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(Path(__file__).with_name("crash_child.py")), "--kill", "denoise:compute:3", "--rank", "1", "--",
+               "run", str(queue), "--model", tiny_model, "--out", str(run), "--device", "cpu", "--dtype", "float32",
+               "-q"]
+    done = subprocess.run(command, cwd=tmp_path, env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "error: rank 1 (cpu) ended unexpectedly (it stopped answering) during denoise" in done.stderr, done.stderr
+    assert "exitcode  : 5" in done.stderr  # rank 0's, in torchrun's report
+    data = json.loads((run / "run.json").read_text())
+    assert [r["missing"] for r in data["ranks"]] == [None, "it ended unexpectedly"]
