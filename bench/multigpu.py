@@ -193,6 +193,9 @@ def main() -> None:
                         help="leave out the untimed run on every GPU (~20 s; the first one-GPU run is then its own)")
     parser.add_argument("--loras", type=int, default=0, help="K: the jobs take K LoRA sets in turn (default: none)")
     parser.add_argument("--lora-rank", type=int, default=32, help="the adapter's rank (with --loras)")
+    parser.add_argument("--compile", default="on", choices=["auto", "on", "off"],
+                        help="the runs' --compile (default: on, as measured: the library's auto then compiled 64 "
+                             "and more 1024x1024 jobs, and its default is now off)")
     parser.add_argument("--compare-longest-first", action="store_true",
                         help="each N-GPU run again with the division that ignored LoRA sets (bench/longest_first.py)")
     args = parser.parse_args()
@@ -264,7 +267,8 @@ def main() -> None:
             folder = args.work / (f"{label}-gpu-{budget}" + ("-longest-first" if program is not cli else ""))
             shutil.rmtree(folder, ignore_errors=True)
             argv = program + ["run", str(queue), "--model", str(model), "--out", str(folder), "--no-embed-cache",
-                              "-q", *launch] + ([] if budget == "none" else ["--vram-budget", budget])
+                              "-q", *launch] + ([] if budget == "none" else ["--vram-budget", budget]) + (
+                                  [] if cpu else ["--compile", args.compile])
             wall, sampled, outside = run(argv, logs / f"{folder.name}.log", 0 if cpu else gpus, args.timeout)
             row = {"budget": budget, "gpus": int(label), "division": division, "wall_s": wall, "folder": str(folder),
                    "sampled": sampled,

@@ -166,14 +166,15 @@ def _add_run_options(p: argparse.ArgumentParser, out_help: str, several: bool = 
                    help="compute these components in float32 in a 16-bit run: text_encoder, transformer, vae. The "
                         "fix when one overflows float16 (the run then ends with exit code 4 and names it); it "
                         "applies to what is still to make, so a rerun with it redoes only the failed images")
-    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="off",
                    help="torch.compile the DiT's repeated blocks (resident or streamed): faster denoising steps on "
-                        "a GPU. The first run on a machine spends ~10 to 20 s compiling, later runs seconds (the "
-                        "cache is kept in ~/.cache/pixart-lowvram/torch-compile). auto (default): on a GPU, each image "
-                        "size and batch with at least 200 transformer calls (steps x batches), the others "
-                        "uncompiled; never on the CPU. on: every size and batch. At most 8 either way (torch's "
-                        "limit per function). Images within float16 rounding of the uncompiled ones "
-                        "(BENCHMARKS.md, Speed)")
+                        "a GPU for long queues, images up to 3/255 from the uncompiled ones (float16 rounding; "
+                        "BENCHMARKS.md, Compiled images). The first run on a machine spends ~10 to 20 s compiling, "
+                        "later runs seconds (the cache is kept in ~/.cache/pixart-lowvram/torch-compile). off "
+                        "(default): the plain pipeline's numbers. auto: on a GPU, each image size and batch with at "
+                        "least 650 transformer calls (steps x batches: ~65 images of 20 steps at 1024x1024), the "
+                        "others uncompiled; never on the CPU. on: every size and batch. At most 8 either way "
+                        "(torch's limit per function)")
     g.add_argument("--no-embed-cache", dest="embed_cache", action="store_const", const=None, default="default",
                    help="do not share prompt embeddings across runs (default: ~/.cache/pixart-lowvram/embeds)")
     g.add_argument("--force", action="store_true",

@@ -25,10 +25,11 @@ from .files import cache_dir
 
 COMPILE_MODES = ("auto", "on", "off")
 # `auto` compiles, on a GPU, each call shape (image size and batch) of the denoise stage that makes at least this
-# many transformer calls (one a step and batch): below it, compiling a shape (~2 s with a warm cache, ~12 s for the
-# first run on a machine) costs more than it saves (~4 to 14 ms a call at 1024x1024 on an H200, bench/step_time.py).
-# A chosen break-even, to be refined by bench/budgets.py's compile rows.
-AUTO_MIN_CALLS = 200
+# many transformer calls (one a step and batch). On an H200 a compiled run with a warm cache spent 2.3 s in its
+# first call and ~2.5 s more that no call shows (8 images at 1024x1024: the denoise stage took 4.8 s longer than
+# eager, bench/compile_precision.py), against ~3.7 ms saved an image-step (bench/step_time.py): ~1,300 image-steps,
+# 650 calls of 2 images, to break even.
+AUTO_MIN_CALLS = 650
 
 
 def compile_cache() -> str:

@@ -9,6 +9,9 @@ in groups of the plan's size (`plan.group`: the hidden states of a group are all
 picks the largest group that fits the budget)."""
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
 from .models import (ModelInfo, caption_cleaning, load_text_encoder, load_text_encoder_streamed, load_tokenizer,
@@ -26,6 +29,35 @@ def _load(info: ModelInfo, plan: StagePlan, dtype: torch.dtype, device: torch.de
     model = load_text_encoder(info, dtype, device, eight_bit=eight_bit)
     micro_batch_blocks(model.encoder.block, micro)
     return model, None
+
+
+class _LimitWarnings(logging.Filter):
+    """Holds back the libraries' warnings about texts past T5's token limit: for a group of texts the reference
+    pipeline logs the cut tail of every text in it, padding included (megabytes of '<pad>' for a long queue with
+    one long prompt), and the tokenizer speaks of a limit of 512 that the pipeline never reaches. The stage says
+    instead, once, which texts reach the limit."""
+
+    HELD = ("was truncated because T5 can only handle", "Token indices sequence length is longer")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in self.HELD)
+
+
+@contextlib.contextmanager
+def _limit_warnings_held(pipe):
+    loggers = [logging.getLogger(type(pipe).__module__), logging.getLogger("transformers.tokenization_utils_base")]
+    held = _LimitWarnings()
+    for logger in loggers:
+        logger.addFilter(held)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(held)
+
+
+def _shown(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[:width - 1] + "…")
 
 
 def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, cache=None,
@@ -54,13 +86,17 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
         pipe = make_pipeline(info, tokenizer=tokenizer, text_encoder=text_encoder)
         ctx.loaded(text_encoder)
         size = plan.group or len(keys)
-        with reporter.bar("encode", total=len(keys), unit="text") as bar, torch.inference_mode():
+        tokens = info.geometry.max_sequence_length
+        full = []  # texts that fill every token T5 reads: what follows them, if anything, is left out
+        with (reporter.bar("encode", total=len(keys), unit="text") as bar, torch.inference_mode(),
+              _limit_warnings_held(pipe)):
             for start in range(0, len(keys), size):
                 ctx.checkpoint()
                 group = keys[start:start + size]
                 embeds, mask, _, _ = pipe.encode_prompt(
                     [texts[k] for k in group], do_classifier_free_guidance=False, device=device,
-                    clean_caption=caption_cleaning(), max_sequence_length=info.geometry.max_sequence_length)
+                    clean_caption=caption_cleaning(), max_sequence_length=tokens)
+                full += [texts[k] for k, used in zip(group, mask.sum(dim=1).tolist()) if used >= tokens]
                 for i, key in enumerate(group):
                     tensors = {"embeds": embeds[i].to(store), "mask": mask[i]}
                     if not ctx.finite(tensors["embeds"], key):
@@ -69,6 +105,10 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
                     if cache is not None:
                         cache.store(key, folder.embed_path(key))
                 bar.update(len(group))
+        if full:
+            more = f" and {len(full) - 3} more" if len(full) > 3 else ""
+            reporter.info(f"{len(full)} text(s) reach the {tokens} tokens T5 reads; anything after them is left out, "
+                          f"as the reference pipeline leaves it: {', '.join(map(_shown, full[:3]))}{more}")
     finally:
         if streamer is not None:
             streamer.close()

@@ -167,6 +167,15 @@ def read_geometry(pipeline_class: str, configs: dict[str, dict], folder: Path | 
     if caption is not None and caption != text_dim:
         raise ModelError(f"{_where(folder, 'transformer')}: caption_channels {caption!r} does not match the text "
                          f"encoder's d_model {text_dim} ({_where(folder, 'text_encoder')})")
+    # The blocks' cross-attention reads the caption projection's output, heads x head size wide (models.py
+    # requires caption_channels); built for another width, the reference fails in its first step.
+    cross = transformer.get("cross_attention_dim")
+    heads, head_dim = transformer.get("num_attention_heads"), transformer.get("attention_head_dim")
+    if cross is not None and cross != heads * head_dim:
+        raise ModelError(f"{_where(folder, 'transformer')}: cross_attention_dim {cross!r} does not match the "
+                         f"width of the caption projection it reads, num_attention_heads x attention_head_dim = "
+                         f"{heads} x {head_dim} = {heads * head_dim} (diffusers' own pipeline fails on this folder "
+                         "too)")
     # The pipeline passes resolution and aspect ratio only where PixArt-α's sample size is 128 (Σ never does);
     # the transformer wants them where its config says so (null: at sample size 128). Where it wants them and
     # gets none, the reference itself fails inside the transformer's first step.

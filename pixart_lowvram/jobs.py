@@ -121,6 +121,9 @@ def load_queue(path: str | os.PathLike) -> list[Job]:
         raise QueueError([Problem(f"cannot read {path}: {error.strerror or error}")], source=source) from None
     except ValueError as error:
         raise QueueError([Problem(f"{path} {error}")], source=source) from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # what Windows PowerShell 5's `>` writes
+        raise QueueError([Problem(f"{path} is UTF-16 text (it starts with a UTF-16 byte order mark)",
+                                  hint="save the file as UTF-8")], source=source)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -14,9 +14,12 @@ Formats:
   `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`; r, lora_alpha, use_rslora, rank_pattern and
   alpha_pattern are applied as peft applies them; anything else that changes the maths (DoRA, lora_bias, ...) is
   refused.
+- diffusers' LoRA files (`save_lora_weights`: keys behind `transformer.`; `save_lora_adapter`: bare) that keep
+  their LoraConfig in the header's `lora_adapter_metadata`: applied with it, as diffusers loads them (peft's
+  factors and patterns; ComfyUI ignores the metadata and adds such a file at 1).
 - flat safetensors files in the layouts ComfyUI maps for PixArt (comfy/lora.py `model_lora_keys_unet`,
   comfy/utils.py `pixart_to_diffusers`): diffusers module names behind `transformer.`, `base_model.model.` or
-  `unet.base_model.model.`; the original PixArt names (`blocks.N.attn.qkv`, whose rows are diffusers' to_q, to_k
+  `unet.base_model.model.` (or bare, as diffusers' `save_lora_adapter` writes them); the original PixArt names (`blocks.N.attn.qkv`, whose rows are diffusers' to_q, to_k
   and to_v) as `lora_unet_blocks_N_attn_qkv` or `diffusion_model.blocks.N.attn.qkv`; and OneTrainer's
   `lora_transformer_<diffusers name, dots as underscores>` (ComfyUI_ExtraModels' PixArt LoRA loader). Each with
   the down/up pairs ComfyUI's LoRA adapter reads (`lora_down`/`lora_up`, `lora_A`/`lora_B`, `lora.down`/`lora.up`,
@@ -41,13 +44,17 @@ from .streaming import Stored, load_tensor
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+# The header entry where diffusers' save_lora_weights and save_lora_adapter keep the adapter's LoraConfig (r,
+# lora_alpha, patterns), its keys behind the component's prefix ("transformer.r") or bare
+DIFFUSERS_METADATA = "lora_adapter_metadata"
 
 # (down, up) suffixes of one module's pair, as ComfyUI's LoRA adapter reads them (comfy/weight_adapter/lora.py)
 PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
          (".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"),
          (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
 ALPHA = ".alpha"
-DIFFUSERS_PREFIXES = ("transformer.", "base_model.model.", "unet.base_model.model.")
+# "" last: bare diffusers module names, as diffusers' save_lora_adapter writes them
+DIFFUSERS_PREFIXES = ("transformer.", "base_model.model.", "unet.base_model.model.", "")
 
 # The original PixArt code's names (what ComfyUI's PixArt model holds) -> diffusers' modules, and for its fused
 # projections the diffusers modules whose rows they stack, in order (comfy/utils.py `pixart_to_diffusers`).
@@ -188,7 +195,7 @@ def read_lora(path: str | Path, transformer: dict[str, Stored], hash_files: bool
     if config is not None:
         fmt, patches = "peft", _peft_patches(weights, stored, config, modules)
     else:
-        fmt, patches = _flat_patches(weights, stored, modules, transformer)
+        fmt, patches = _flat_patches(weights, stored, modules, transformer, _metadata_config(weights))
     identity = ""
     if hash_files:
         from .models import file_sha256
@@ -211,6 +218,36 @@ def _peft_config(path: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LoraFormatError(f"{path}: cannot be read as JSON ({exc})") from None
+    return _checked_config(config, str(path))
+
+
+def _metadata_config(weights: Path) -> dict | None:
+    """The transformer's LoraConfig that diffusers keeps in a LoRA file's header (None: there is none). diffusers
+    loads such a file with it (lora_alpha / r and the patterns, as peft), where ComfyUI ignores it; the file's
+    author trained the adapter with those, so they apply here too."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(weights, framework="pt") as f:
+        text = (f.metadata() or {}).get(DIFFUSERS_METADATA)
+    if text is None:
+        return None
+    where = f"{weights} ({DIFFUSERS_METADATA})"
+    try:
+        packed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LoraFormatError(f"{where}: cannot be read as JSON ({exc})") from None
+    if not isinstance(packed, dict):
+        raise LoraFormatError(f"{where}: expected a JSON object")
+    # save_lora_weights keeps each component's config behind its prefix; save_lora_adapter writes one bare
+    if any(k.startswith("transformer.") for k in packed):
+        packed = {k[len("transformer."):]: v for k, v in packed.items() if k.startswith("transformer.")}
+    elif any("." in k for k in packed):
+        return None  # another component's only (the text encoder's): its keys are refused as such
+    return _checked_config(packed, where)
+
+
+def _checked_config(config: object, path: str) -> dict:
+    """A peft LoraConfig (adapter_config.json, or diffusers' metadata) that this module can apply as peft does."""
     if not isinstance(config, dict):
         raise LoraFormatError(f"{path}: expected a JSON object")
     kind = config.get("peft_type", "LORA")
@@ -229,15 +266,28 @@ def _peft_config(path: Path) -> dict:
                               "rank_pattern, alpha_pattern) can be merged")
     for key in ("r", "lora_alpha"):
         value = config.get(key, 8)  # peft's defaults
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _finite(value):
             raise LoraFormatError(f"{path}: {key} must be a number, not {json.dumps(value)}")
+    if config.get("r", 8) <= 0:  # peft refuses such an adapter too; its factor alpha / r would divide by it
+        raise LoraFormatError(f"{path}: r must be more than 0, not {json.dumps(config['r'])}")
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                for v in pattern.values()):
+        if not isinstance(pattern, dict) or not all(_finite(v) for v in pattern.values()):
             raise LoraFormatError(f"{path}: {key} must map module patterns to numbers")
+        for name, value in pattern.items():
+            try:
+                re.compile(name)
+            except re.error as exc:
+                raise LoraFormatError(f"{path}: {key} has {name!r}, not a pattern peft can match modules "
+                                      f"with ({exc})") from None
+            if key == "rank_pattern" and value <= 0:
+                raise LoraFormatError(f"{path}: rank_pattern gives {name!r} rank {json.dumps(value)}; a rank "
+                                      "must be more than 0")
     return config
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _pattern_key(patterns, module: str) -> str:
@@ -247,6 +297,19 @@ def _pattern_key(patterns, module: str) -> str:
         if re.match(rf"(.*\.)?({pattern})$", module):
             return pattern
     return module
+
+
+def _peft_factor(config: dict, module: str, pair: dict[str, str], stored: dict[str, Stored], config_name: str
+                 ) -> tuple[float, str | None]:
+    """A module's factor as peft scales it under `config` (lora_alpha / r, or / sqrt(r) with rsLoRA, the patterns
+    applied), and a problem where its tensors' rank is not the config's."""
+    rank = (config.get("rank_pattern") or {}).get(_pattern_key(config.get("rank_pattern") or {}, module),
+                                                   config.get("r", 8))
+    alpha = (config.get("alpha_pattern") or {}).get(_pattern_key(config.get("alpha_pattern") or {}, module),
+                                                    config.get("lora_alpha", 8))
+    if stored[pair["A"]].shape[0] != rank:
+        return 0.0, f"{module}: its tensors have rank {stored[pair['A']].shape[0]}, {config_name} says r={rank}"
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank), None
 
 
 def _peft_patches(weights: Path, stored: dict[str, Stored], config: dict, modules) -> list[Patch]:
@@ -259,17 +322,11 @@ def _peft_patches(weights: Path, stored: dict[str, Stored], config: dict, module
         else:
             unknown.append(key)
     _refuse_unknown(weights, unknown, "peft LoRA keys base_model.model.<module>.lora_A.weight / .lora_B.weight")
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     patches, problems = [], []
     for module, pair in found.items():
-        rank = ranks.get(_pattern_key(ranks, module), r)
-        module_alpha = alphas.get(_pattern_key(alphas, module), alpha)
-        factor = module_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         problem = _pair_problem(module, pair.get("A"), pair.get("B"), stored, modules, [module])
-        if problem is None and stored[pair["A"]].shape[0] != rank:
-            problem = (f"{module}: its tensors have rank {stored[pair['A']].shape[0]}, adapter_config.json says "
-                       f"r={rank}")
+        if problem is None:
+            factor, problem = _peft_factor(config, module, pair, stored, PEFT_CONFIG)
         if problem:
             problems.append(problem)
         else:
@@ -278,8 +335,10 @@ def _peft_patches(weights: Path, stored: dict[str, Stored], config: dict, module
     return patches
 
 
-def _flat_patches(weights: Path, stored: dict[str, Stored], modules, transformer) -> tuple[str, list[Patch]]:
-    """A flat file's updates, in whichever of ComfyUI's PixArt layouts it is written."""
+def _flat_patches(weights: Path, stored: dict[str, Stored], modules, transformer, config: dict | None = None
+                  ) -> tuple[str, list[Patch]]:
+    """A flat file's updates, in whichever of ComfyUI's PixArt layouts it is written; `config`: the peft config
+    diffusers keeps in its header, which scales each pair (None: its `.alpha`, else 1)."""
     pairs: dict[str, dict[str, str]] = {}
     unknown = []
     for key in stored:
@@ -304,7 +363,12 @@ def _flat_patches(weights: Path, stored: dict[str, Stored], modules, transformer
         formats.add(fmt)
         problem = _pair_problem(base, pair.get("A"), pair.get("B"), stored, modules, targets)
         factor = 1.0
-        if problem is None and "alpha" in pair:
+        if problem is None and config is not None:
+            if "alpha" in pair:  # diffusers refuses alphas beside its metadata too: which would scale it?
+                problem = f"{pair['alpha']}: an alpha beside the {DIFFUSERS_METADATA}, which gives lora_alpha"
+            else:
+                factor, problem = _peft_factor(config, targets[0], pair, stored, DIFFUSERS_METADATA)
+        elif problem is None and "alpha" in pair:
             alpha = stored[pair["alpha"]]
             value = load_tensor(alpha, torch.float64, torch.device("cpu")) if alpha.numel() == 1 else None
             if value is None or not math.isfinite(float(value.reshape(()))):
@@ -326,7 +390,7 @@ def _flat_patches(weights: Path, stored: dict[str, Stored], modules, transformer
     _refuse_problems(weights, problems)
     if len(formats) > 1:
         raise LoraFormatError(f"{weights}: mixes key layouts ({', '.join(sorted(formats))}): not one LoRA file")
-    return formats.pop(), patches
+    return formats.pop() if config is None else "diffusers", patches
 
 
 def _rows(up: Stored, start: int, stop: int) -> Stored:
@@ -382,6 +446,8 @@ def _pair_problem(name: str, down_key: str | None, up_key: str | None, stored: d
                 f"(rank {up.shape[1]})")
     if down.shape[0] == 0:
         return f"{name}: rank 0"
+    if missing := [t for t in targets if t not in modules]:
+        return f"{name}: this transformer has no module {missing[0]}: a LoRA for another model?"
     weight = modules[targets[0]]
     rows = sum(modules[t][0] for t in targets)
     if tuple(down.shape[1:]) != tuple(weight[1:]) or up.shape[0] != rows:

@@ -24,7 +24,7 @@ from .files import cache_dir, write_atomic
 from .geometry import Geometry, patch_size, read_geometry, vae_scale_factor, with_defaults
 from .jobs import JobDefaults
 from .lora import LoraSet, merge
-from .streaming import (BlockStreamer, Computed, CpuEmbedding, Stored, load_tensor, micro_batch_blocks,
+from .streaming import (BlockStreamer, Computed, CpuEmbedding, Stored, load_tensor, load_tensors, micro_batch_blocks,
                         set_parameter)
 
 SUPPORTED_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
@@ -783,12 +783,69 @@ def load_tokenizer(info: ModelInfo):
 
 
 def load_text_encoder(info: ModelInfo, dtype: torch.dtype, device: torch.device, eight_bit: bool = False):
-    # transformers keeps T5's `wo` layers in fp32 (_keep_in_fp32_modules) as the reference pipeline does.
+    """T5 whole on `device`, every tensor what `from_pretrained(dtype=dtype)` gives (transformers keeps T5's `wo`
+    layers in fp32, _keep_in_fp32_modules, as the reference pipeline does).
+
+    Safetensors weights are built empty from the config and read onto the device through streaming.load_tensors:
+    pieces read on several threads into pinned buffers and copied as they arrive. No CPU copy of T5's 9.5 GB is
+    made, and on an H200 it reaches the GPU in BENCHMARKS.md's "T5 to the GPU" time against from_pretrained's
+    (bench/t5_load.py). Pickled weights (allowed with allow_pickle) and the 8-bit recipe go through
+    from_pretrained."""
     if eight_bit:
         return _load(info, "text_encoder", **text_encoder_8bit_kwargs(dtype, device)).eval()
-    # Read straight onto the device (device_map), not built on the CPU and then moved: the same tensors, ~0.25 s
-    # less for the XL T5 on an H200 (1.75 s against 2.0 to 2.2, bench/t5_load.py), and no CPU copy of its 9.5 GB.
-    return _load(info, "text_encoder", dtype=dtype, use_safetensors=True, device_map={"": _map_target(device)}).eval()
+    if info.weights("text_encoder").pickled:
+        return _load(info, "text_encoder", dtype=dtype, use_safetensors=True,
+                     device_map={"": _map_target(device)}).eval()
+    folder = info.path / "text_encoder"
+    model, find, keep = _empty_text_encoder(folder, info.headers.get("text_encoder"))
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}  # a tied parameter (T5's embedding) is set in each place
+    names: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        path, _, leaf = name.rpartition(".")
+        owners.setdefault(id(param), []).append((model.get_submodule(path) if path else model, leaf))
+        names.setdefault(id(param), name)
+    params = {id(p): p for p in model.parameters()}
+    order = list(names)
+    dtypes = [_target_dtype(names[i], dtype, keep) for i in order]
+    try:
+        tensors = load_tensors([find(names[i], params[i]) for i in order], dtypes, device)
+    except OSError as exc:  # a file cut short or unreadable since the folder was checked
+        raise ModelError(f"{folder}: cannot load text_encoder ({type(exc).__name__}: {exc})") from exc
+    for i, tensor in zip(order, tensors):
+        param = nn.Parameter(tensor, requires_grad=False)
+        for owner in owners[i]:
+            set_parameter(owner, param)
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise ModelError(f"{folder}: buffer {name} has no stored value")  # T5 has none; keep it honest
+    return model
+
+
+def _empty_text_encoder(folder: Path, stored: dict[str, Stored] | None = None):
+    """T5EncoderModel built on the meta device from `folder`'s config, in eval mode; `find(name, param)` locates a
+    parameter's tensor in the safetensors files (a tied one under any of its names); `keep`: the module names
+    transformers keeps in float32."""
+    from transformers import T5Config, T5EncoderModel  # noqa: PLC0415
+
+    config = T5Config.from_pretrained(folder)
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    model.eval()
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    stored = stored if stored is not None else stored_tensors(folder)
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+
+    def find(name: str, param: nn.Parameter) -> Stored:
+        if name in stored:
+            return stored[name]
+        for alias in aliases.get(id(param), []):  # tied: stored under another of its names
+            if alias in stored:
+                return stored[alias]
+        raise ModelError(f"{folder}: no tensor {name!r} in the weights files")
+
+    return model, find, keep
 
 
 def _map_target(device: torch.device) -> int | str:
@@ -843,6 +900,7 @@ def _place_from_files(model: nn.Module, find, block_pattern: str, units: int, dt
     others load onto `device` now. `find(stored_name, param)` locates a tensor in the files."""
     block = re.compile(block_pattern)
     per_unit: list[dict] = [dict() for _ in range(units)]
+    now: list[tuple[tuple[nn.Module, str], Stored | Computed, torch.dtype]] = []
     for name, param in list(model.named_parameters()):
         if name.startswith(skip):
             continue
@@ -854,7 +912,9 @@ def _place_from_files(model: nn.Module, find, block_pattern: str, units: int, dt
         if match and int(match.group(1)) >= first:
             per_unit[int(match.group(1)) - first][name] = (owner, find(plain, param), target)
         else:
-            set_parameter(owner, load_tensor(find(plain, param), target, device))
+            now.append((owner, find(plain, param), target))
+    for (owner, _, _), tensor in zip(now, load_tensors([src for _, src, _ in now], [d for _, _, d in now], device)):
+        set_parameter(owner, tensor)
     return per_unit
 
 
@@ -865,27 +925,7 @@ def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.d
 
     Returns (model, streamer). Weights take the dtypes `from_pretrained(dtype=...)` gives them (transformers
     keeps the `_keep_in_fp32_modules`, T5's `wo`, in fp32); a test checks every tensor equals from_pretrained's."""
-    from transformers import T5Config, T5EncoderModel  # noqa: PLC0415
-
-    config = T5Config.from_pretrained(folder)
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    model.eval()
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    stored = stored_tensors(folder)
-
-    def find(name: str, param: nn.Parameter) -> Stored:
-        if name in stored:
-            return stored[name]
-        for alias in aliases.get(id(param), []):  # tied: stored under another of its names
-            if alias in stored:
-                return stored[alias]
-        raise ModelError(f"{folder}: no tensor {name!r} in the weights files")
-
-    aliases: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(name)
-
+    model, find, keep = _empty_text_encoder(folder)
     embedding = model.encoder.embed_tokens
     table = load_tensor(find("encoder.embed_tokens.weight", embedding.weight), dtype, torch.device("cpu"))
     model.encoder.embed_tokens = CpuEmbedding(table)

@@ -48,9 +48,10 @@ class Settings:
     # host RAM the whole process may hold (pinned buffers included): bytes, "16GiB", or "auto" (what the process
     # holds plus what the machine has available, less placement.HOST_MARGIN); None: unconstrained
     host_budget: str | int | None = "auto"
-    # torch.compile the DiT's repeated blocks (compiling.py): "on", "off", or "auto" (on a GPU, for a denoise stage
-    # long enough to pay for compiling). Like the batch sizes, not part of an artifact's key: within rounding
-    compile: str = "auto"
+    # torch.compile the DiT's repeated blocks (compiling.py): "off", "on", or "auto" (on a GPU, for a denoise stage
+    # long enough to pay for compiling). Not part of an artifact's key, like the batch sizes, but off unless asked:
+    # compiled images were up to 3/255 from the plain pipeline's (BENCHMARKS.md, "Compiled images")
+    compile: str = "off"
 
 
 UPCASTABLE = ("text_encoder", "transformer", "vae")

@@ -134,9 +134,10 @@ def test_compiled_images_match_uncompiled_ones(tiny_model, tmp_path):
 def test_auto_compiles_on_a_gpu_the_shapes_that_repay_it():
     gpu = torch.device("cuda", 0)
     long, short = (2, 1024, 1024, True), (1, 512, 512, True)
-    calls = {long: 320, short: 110}  # 32 images of 20 steps in batches of 2; the seed queue's
+    calls = {long: 1280, short: 110}  # 128 images of 20 steps in batches of 2; the seed queue's
     assert shapes_to_compile("auto", gpu, calls) == {long}
-    assert shapes_to_compile("auto", gpu, {short: 110, (2, 512, 512, True): 110}) == set()  # 220 calls, in two
+    assert shapes_to_compile("auto", gpu, {(2, 1024, 1024, True): 320}) == set()  # 32 images: too few to repay it
+    assert shapes_to_compile("auto", gpu, {short: 400, (2, 512, 512, True): 400}) == set()  # 800 calls, in two
     assert shapes_to_compile("auto", CPU, calls) == set()  # compiling on a CPU takes longer than most runs
     assert shapes_to_compile("on", CPU, calls) == {long, short}
     assert shapes_to_compile("off", gpu, calls) == set()
@@ -144,7 +145,7 @@ def test_auto_compiles_on_a_gpu_the_shapes_that_repay_it():
 
 def test_no_more_shapes_than_torch_compiles_for_one_function():
     """Past torch's limit dynamo warns and runs eager: the shapes chosen stop at the limit, the most calls first."""
-    calls = {(1, 128 * k, 128, True): 100 * k for k in range(1, 7)}
+    calls = {(1, 128 * k, 128, True): 700 * k for k in range(1, 7)}
     with torch._dynamo.config.patch(recompile_limit=3):
         assert shapes_to_compile("on", CPU, calls) == {(1, 128 * k, 128, True) for k in (4, 5, 6)}
         assert shapes_to_compile("auto", torch.device("cuda", 0), calls) == {(1, 128 * k, 128, True)

@@ -209,6 +209,11 @@ REFUSED = {
     # the VAE's latents are not the transformer's
     "latent-channels": (ALPHA, {}, {**small_vae(1), "latent_channels": 8},
                         "latent_channels 8 does not match the transformer's in_channels 4"),
+    # more heads without a matching cross_attention_dim: the caption projection gives 5 x 8 = 40 features, the
+    # blocks' cross-attention was built for 24 (diffusers' test value for 3 x 8)
+    "cross-attention-width": (ALPHA, {"num_attention_heads": 5}, {},
+                              "cross_attention_dim 24 does not match the width of the caption projection it reads, "
+                              "num_attention_heads x attention_head_dim = 5 x 8 = 40"),
 }
 
 

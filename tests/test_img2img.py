@@ -22,13 +22,13 @@ from diffusers.utils import load_image
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from conftest import max_diff, pixels
+from conftest import max_diff, pixels, reference_image
 from pixart_lowvram import decode, denoise, encode, generate, resolve, vae_encode
 from pixart_lowvram.cli import main
 from pixart_lowvram.errors import QueueError
 from pixart_lowvram.generate import Settings, run_queue
 from pixart_lowvram.jobs import Job, parse_queue
-from pixart_lowvram.random_model import make_random_model
+from pixart_lowvram.random_model import make_random_model, scheduler_config
 from pixart_lowvram.placement import StagePlan
 from pixart_lowvram.samplers import SAMPLERS
 from pixart_lowvram.vae_strips import StripEncoder
@@ -375,6 +375,36 @@ def test_folders_of_other_configs_make_their_recipes_image_whole_and_in_strips(c
     assert max_diff(pixels(strips.images[strips.items[0].id]), expected) <= 1
 
 
+# a folder whose own scheduler is another class (Euler scales its starting noise, Heun takes two model calls a
+# step: order 2), or whose VAE has another scaling_factor and a shift_factor the reference pipelines ignore
+OWN = {"euler-scheduler": dict(scheduler="EulerDiscreteScheduler"),
+       "heun-scheduler": dict(scheduler="HeunDiscreteScheduler"),
+       "vae-scaling": dict(vae={**small_vae(4), "scaling_factor": 0.3611, "shift_factor": 0.1159,
+                                "force_upcast": False})}
+
+
+@pytest.mark.parametrize("case", OWN)
+def test_a_folders_own_scheduler_and_vae_scaling_make_the_references_images(case, init_images, tmp_path):
+    """Text-to-image against the reference pipeline, image-to-image against the img2img recipe, on the folder's
+    own components as diffusers' save_pretrained wrote them."""
+    given = OWN[case]
+    scheduler = getattr(diffusers, given["scheduler"]).from_config(scheduler_config()) if "scheduler" in given else None
+    folder = save_folder(tmp_path / "model", scheduler=scheduler, vae=given.get("vae", small_vae(4)))
+    prompt = dict(prompt="a pirate ship", negative_prompt="blurry", seed=5)
+    jobs = [Job(index=1, steps=3, width=64, height=48, **prompt),
+            Job(index=2, steps=3, width=64, height=48, init_image=init_images["a"], strength=0.7, **prompt)]
+    result = run_queue(jobs, tmp_path / "run", Settings(model=folder, **CPU32))
+    pipe = diffusers.PixArtAlphaPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == given.get("scheduler", "DDIMScheduler")
+    text = reference_image(pipe, **prompt, width=64, height=48, steps=3, use_resolution_binning=False)
+    image = reference_img2img(pipe, init_image=init_images["a"], prompt="a pirate ship", negative_prompt="blurry",
+                              width=64, height=48, seed=5, strength=0.7, steps=3)
+    ours = [pixels(result.images[item.id]) for item in result.items]
+    assert text.std() > 2 and image.std() > 2
+    assert max_diff(ours[0], text) <= 1 and max_diff(ours[1], image) <= 1
+
+
 def test_an_encoder_the_strips_cannot_walk_encodes_on_the_cpu(tiny_model, init_images, reference_pipeline,
                                                                tmp_path, monkeypatch):
     from pixart_lowvram.reporting import Reporter
@@ -496,3 +526,40 @@ def test_two_processes_make_the_one_process_images(tiny_model, init_images, tmp_
     stages = {s["name"]: s for s in data["stages"]}
     assert list(stages) == ["encode", "vae-encode", "denoise", "decode"]
     assert stages["vae-encode"]["items"] == 2 and stages["denoise"]["items"] == 4
+
+
+def wild_images(folder) -> dict[str, str]:
+    """One picture saved as other tools save pictures: modes PIL converts (grey, palette with transparency, alpha,
+    16-bit grey, CMYK JPEG), an EXIF-rotated JPEG, WebP, an animated GIF, a single pixel."""
+    base = Image.open(write_image(folder / "base.png", 120, 90, 4))
+    made = {"grey.png": base.convert("L"), "palette.png": base.convert("P"), "alpha.png": base.convert("RGBA"),
+            "grey16.png": Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257),
+            "cmyk.jpg": base.convert("CMYK"), "photo.webp": base, "dot.png": Image.new("RGB", (1, 1), (200, 30, 40))}
+    made["alpha.png"].putalpha(Image.linear_gradient("L").resize(base.size))
+    for name, image in made.items():
+        image.save(folder / name, **({"transparency": 0} if name == "palette.png" else {}))
+    exif = base.getexif()
+    exif[0x0112] = 6  # orientation: rotated 90 degrees, as a phone saves a portrait photo
+    base.save(folder / "rotated.jpg", exif=exif.tobytes())
+    frames = [base.rotate(angle).convert("P") for angle in (180, 90, 0)]
+    frames[0].save(folder / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return {name: str(folder / name) for name in [*made, "rotated.jpg", "moving.gif"]}
+
+
+def test_pictures_as_other_tools_save_them_are_read_as_diffusers_reads_them(tiny_model, reference_pipeline, tmp_path):
+    """Each is encoded from what diffusers' load_image and VaeImageProcessor make of it (EXIF orientation applied,
+    RGB, an animation's first frame), and the encodings differ: the picture, not a fallback, was read."""
+    images = wild_images(tmp_path)
+    jobs = [job(path, index=n, name=name.replace(".", "-"), steps=2) for n, (name, path) in
+            enumerate(images.items(), start=1)]
+    result = run_queue(jobs, tmp_path / "run", Settings(model=tiny_model, **CPU32))
+    processor = VaeImageProcessor(vae_scale_factor=reference_pipeline.vae_scale_factor)
+    seen = []
+    for item, path in zip(result.items, images.values()):
+        moments = latents_of(result, None, item.init_key)["moments"]
+        with torch.inference_mode():
+            pixels_in = processor.preprocess(load_image(path), height=256, width=256)
+            expected = reference_pipeline.vae.encode(pixels_in).latent_dist.parameters[0]
+        torch.testing.assert_close(moments, expected, rtol=0, atol=1e-5, msg=path)
+        assert not any(torch.equal(moments, other) for other in seen), path
+        seen.append(moments)

@@ -229,6 +229,28 @@ def test_a_utf8_byte_order_mark_is_fine(tmp_path):
     assert load_queue(path)[0].prompt == "café"
 
 
+@pytest.mark.parametrize(("suffix", "text"), [
+    (".toml", '[defaults]\r\nsteps = 2\r\n\r\n[[jobs]]\r\n\tprompt = """\r\n🚀 سفينة 海上的船 e\u0301le\u0300ve\r\nat sea"""\r\n'),
+    (".json", '{"defaults": {"steps": 2},\r\n "jobs": [{\t"prompt": "🚀 سفينة 海上的船 e\u0301le\u0300ve\\nat sea"}]}\r\n'),
+    (".jsonl", '{"defaults": {"steps": 2}}\r\n\r\n{"prompt": "🚀 سفينة 海上的船 e\u0301le\u0300ve\\nat sea"}\r\n'),
+])
+def test_windows_line_ends_a_bom_tabs_and_any_script_are_read_as_written(tmp_path, suffix, text):
+    """A queue saved by a Windows editor (BOM, CRLF), indented with tabs, in any script: the prompt is the text as
+    written, emoji, right-to-left, CJK and combining marks unchanged (not normalised), a line end in it one \\n."""
+    path = tmp_path / f"queue{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    (job,) = load_queue(path)
+    assert job.prompt == "🚀 سفينة 海上的船 e\u0301le\u0300ve\nat sea" and job.steps == 2
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "queue.jsonl"
+    path.write_text('{"prompt": "a cat"}\n', encoding="utf-16")  # as Windows PowerShell's `>` saves it
+    with pytest.raises(QueueError) as caught:
+        load_queue(path)
+    assert f"{path} is UTF-16 text" in str(caught.value) and "save the file as UTF-8" in str(caught.value)
+
+
 def test_unknown_suffix(tmp_path):
     path = tmp_path / "queue.yaml"
     path.write_text("jobs: []\n")

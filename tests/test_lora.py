@@ -229,6 +229,31 @@ def test_every_flat_layout_merges_what_the_peft_folder_merges(tiny_model, shared
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=2e-6, msg=name)
 
 
+def diffusers_file(model: str, adapter: Path, out: Path, writer: str, *, keys: str = "peft") -> Path:
+    """The peft adapter's LoRA as diffusers' own writers save it: `save_lora_weights` (keys behind `transformer.`;
+    PixArt's pipelines have no LoRA mixin, and every transformer pipeline's writes the same layout: Sana's here) or
+    the model's `save_lora_adapter` (bare keys; PixArt's transformer lacks the mixin, its method is called on it).
+    Both keep the adapter's LoraConfig in the header's lora_adapter_metadata. keys="converted": the attention
+    pairs renamed lora.down / lora.up by convert_state_dict_to_diffusers, as diffusers' UNet training scripts save
+    them."""
+    from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
+    from diffusers.loaders.peft import PeftAdapterMixin
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    transformer = PixArtTransformer2DModel.from_pretrained(model, subfolder="transformer")
+    wrapped = PeftModel.from_pretrained(transformer, adapter).base_model.model
+    if writer == "save_lora_adapter":
+        PeftAdapterMixin.save_lora_adapter(wrapped, out)
+    else:
+        layers = get_peft_model_state_dict(wrapped)
+        if keys == "converted":
+            layers = convert_state_dict_to_diffusers(layers)
+        SanaLoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=layers,
+                                              transformer_lora_adapter_metadata=wrapped.peft_config["default"].to_dict())
+    return out / "pytorch_lora_weights.safetensors"
+
+
 def test_in_float16_the_streamed_and_resident_merges_are_the_same_weights(tiny_model, adapter):
     """Both placements merge in float32 and cast once: bit for bit the same float16 weights."""
     info = resolve_model(tiny_model, hash_weights=False)
@@ -467,3 +492,71 @@ def test_defaults_give_every_job_a_lora_unless_it_names_its_own(tmp_path):
     jobs = load_queue(queue)
     assert [j.lora for j in jobs] == [(LoraSpec(str(tmp_path / "ink.safetensors"), 0.8),), (),
                                       (LoraSpec("/abs/boat", 1.0),)]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"r": 0}, "r must be more than 0, not 0"),
+    ({"r": 0, "use_rslora": True}, "r must be more than 0, not 0"),
+    ({"rank_pattern": {"attn2.to_q": 0}}, "rank_pattern gives 'attn2.to_q' rank 0"),
+    ({"alpha_pattern": {"attn1.(to_k": 2}}, "alpha_pattern has 'attn1.(to_k', not a pattern peft can match"),
+])
+def test_an_adapter_config_peft_could_not_apply_is_refused_naming_it(tiny_model, adapter, change, message, tmp_path):
+    """A rank of 0 (whose factor alpha / r divides by it) or a pattern that is no regular expression: a queue problem
+    naming the config, not a crash after the queue was checked."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    text = plan_problem(tiny_model, [{"path": str(folder)}], tmp_path)
+    assert f"{folder / 'adapter_config.json'}: {message}" in text
+
+
+def test_a_peft_adapter_for_modules_this_transformer_lacks_is_refused_naming_one(tiny_model, adapter, tmp_path):
+    """An adapter folder made for a deeper PixArt (or another model with peft): its modules are named, not a
+    KeyError."""
+    folder = tmp_path / "deeper"
+    folder.mkdir()
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k.replace("transformer_blocks.1.", "transformer_blocks.27."): v for k, v in tensors.items()},
+              folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    text = plan_problem(tiny_model, [{"path": str(folder)}], tmp_path)
+    assert "this transformer has no module transformer_blocks.27." in text and "a LoRA for another model?" in text
+
+
+def test_a_lora_diffusers_saved_with_its_config_makes_the_image_peft_makes(tiny_model, adapter, peft_reference,
+                                                                             tmp_path):
+    """diffusers' save_lora_weights keeps the adapter's r, lora_alpha and patterns in the file's header, and
+    diffusers loads it with them: so does this tool (ComfyUI ignores them and would add it at 1)."""
+    path = diffusers_file(tiny_model, adapter, tmp_path / "saved", "save_lora_weights")
+    ours, _ = our_image(tiny_model, [(path, 0.7)], tmp_path / "run")
+    assert max_diff(ours, peft_reference) <= 1
+
+
+@pytest.mark.parametrize(("writer", "keys"), [("save_lora_weights", "converted"), ("save_lora_adapter", "peft")])
+def test_every_diffusers_layout_merges_what_the_peft_folder_merges(tiny_model, adapter, tmp_path, writer, keys):
+    info = resolve_model(tiny_model, hash_weights=False)
+    headers = info.headers["transformer"]
+    folder = read_lora(adapter, headers, hash_files=False)
+    saved = read_lora(diffusers_file(tiny_model, adapter, tmp_path / "saved", writer, keys=keys), headers,
+                      hash_files=False)
+    assert saved.format == "diffusers"
+    cpu = torch.device("cpu")
+    want = load_transformer(info, torch.float32, cpu, lora=LoraSet.of([(folder, 0.7)])).state_dict()
+    got = load_transformer(info, torch.float32, cpu, lora=LoraSet.of([(saved, 0.7)])).state_dict()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=2e-6, msg=name)
+
+
+def test_a_diffusers_lora_whose_config_cannot_be_applied_is_refused(tiny_model, adapter, tmp_path):
+    """Its metadata is checked as an adapter_config.json is: a DoRA config is refused, not merged as plain LoRA."""
+    from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    layers = {k[len("base_model.model."):]: v for k, v in tensors.items()}
+    config = {**json.loads((adapter / "adapter_config.json").read_text()), "use_dora": True}
+    SanaLoraLoaderMixin.save_lora_weights(tmp_path / "dora", transformer_lora_layers=layers,
+                                          transformer_lora_adapter_metadata=config)
+    text = plan_problem(tiny_model, [{"path": str(tmp_path / "dora" / "pytorch_lora_weights.safetensors")}], tmp_path)
+    assert "(lora_adapter_metadata): a DoRA adapter" in text

@@ -3,6 +3,7 @@ outside the tool's own files is touched, every limit is a clear error, every fai
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -231,6 +232,30 @@ def test_a_prompt_at_the_limit_is_cleaned_quickly_and_drawn_as_the_reference_dra
     prompt = ("a lighthouse at dusk, " * 400)[:MAX_PROMPT]
     result = run_queue(queue(f'prompt = "{prompt}"\nseed = 3'), tmp_path / "run", Settings(model=tiny_model, **CPU32))
     expected = reference_image(reference_pipeline, prompt=prompt, steps=2, seed=3)
+    assert max_diff(pixels(result.images[result.items[0].id]), expected) <= 1
+
+
+def test_a_long_prompt_among_others_is_named_once_not_logged_with_every_texts_padding(tiny_model, reference_pipeline,
+                                                                                     tmp_path):
+    """The reference pipeline logs, for a group of texts with one past T5's limit, the cut tail of every text in it,
+    padding included: 10,000 '<pad>' for one 400-word prompt among four. The stage says which texts fill the limit,
+    and the images are the reference's all the same."""
+    long = " ".join(f"word{i}" for i in range(400))
+    jobs = queue(f'prompt = "{long}"\nseed = 3', 'prompt = "a red fox"\nseed = 4', 'prompt = "a boat"\nseed = 5')
+    notes, logged = Notes(), []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    pipeline_log = logging.getLogger("diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha")
+    pipeline_log.addHandler(handler)
+    try:
+        result = run_queue(jobs, tmp_path / "run", Settings(model=tiny_model, embed_cache=None, **CPU32), notes)
+    finally:
+        pipeline_log.removeHandler(handler)
+    assert not [m for m in logged if "<pad>" in m]
+    assert [m for m in notes.messages if "tokens T5 reads" in m] == [
+        "1 text(s) reach the 120 tokens T5 reads; anything after them is left out, as the reference pipeline leaves "
+        "it: 'word0 word1 word2 word3 word4 word5 wor…'"]
+    expected = reference_image(reference_pipeline, prompt=long, steps=2, seed=3)
     assert max_diff(pixels(result.images[result.items[0].id]), expected) <= 1
 
 

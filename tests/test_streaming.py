@@ -485,3 +485,44 @@ def test_tensors_read_in_pieces_on_several_threads_are_whole(tiny_model, monkeyp
             for piece in pieces:
                 piece.result()
             assert torch.equal(out.view(s.dtype).reshape(s.shape), expected[name]), name
+
+
+# -- many tensors onto a device at once ---------------------------------------------------------------------------
+
+def test_load_tensors_reads_every_piece_in_place_and_converts(tmp_path, monkeypatch):
+    """Tensors split over several pieces, a ring smaller than the pieces (every slot reused), stored dtypes other
+    than the target, an empty tensor and a computed one: each comes out with the stored values in its dtype."""
+    from safetensors.torch import save_file
+
+    from pixart_lowvram import streaming
+
+    monkeypatch.setattr(streaming, "READ_PIECE", 1000)
+    monkeypatch.setattr(streaming, "LOAD_SLOTS", 3)
+    generator = torch.Generator().manual_seed(0)
+    values = {"big": torch.randn(37, 29, generator=generator),  # 4292 bytes: five pieces
+              "half": torch.randn(300, generator=generator).half(),
+              "empty": torch.zeros(0, 4),
+              "one": torch.tensor([3.5], dtype=torch.bfloat16)}
+    save_file(values, tmp_path / "w.safetensors")
+    stored = index_safetensors([tmp_path / "w.safetensors"])
+    names = list(values)
+    made = streaming.Computed((2, 2), torch.float32, lambda: torch.arange(4.0).reshape(2, 2))
+    dtypes = [torch.float16, torch.float32, torch.float16, torch.float32, torch.float16]
+    got = streaming.load_tensors([stored[n] for n in names] + [made], dtypes, torch.device("cpu"))
+    for name, tensor, dtype in zip(names, got, dtypes):
+        assert tensor.dtype == dtype and tensor.shape == values[name].shape
+        assert torch.equal(tensor, values[name].to(dtype)), name
+    assert torch.equal(got[-1], torch.arange(4.0).reshape(2, 2).half())
+
+
+def test_load_tensors_names_a_file_cut_short(tmp_path):
+    from safetensors.torch import save_file
+
+    from pixart_lowvram import streaming
+
+    save_file({"w": torch.ones(1000)}, tmp_path / "w.safetensors")
+    stored = index_safetensors([tmp_path / "w.safetensors"])["w"]
+    with open(tmp_path / "w.safetensors", "r+b") as f:
+        f.truncate(stored.start + 100)
+    with pytest.raises(OSError, match="w.safetensors"):
+        streaming.load_tensors([stored], [torch.float32], torch.device("cpu"))
