@@ -377,7 +377,8 @@ def _run(jobs, out: Path, settings, quiet: bool, gpus: str | None = None, standb
     from . import launch  # noqa: PLC0415
 
     start = time.perf_counter()
-    with _stop_on_ctrl_c() as stop:
+    place = launch.torchrun_place()
+    with _stop_on_ctrl_c(say=place is None or place.rank == 0) as stop:
         result = launch.run(jobs, out, settings, TqdmReporter(quiet), stop, gpus=gpus, standby=standby)
     if result is None:
         return 0  # a process of several other than the first: the first reports for all
@@ -390,9 +391,11 @@ def _run(jobs, out: Path, settings, quiet: bool, gpus: str | None = None, standb
 
 
 @contextlib.contextmanager
-def _stop_on_ctrl_c():
+def _stop_on_ctrl_c(say: bool = True):
     """The first Ctrl-C asks the run to stop at the next safe point (after the image or text at hand is
-    saved); a second one stops at once. Either way nothing finished is lost."""
+    saved); a second one stops at once. Either way nothing finished is lost. `say`: tell the user so (not on the
+    ranks other than the first of a run torchrun started: the terminal's Ctrl-C reaches each, and rank 0 speaks
+    for all)."""
     stop = threading.Event()
 
     def handler(signum, frame):
@@ -400,7 +403,8 @@ def _stop_on_ctrl_c():
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
         stop.set()
-        sys.stderr.write("\nstopping after the current step is saved (Ctrl-C again to stop at once)\n")
+        if say:
+            sys.stderr.write("\nstopping after the current step is saved (Ctrl-C again to stop at once)\n")
 
     previous = signal.getsignal(signal.SIGINT)
     try:

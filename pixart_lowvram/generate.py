@@ -789,9 +789,15 @@ class _TeamRun(_Run):
         self.mark("work end")
         return self.finish(error)
 
+    def stage(self, name: str, count: int, work) -> list[str]:
+        if count:
+            self.team.enter(name)  # before its component loads: a rank that dies loading it is named in this stage
+        return super().stage(name, count, work)
+
     def encoded(self, texts: list[str], inits: list[str]) -> tuple[list[str], list[str]]:
         """Wait for every rank to have encoded its texts and init images; what came out non-finite on any of them
         (every rank leaves out its own images that need one, as one process would)."""
+        self.team.enter("the wait for the others after encoding")
         start = time.perf_counter()
         try:
             everyone = self.team.exchange("encoded", (texts, inits), self.stop)
@@ -853,6 +859,9 @@ class _TeamRun(_Run):
         self.failures = merged([f for r in present for f in r.failures])
         self.mark("run.json written")  # as it is written, which takes milliseconds: the file carries it
         self.write_manifest()
+        gone = [r for r in team.dead if r != 0]
+        if isinstance(error, Interrupted) and gone and not following:
+            raise team.ended(gone[0])  # asked to stop (torchrun does so when a rank dies) while one had gone: it
         if error is not None and not following:
             raise error
         if team.stopper() not in (None, 0):

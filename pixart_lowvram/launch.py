@@ -31,7 +31,7 @@ from .generate import RunResult, run_queue
 from .jobs import Job
 from .reporting import Reporter
 from .resolve import Settings, check_options
-from .standby import PRELOAD, Standby, context, requested
+from .standby import PRELOAD, Standby, context, quiet_cpp_warnings, requested
 from .team import Team
 
 # How long the store waits for a rank that is expected: a worker's first contact comes after it imports torch.
@@ -162,6 +162,8 @@ def _spawn(devices: list[str], jobs: list[Job], out: str | Path, settings: Setti
     # Port 0: the system picks a free one; the workers learn it with their part.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
     env = dict(os.environ)
+    # workers started here (spawned ones on the thread) are quiet, until every one has reached the store
+    quiet = contextlib.ExitStack()
     if standby is not None:
         workers = dict(enumerate(standby.processes, start=1))
         order = (devices, store.port, jobs, str(out), settings, env)
@@ -172,12 +174,14 @@ def _spawn(devices: list[str], jobs: list[Job], out: str | Path, settings: Setti
         workers = {rank: ctx.Process(target=_worker, name=f"pixart-lowvram-rank{rank}", daemon=True,
                                      args=(rank, devices, store.port, jobs, str(out), settings, env))
                    for rank in range(1, len(devices))}
+        quiet.enter_context(quiet_cpp_warnings())  # this process loaded torch already: not for it
         starting = _Starting(workers, marks)
     try:
-        _quiet_libraries()
-        preload()  # while the workers start, as they do
-        marks["imported"] = time.time()
-        _wait_for(workers, devices, store, starting)
+        with quiet:
+            _quiet_libraries()
+            preload()  # while the workers start, as they do
+            marks["imported"] = time.time()
+            _wait_for(workers, devices, store, starting)
         marks["store reached"] = time.time()  # by every worker
         _settle(devices[0], len(devices))
         with Team.join(0, len(devices), store, devices[0], exited=lambda: {

@@ -10,9 +10,13 @@ processes on standby have loaded nothing, and are ended with it (or end on their
 This module imports nothing heavy: it runs before torch is imported."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -39,7 +43,44 @@ def context(on_gpu: bool):
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", *PRELOAD])
+    with starting_others():
+        multiprocessing.forkserver.ensure_running()
     return ctx
+
+
+@contextlib.contextmanager
+def starting_others():
+    """What a process the run starts begins with, set here for the instant it takes to start (an exec'd process
+    inherits both): Ctrl-C ignored, and torch's C++ warnings off (`quiet_cpp_warnings`).
+
+    A terminal's Ctrl-C reaches every process, and one still importing the libraries (the fork server's preload, a
+    process on standby) would print a KeyboardInterrupt traceback beside this process's one message. An ignored
+    signal stays ignored through exec, and Python keeps it so, until launch._worker sets its handlers. This process,
+    which handles Ctrl-C for the run, is deaf to it only meanwhile. Only the main thread can set a handler."""
+    deaf = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if deaf else None
+    try:
+        with quiet_cpp_warnings():
+            yield
+    finally:
+        if deaf:
+            signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def quiet_cpp_warnings():
+    """Processes started in here read TORCH_CPP_LOG_LEVEL=ERROR as torch loads (where the user set none): a worker
+    that loses rank 0 (killed, by the OOM killer say) says so in one line, and each of its calls to rank 0's store
+    would first print a C++ warning with its stack trace. The workers are quiet anyway: rank 0, whose warnings are
+    kept, reports for all."""
+    added = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if added:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    try:
+        yield
+    finally:
+        if added:
+            os.environ.pop("TORCH_CPP_LOG_LEVEL", None)
 
 
 def requested(text: str) -> list[str] | None:
@@ -115,7 +156,10 @@ def start(gpus: str | None) -> Standby | None:
     for rank in range(1, count):
         mine, theirs = ctx.Pipe(duplex=False)
         process = ctx.Process(target=_wait, args=(mine, rank), name=f"pixart-lowvram-rank{rank}", daemon=True)
-        process.start()
+        # a fork server's worker is forked from the server, which started so: its start waits for the server's
+        # preload (seconds), which this process must not spend deaf
+        with starting_others() if ctx.get_start_method() == "spawn" else contextlib.nullcontext():
+            process.start()
         mine.close()
         standby.processes.append(process)
         standby.pipes.append(theirs)

@@ -51,6 +51,11 @@ START_TIMEOUT = datetime.timedelta(minutes=30)
 # process that dies is noticed at once, by whatever started it). Long, because progress is counted per text
 # group, denoising step and image, and a group of many texts through T5 on a CPU counts once, at its end.
 STALL_SECONDS = 30 * 60
+# Once the team stops, a rank whose team thread has not ticked for this long while rank 0 waits for its record is
+# taken for gone (killed) instead of waited for GRACE_SECONDS: under torchrun nobody tells rank 0 that a rank died
+# (torchrun asks the others to stop), and this names it. A rank at work ticks every POLL_SECONDS, on a thread of its
+# own, whatever its stage computes.
+SILENT_SECONDS = 8.0
 _PREFIX = "pixart-lowvram/"
 
 
@@ -89,7 +94,8 @@ class Team:
         self._exited = exited  # rank 0, when it started the others: {rank: exit code} of those that ended
         self.local_size = sum(1 for m in members if m.host == members[rank].host)
         self.stopped_by: int | None = None  # the rank that stopped the team, once one has
-        self.dead: dict[int, int] = {}  # rank -> exit code, of workers that ended without reporting
+        # rank -> exit code (None: it went silent), of those that ended without reporting
+        self.dead: dict[int, int | None] = {}
         self.lost = False  # this rank lost the store (rank 0 or the launcher is gone)
         self.stage: str | None = None  # the stage this rank is in
         self._lock = threading.Lock()
@@ -203,6 +209,10 @@ class Team:
         key = f"failure/{rank}"
         if self._call(self.store.check, [key]):
             return self.failed(self._get(key))
+        return self.ended(rank)
+
+    def ended(self, rank: int) -> RankFailed:
+        """The error for a rank that ended without saying why (killed, crashed, gone silent)."""
         code = self.dead.get(rank)
         stage = self._get(f"stage/{rank}") if self._call(self.store.check, [f"stage/{rank}"]) else None
         how = (f"killed by signal {-code}" if code is not None and code < 0 else
@@ -243,6 +253,7 @@ class Team:
         records = {0: own}
         deadline = None
         stall = _Stall(self)
+        beats: dict[int, tuple[int, float]] = {}  # rank -> its team thread's ticks, and when they last moved
         while True:
             for r in range(1, self.size):
                 if r not in records and self._call(self.store.check, [f"record/{r}"]):
@@ -254,12 +265,27 @@ class Team:
                 deadline = time.monotonic() + GRACE_SECONDS
             if deadline is not None and time.monotonic() > deadline:
                 return records
+            if deadline is not None:
+                for r in self._silent(missing, beats):
+                    self.dead[r] = None
+                    self._call(self.store.compare_set, "stop", "", str(r))
             try:
                 stall.check(lambda: missing)
             except RankFailed as exc:
                 self.stop_all(exc)
                 deadline = time.monotonic()
             time.sleep(WAIT_SECONDS)
+
+    def _silent(self, ranks: list[int], beats: dict[int, tuple[int, float]]) -> list[int]:
+        """Those of `ranks` whose team thread has not ticked for SILENT_SECONDS of this rank's looking."""
+        now, gone = time.monotonic(), []
+        for r in ranks:
+            ticks = self._call(self.store.add, f"alive/{r}", 0)
+            if r not in beats or beats[r][0] != ticks:
+                beats[r] = (ticks, now)
+            elif now - beats[r][1] > SILENT_SECONDS:
+                gone.append(r)
+        return gone
 
     # -- the team thread: progress, messages, stops ------------------------------------------------------------
     def watch(self, stop: threading.Event) -> None:
@@ -314,6 +340,7 @@ class Team:
         with self._lock:
             counts, self._counts = self._counts, {}
             messages, self._messages = self._messages, []
+        self.store.add(f"alive/{self.rank}", 1)
         for name, n in counts.items():
             self.store.add(f"progress/{name}", n)
         for message in messages:

@@ -22,6 +22,10 @@ STAGE is encode, denoise or decode; N counts from 1 within that stage. POINT:
     manifest-whole  the same, the whole temporary file written, killed before the rename
     manifest-torn   the same, half of run.json written straight over the old one, then killed
 
+    load            killed while the stage loads its component for the N-th time (T5, the transformer, the VAE)
+    barrier         (STAGE encode, N 1) killed as the process reaches the wait for the others after encoding, in a
+                    run over several processes
+
     wait            inside the stage's N-th model call, make the file named by --wait-for with `.reached` added, and
                     wait until the file named by --wait-for exists (a run held in the middle, for a test to do
                     something meanwhile), then go on
@@ -55,7 +59,9 @@ from pathlib import Path
 STAGE_OF_FOLDER = {"embeds": "encode", "latents": "denoise", "images": "decode"}
 ARTIFACT_POINTS = ("temp-half", "temp-whole", "renamed", "torn", "full")
 MANIFEST_POINTS = ("manifest-half", "manifest-whole", "manifest-torn")
-POINTS = ARTIFACT_POINTS + MANIFEST_POINTS + ("compute", "wait")
+POINTS = ARTIFACT_POINTS + MANIFEST_POINTS + ("compute", "wait", "load", "barrier")
+LOADER_OF_STAGE = {"encode": ("encode", "load_text_encoder"), "denoise": ("denoise", "load_transformer"),
+                   "decode": ("decode", "load_vae")}  # the stage's module and the loader it calls
 POINT_ENV = "PIXART_LOWVRAM_TEST_POINT"  # the point, for the processes a several-process run spawns
 MODEL_OF_STAGE = {"encode": "T5EncoderModel", "denoise": "PixArtTransformer2DModel"}  # forward = one call
 
@@ -104,6 +110,19 @@ def install_kill_point(stage: str, point: str, n: int, rank: int = 0, wait_for: 
 
     if point in ("compute", "wait"):
         install_compute_kill(stage, reached, act)
+    elif point == "load":
+        install_load_kill(stage, reached)
+    elif point == "barrier":
+        from pixart_lowvram.team import Team
+
+        real_exchange = Team.exchange
+
+        def exchange(self, *args, **kwargs):
+            if reached():
+                die()
+            return real_exchange(self, *args, **kwargs)
+
+        Team.exchange = exchange
     else:
         install_write_kill(stage, point, reached)
 
@@ -129,6 +148,21 @@ def install_compute_kill(stage: str, reached, act) -> None:
             act()
 
     torch.nn.modules.module.register_module_forward_hook(after_forward)
+
+
+def install_load_kill(stage: str, reached) -> None:
+    import importlib
+
+    module_name, loader = LOADER_OF_STAGE[stage]
+    module = importlib.import_module(f"pixart_lowvram.{module_name}")
+    real_load = getattr(module, loader)
+
+    def load(*args, **kwargs):
+        if reached():
+            die()
+        return real_load(*args, **kwargs)
+
+    setattr(module, loader, load)
 
 
 def install_write_kill(stage: str, point: str, reached) -> None:
