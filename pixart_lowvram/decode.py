@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from .models import ModelInfo, load_vae, make_pipeline, sampler_label
-from .items import Item, latent_shapes
+from .items import Item, by_latent, latent_shapes
 from .stage import StageContext
 from .vae_strips import StripDecoder, supports
 
@@ -40,7 +40,8 @@ def png_text(item: Item, info: ModelInfo, *, key: str, dtype: str) -> dict[str, 
 
 
 def decode_items(ctx: StageContext, items: list[Item]) -> int:
-    """Decode `items`' latents, writing images/<id>.png for each. Returns how many were made."""
+    """Decode `items`' latents, writing images/<id>.png for each: items of one latent key (items.by_latent) are
+    decoded once, and each gets its own PNG, which carries its own name. Returns how many PNGs were written."""
     info, folder, plan, reporter, device, dtype = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device, ctx.dtype
     with reporter.bar("load VAE", total=1, unit="part", transient=True) as bar:
         vae = load_vae(info, ctx.compute_dtype, device)  # float32 for Σ's SDXL VAE in a float16 run
@@ -63,20 +64,25 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
     ctx.loaded(vae)
     dtype_name = str(dtype).removeprefix("torch.")
     writer = PngWriter(folder)
-    pending: list[tuple[Item, torch.Tensor, torch.Tensor]] = []  # decoded (queued on the GPU), not yet handed over
+    # decoded (queued on the GPU), not yet handed over: the items of one latent key, and their image
+    pending: list[tuple[list[Item], torch.Tensor, torch.Tensor]] = []
 
     def hand_over() -> None:
-        """The image decoded last, to the PNG writer (waiting for the GPU to finish it)."""
-        item, finite, pixels = pending.pop()
+        """The image decoded last, to the PNG writer (waiting for the GPU to finish it), once for each of its items."""
+        group, finite, pixels = pending.pop()
         if not bool(finite):
-            ctx.failed.append(item.id)  # postprocess would clamp it to a black or grey image: none is written
+            # postprocess would clamp it to a black or grey image: none is written
+            ctx.failed.extend(it.id for it in group)
             return
-        text = png_text(item, info, key=item.image_key, dtype=dtype_name)
-        writer.submit(folder.image_path(item), Image.fromarray(pixels.cpu().numpy()), text)
+        array = pixels.cpu().numpy()
+        for it in group:
+            writer.submit(folder.image_path(it), Image.fromarray(array),
+                          png_text(it, info, key=it.image_key, dtype=dtype_name))
 
     try:
         with reporter.bar("decode", total=len(items), unit="image") as bar, torch.inference_mode():
-            for item in items:
+            for group in by_latent(items).values():
+                item = group[0]
                 ctx.checkpoint()
                 # Read while the GPU decodes the image before this one; that one is handed over before this one
                 # is queued, so a stop or a crash here leaves the same finished images as a plain loop would.
@@ -91,9 +97,9 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
                 # The reference denoises at the nearest size of its aspect-ratio bins, then resizes back.
                 if info.geometry.bins is not None:
                     image = pipe.image_processor.resize_and_crop_tensor(image, item.width, item.height)
-                pending.append((item, finite, to_pixels(pipe.image_processor.postprocess(image, output_type="pt"))[0]))
-                bar.describe(item.id)
-                bar.update()
+                pending.append((group, finite, to_pixels(pipe.image_processor.postprocess(image, output_type="pt"))[0]))
+                bar.describe(", ".join(it.id for it in group))
+                bar.update(len(group))
             if pending:
                 hand_over()
     except BaseException:

@@ -192,7 +192,7 @@ def _denoise_group(ctx: StageContext, group: list[list[Item]], lora: LoraSet, st
                     output_type="latent", callback=lambda *_: steps.update(len(batch)), callback_steps=1,
                 ).images
             for item, latent in zip(batch, latents):
-                if ctx.finite(latent, item.id):
+                if ctx.finite(latent, item.latent_key):  # every image of the key is lost with it
                     folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent},
                                          item.latent_key, item=item.id, **item.seed_record())
                     done += 1

@@ -38,7 +38,8 @@ from .denoise import calls_by_shape, denoise_items, group_key, lora_groups, step
 from .encode import encode_texts
 from .errors import Interrupted, OutOfMemory, PixartError, RankFailed
 from .files import cache_dir
-from .items import Item, assign_keys, binned_sizes, embed_shapes, expand, init_shapes, latent_shapes
+from .items import (Item, assign_keys, binned_sizes, embed_shapes, expand, init_shapes, latent_shapes,
+                    one_per_latent)
 from .jobs import Job
 from .lora import LoraFile, LoraSet, lora_set
 from .memory import GpuMemoryProbe, StageMeter, StageStats, process_start, release, resolve_host_budget
@@ -261,7 +262,8 @@ def plan_team(jobs: list[Job], devices_used: list[str], settings: Settings | Non
     def pending(encode_on_cpu: bool) -> Pending:
         texts = assign_keys(items, info, resolved.dtype, encode_on_cpu, settings.text_encoder_8bit,
                             loras=resolved.loras)
-        return Pending(texts, items, items, pending_images(items))
+        latents = one_per_latent(items)
+        return Pending(texts, latents, items, pending_images(latents))
 
     todo = pending(settings.encode_on_cpu)
     whole = plan_run(resolved, items, len(todo.texts))
@@ -324,8 +326,11 @@ def divide(todo: Pending, queue: list[Item], info: ModelInfo, loras: Mapping[str
     """What is left (`todo`, of the items `queue`) divided between `ranks` processes (share.py): the images by cost,
     with their latents to make where `todo` has them, the texts by count, the init images by pixels. Pure: a run's
     rank 0 and `plan --gpus` both divide with it. `encode_on_cpu`: where rank 0's plan for all of it puts T5."""
-    denoise = {it.id for it in todo.latents}
-    work = [image_work(it, size, loras, it.id in denoise) for it, size in zip(todo.images, binned_sizes(info, todo.images))]
+    # One piece of work per latent key: the images that share it go to one rank, which makes it once.
+    denoise = {it.latent_key for it in todo.latents}
+    firsts = one_per_latent(todo.images)
+    work = [image_work(it, size, loras, it.latent_key in denoise)
+            for it, size in zip(firsts, binned_sizes(info, firsts))]
     image_shares = divide_images(work, ranks)
     text_shares = divide_texts(list(todo.texts), ranks)
     init_pixels = [(init.key, w * h) for init in todo.inits
@@ -335,8 +340,9 @@ def divide(todo: Pending, queue: list[Item], info: ModelInfo, loras: Mapping[str
     largest = max(zip(binned_sizes(info, everything), everything), key=lambda s: s[0][0] * s[0][1])[1]
     shares = []
     for images, texts, inits in zip(image_shares, text_shares, init_shares):
-        mine = [todo.images[i] for i in images]
-        shares.append(Share(Pending({k: todo.texts[k] for k in texts}, [it for it in mine if it.id in denoise], mine,
+        keys = {firsts[i].latent_key for i in images}
+        shares.append(Share(Pending({k: todo.texts[k] for k in texts}, [it for it in todo.latents if it.latent_key in keys],
+                                    [it for it in todo.images if it.latent_key in keys],
                                     [todo.inits[i] for i in inits]), encode_on_cpu, largest, compile_shapes))
     return shares
 
@@ -479,6 +485,8 @@ class _Run:
         return self.folder.unfinished_images(self.items)
 
     def pending_latents(self, items: list[Item]) -> list[Item]:
+        """The latents `items` need that are not made yet, one item for each (items.by_latent)."""
+        items = one_per_latent(items)
         if self.settings.force:
             return items
         return self.folder.unfinished_latents(items, lambda it: latent_shapes(self.info, it))
@@ -560,9 +568,10 @@ class _Run:
         self.reporter.info(f"{stage}: nothing to do")
 
     def overflowed(self, stage: str, failed: list[str], items: list[Item]) -> set[str]:
-        """Record the items a stage's non-finite values leave unmade (`failed`: text keys or item ids); their ids."""
+        """Record the items a stage's non-finite values leave unmade (`failed`: the keys or item ids its context
+        recorded); their ids."""
         bad = set(failed)
-        lost = [it.id for it in items if bad & {it.id, it.prompt_key, it.negative_key, it.init_key}]
+        lost = [it.id for it in items if bad & {it.id, it.prompt_key, it.negative_key, it.init_key, it.latent_key}]
         if not lost:
             return set()
         component = COMPONENT_OF[stage]
@@ -623,7 +632,7 @@ class _Run:
         compile_shapes = self.compile_shapes(latents, batch)
         failed = self.stage("denoise", len(latents), lambda ctx: denoise_items(
             ctx, latents, batch_size=batch, loras=self.resolved.loras, compile_shapes=compile_shapes))
-        lost = self.overflowed("denoise", failed, latents)
+        lost = self.overflowed("denoise", failed, images)  # every image of a latent key that failed
         images = [it for it in images if it.id not in lost]
         failed = self.stage("decode", len(images), lambda ctx: decode_items(ctx, images))
         self.overflowed("decode", failed, images)

@@ -227,6 +227,21 @@ def assign_keys(items: list[Item], info: ModelInfo, dtype: torch.dtype, encode_o
     return texts
 
 
+def by_latent(items: list[Item]) -> dict[str, list[Item]]:
+    """Items by their latent key, in queue order. Items of one key (identical jobs with a seed, copies whose seeds
+    overlap, one job under two names) have the same latents and the same image: they are denoised and decoded once,
+    and each name gets its own PNG."""
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.latent_key, []).append(item)
+    return groups
+
+
+def one_per_latent(items: list[Item]) -> list[Item]:
+    """The first item of each latent key among `items` (by_latent): what denoising them makes."""
+    return [group[0] for group in by_latent(items).values()]
+
+
 def init_image_key(info: ModelInfo, dtype: torch.dtype, sha256: str, width: int, height: int) -> str:
     """The key of an init image's encoding: the image's content, the size it is denoised (and so encoded) at, the
     VAE and the run's dtype."""

@@ -28,8 +28,8 @@ class StageContext:
     meter: StageMeter | None = None  # the run's measurement of the stage; None: unmeasured
     stop: threading.Event = field(default_factory=threading.Event)
     compute_dtype: torch.dtype | None = None  # what the stage's component computes in; None: `dtype`
-    # what came out non-finite (overflow): text keys (encode) or item ids (denoise, decode); nothing of them is
-    # written, so a rerun makes them again
+    # what came out non-finite (overflow): text keys (encode), init image keys (vae-encode), latent keys (denoise)
+    # or item ids (decode); nothing of them is written, so a rerun makes them again
     failed: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
