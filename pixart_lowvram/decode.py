@@ -111,6 +111,7 @@ def decode_items(ctx: StageContext, items: list[Item]) -> int:
         raise
     finally:
         writer.close()
+        ctx.made = writer.succeeded()  # what a stop or a failed write left written counts too
     return writer.finish()
 
 
@@ -154,6 +155,10 @@ class PngWriter:
     def close(self) -> None:
         """Wait until every image handed over is written (or failed)."""
         self.pool.shutdown(wait=True)
+
+    def succeeded(self) -> int:
+        """After `close`: how many images were written, a failed write or not."""
+        return self.written + sum(1 for future in self.queued if future.exception() is None)
 
     def finish(self) -> int:
         """After `close`: raise the first failed write, if any; how many images were written."""

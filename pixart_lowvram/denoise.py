@@ -110,21 +110,20 @@ def denoise_items(ctx: StageContext, items: list[Item], *, batch_size: int,
         ctx.reporter.info(f"denoise: compiling the transformer's blocks (torch.compile){which}, in its first steps: "
                           f"~10 to 20 s the first time on a machine, seconds later (cached in {compile_cache()})")
         compiled = CompiledBlocks()
-    done = 0
     try:
         for n, (lora, group) in enumerate(planned):
             if n:  # the previous set's transformer is gone before this one loads
                 release(ctx.device, ctx.meter.components if ctx.meter else None)
-            done += _denoise_group(ctx, group, lora, steps, compiled=compiled, compile_shapes=compile_shapes)
+            _denoise_group(ctx, group, lora, steps, compiled=compiled, compile_shapes=compile_shapes)
     finally:
         steps.close()
         if compiled is not None:
             ctx.compiled(compiled)
-    return done
+    return ctx.made
 
 
 def _denoise_group(ctx: StageContext, group: list[list[Item]], lora: LoraSet, steps, *,
-                   compiled: CompiledBlocks | None = None, compile_shapes: Collection[tuple] = ()) -> int:
+                   compiled: CompiledBlocks | None = None, compile_shapes: Collection[tuple] = ()) -> None:
     info, folder, plan, reporter, device = ctx.info, ctx.folder, ctx.plan, ctx.reporter, ctx.device
     dtype = ctx.compute_dtype  # the DiT's; the latents are stored in it
     embed_shape = embed_shapes(info)
@@ -153,7 +152,6 @@ def _denoise_group(ctx: StageContext, group: list[list[Item]], lora: LoraSet, st
         ctx.loaded(transformer)  # each set's in its turn, so that its release is checked
         if compiled is not None:
             compile_blocks(transformer.transformer_blocks, record=compiled)
-        done = 0
         for batch in group:
             ctx.checkpoint()
             if compiled is not None:
@@ -195,8 +193,7 @@ def _denoise_group(ctx: StageContext, group: list[list[Item]], lora: LoraSet, st
                 if ctx.finite(latent, item.latent_key):  # every image of the key is lost with it
                     folder.write_tensors(folder.latent_path(item.latent_key), {"latents": latent},
                                          item.latent_key, item=item.id, **item.seed_record())
-                    done += 1
+                    ctx.made += 1
     finally:
         if streamer is not None:
             streamer.close()  # its I/O threads, pinned buffers and hooks: whatever stopped the stage
-    return done

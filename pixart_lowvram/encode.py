@@ -102,6 +102,7 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
                     if not ctx.finite(tensors["embeds"], key):
                         continue
                     folder.write_tensors(folder.embed_path(key), tensors, key, text=texts[key])
+                    ctx.made += 1
                     if cache is not None:
                         cache.store(key, folder.embed_path(key))
                 bar.update(len(group))
@@ -112,4 +113,4 @@ def encode_texts(ctx: StageContext, texts: dict[str, str], *, batch_size: int, c
     finally:
         if streamer is not None:
             streamer.close()
-    return len(keys) - len(ctx.failed)
+    return ctx.made

@@ -545,16 +545,22 @@ class _Run:
                 release(self.device, meter.components)
         except torch.OutOfMemoryError as exc:
             release(self.device)
-            self.ended(meter.stats, started)
+            self.stopped(name, ctx, meter.stats, started)
             raise OutOfMemory(self.oom_message(name, meter.stats)) from exc
         except (KeyboardInterrupt, Interrupted) as exc:
-            self.ended(meter.stats, started)
+            self.stopped(name, ctx, meter.stats, started)
             raise Interrupted(f"stopped during {name}; finished work is kept in {self.folder.path}.\n"
                               "  Run the same command again to resume.") from exc
         meter.stats.items = made
         self.made[name] = made
         self.ended(meter.stats, started)
         return ctx.failed
+
+    def stopped(self, name: str, ctx: StageContext, stats: StageStats, started: float) -> None:
+        """A stage stopped part way (out of memory, a stop asked for, another rank gone): what it wrote by then is
+        what it made."""
+        stats.items = self.made[name] = ctx.made
+        self.ended(stats, started)
 
     def ended(self, stats: StageStats, started: float) -> None:
         """A stage is over (done, or stopped): its figures, its moments, run.json."""

@@ -31,6 +31,8 @@ class StageContext:
     # what came out non-finite (overflow): text keys (encode), init image keys (vae-encode), latent keys (denoise)
     # or item ids (decode); nothing of them is written, so a rerun makes them again
     failed: list[str] = field(default_factory=list)
+    # artifacts written so far, counted as each is written: what the stage made, however it ends
+    made: int = 0
 
     def __post_init__(self) -> None:
         if self.compute_dtype is None:

@@ -55,7 +55,6 @@ def encode_images(ctx: StageContext, images: list[InitImage]) -> int:
                 vae = vae.to(device, dtype)
         bar.update()
     ctx.loaded(vae)
-    made = 0
     with reporter.bar("vae-encode", total=len(images), unit="image") as bar, torch.inference_mode():
         for init in images:
             ctx.checkpoint()
@@ -72,5 +71,5 @@ def encode_images(ctx: StageContext, images: list[InitImage]) -> int:
                 continue
             folder.write_tensors(folder.latent_path(init.key), {"moments": moments[0].to(ctx.compute_dtype)},
                                  init.key, init_image=init.path)
-            made += 1
-    return made
+            ctx.made += 1
+    return ctx.made

@@ -564,6 +564,10 @@ def test_a_rank_killed_mid_run_stops_the_run_and_the_same_command_finishes_it(qu
     assert [r["missing"] for r in data["ranks"]] == [None, "it ended unexpectedly"]
     latents_before = len(list((run / "latents").glob("*.safetensors")))
     assert 1 <= latents_before < len(NAMES)
+    # Rank 0 stopped part way through denoise: its record counts the latents it wrote, not 0.
+    mine = {e["latents"] for e in data["items"] if e.get("rank") == 0 and (run / e["latents"]).is_file()}
+    denoised = {s["name"]: s for s in data["ranks"][0]["stages"]}["denoise"]
+    assert data["ranks"][0]["made"]["denoise"] == denoised["items"] == len(mine) >= 1
     assert list((run / "embeds").glob("*.safetensors")), "encode had finished: kept"
 
     again = child([*env, *command], tmp_path)

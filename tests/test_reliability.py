@@ -59,6 +59,7 @@ def test_a_stop_request_ends_the_run_at_the_next_safe_point(tiny_model, tmp_path
     assert list((tmp_path / "run" / "images").iterdir()) == []
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [s["name"] for s in manifest["stages"]] == ["encode", "denoise"]
+    assert [s["items"] for s in manifest["stages"]] == [5, 1], "the stopped stage counts what it wrote"
 
     resumed = run_queue(jobs, tmp_path / "run", Settings(model=tiny_model, **CPU32))
     assert resumed.made == {"denoise": 3, "decode": 4}
@@ -82,6 +83,8 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tiny_model, tmp_path):
     assert "run the same command again" in err.lower() and "Traceback" not in err
     made = len(list(latents.glob("*.safetensors")))
     assert 1 <= made < 30
+    stages = {s["name"]: s["items"] for s in json.loads((tmp_path / "run" / "run.json").read_text())["stages"]}
+    assert stages["denoise"] == made, "run.json counts the latents the stopped stage wrote"
     assert subprocess.run(cmd, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode == 0
     assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 30
 
@@ -214,6 +217,8 @@ def test_out_of_memory_keeps_finished_work_and_exits_3(tiny_model, tmp_path, cap
     assert "Traceback" not in err
     assert len(list((tmp_path / "run" / "latents").glob("*.safetensors"))) == 3
     assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 1
+    stages = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]
+    assert [(s["name"], s["items"]) for s in stages] == [("encode", 2), ("denoise", 3), ("decode", 1)]
 
     monkeypatch.setattr(generate, "decode_items", real)
     assert main(["run", str(q), "--model", tiny_model, "--out", str(tmp_path / "run"), "--device", "cpu", "-q"]) == 0
