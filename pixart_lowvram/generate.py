@@ -846,6 +846,8 @@ class _TeamRun(_Run):
                             timeline=self.timeline, pngs=self.folder.known_pngs() if team.rank else {})
         if team.rank != 0:
             team.quiet()  # its last progress counted before rank 0 sees it is done
+            if team.lost and isinstance(error, Interrupted):  # stopped because rank 0 went, not asked to
+                error = team.lost_contact()
             if not team.lost:
                 try:
                     self.mark("record posted")  # as it goes: the record carries it

@@ -97,6 +97,7 @@ class Team:
         # rank -> exit code (None: it went silent), of those that ended without reporting
         self.dead: dict[int, int | None] = {}
         self.lost = False  # this rank lost the store (rank 0 or the launcher is gone)
+        self._lost_why = ""
         self.stage: str | None = None  # the stage this rank is in
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}  # progress not yet added to the store's counters
@@ -330,11 +331,17 @@ class Team:
         while not self._done.wait(POLL_SECONDS):
             try:
                 self._tick()
-            except (RuntimeError, OSError):  # the store is gone: rank 0, or the process that started us, ended
+            except (RuntimeError, OSError) as exc:  # the store is gone: rank 0, or the process that started us, ended
                 self.lost = True
+                self._lost_why = str(exc)
                 if self._stop is not None:
                     self._stop.set()
                 return
+
+    def lost_contact(self) -> RankFailed:
+        """What this rank says when the store went away under it (its stage stopped for that, or a call failed)."""
+        return RankFailed(f"{self.label(self.rank)}: lost contact with the run's other processes ({self._lost_why}); "
+                          "finished work is kept: run the same command again to resume")
 
     def _tick(self) -> None:
         with self._lock:
@@ -374,8 +381,8 @@ class Team:
             return op(*args)
         except RuntimeError as exc:  # DistStoreError and the like: the store's process is gone
             self.lost = True
-            raise RankFailed(f"{self.label(self.rank)}: lost contact with the run's other processes ({exc}); "
-                             "finished work is kept: run the same command again to resume") from exc
+            self._lost_why = str(exc)
+            raise self.lost_contact() from exc
 
 
 class _Stall:

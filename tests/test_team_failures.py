@@ -113,8 +113,10 @@ def test_rank_0_killed_leaves_the_others_to_end_on_their_own_in_one_line_each(ti
     killed = child([*cache, "--kill", "denoise:compute:2", "--rank", "0", *command], tmp_path, timeout=120)
     assert killed.returncode == -signal.SIGKILL
     lines = [line for line in killed.stderr.splitlines() if line.strip()]
-    assert lines == [line for line in lines if line.startswith("error: rank 1 (cpu): lost contact")], killed.stderr
-    assert len(lines) == 1 and "run the same command again" in lines[0]
+    # One line, naming the lost contact wherever rank 1 noticed it (a call to the store, or its team thread, which
+    # stops its stage); none where rank 1 had finished its share and ended before rank 0 died (a loaded machine)
+    assert all(line.startswith("error: rank 1 (cpu): lost contact") and "run the same command again" in line
+               for line in lines) and len(lines) <= 1, killed.stderr
     assert list((run / "embeds").glob("*.safetensors")), "what was encoded is kept"
     again = child([*cache, *command], tmp_path, timeout=120)
     assert again.returncode == 0, again.stderr
