@@ -815,10 +815,15 @@ def load_text_encoder(info: ModelInfo, dtype: torch.dtype, device: torch.device,
         param = nn.Parameter(tensor, requires_grad=False)
         for owner in owners[i]:
             set_parameter(owner, param)
+    _no_meta_buffers(model, folder)
+    return model
+
+
+def _no_meta_buffers(model: nn.Module, folder: Path) -> None:
+    """Every buffer of a model built empty has a value (T5 has none; keep it honest)."""
     for name, buf in model.named_buffers():
         if buf.is_meta:
-            raise ModelError(f"{folder}: buffer {name} has no stored value")  # T5 has none; keep it honest
-    return model
+            raise ModelError(f"{folder}: buffer {name} has no stored value")
 
 
 def _empty_text_encoder(folder: Path, stored: dict[str, Stored] | None = None):
@@ -937,9 +942,7 @@ def load_text_encoder_streamed(folder: Path, dtype: torch.dtype, device: torch.d
         model, find, r"encoder\.block\.(\d+)\.", len(units), dtype, keep,
         device, skip=("encoder.embed_tokens.", "shared."),
         rename=lambda name: re.sub(r"encoder\.block\.(\d+)\.block\.", r"encoder.block.\1.", name))
-    for name, buf in model.named_buffers():
-        if buf.is_meta:
-            raise ModelError(f"{folder}: buffer {name} has no stored value")  # T5 has none; keep it honest
+    _no_meta_buffers(model, folder)
     streamer = BlockStreamer(units, per_unit, device, ahead=ahead)
     return model, streamer
 
