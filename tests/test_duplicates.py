@@ -19,27 +19,30 @@ CPU32 = dict(device="cpu", dtype="float32")
 STEPS = 2
 
 # "a cat" seeds 1, 2, 3 and 2, 3 again: three latents for five images; "a dog" under two names: one latent.
-QUEUE = f"""\
+HEADER = f"""\
 [defaults]
 steps = {STEPS}
 width = 128
 height = 128
-
+"""
+CATS = """
 [[jobs]]
 prompt = "a cat"
 seed = 1
 count = 3
-
-[[jobs]]
-prompt = "a cat"
-seed = 2
-count = 2
-
+"""
+DOG = """
 [[jobs]]
 name = "dog"
 prompt = "a dog"
 seed = 5
-
+"""
+QUEUE = HEADER + CATS + """
+[[jobs]]
+prompt = "a cat"
+seed = 2
+count = 2
+""" + DOG + """
 [[jobs]]
 name = "same-dog"
 prompt = "a dog"
@@ -47,22 +50,7 @@ seed = 5
 """
 IMAGES = 7
 LATENTS = 4
-DISTINCT = """\
-[defaults]
-steps = 2
-width = 128
-height = 128
-
-[[jobs]]
-prompt = "a cat"
-seed = 1
-count = 3
-
-[[jobs]]
-name = "dog"
-prompt = "a dog"
-seed = 5
-"""
+DISTINCT = HEADER + CATS + DOG  # the same latents, each once
 
 
 def jobs(text: str = QUEUE) -> list:

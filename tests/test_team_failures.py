@@ -52,6 +52,27 @@ def session_children(leader: int) -> list[int]:
     return found
 
 
+def ctrl_c_when(command: list[str], tmp_path: Path, ready, within: float):
+    """Start `command` in a session of its own, as a terminal gives a command, with Ctrl-C handled as Python's
+    default does whatever the test's own process ignores; once `ready()` holds (checked until `within` seconds),
+    send Ctrl-C to its whole group. Returns the process, ended, and its stderr."""
+    first = subprocess.Popen(command, cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                                 signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + within
+        while not ready(first):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.02)
+        os.killpg(first.pid, signal.SIGINT)
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.communicate()
+    return first, err
+
+
 def test_ctrl_c_while_the_other_processes_load_the_libraries_is_one_message_and_130(tiny_model, tmp_path):
     """A terminal's Ctrl-C reaches the whole process group: the command, and the fork server that is still importing
     torch and diffusers for the workers (or a worker on standby). The command ends with 130 and its one message; no
@@ -60,25 +81,15 @@ def test_ctrl_c_while_the_other_processes_load_the_libraries_is_one_message_and_
     queue.write_text(QUEUE)
     command = [sys.executable, "-m", "pixart_lowvram.cli", "run", str(queue), "--model", tiny_model, "--out",
                str(tmp_path / "run"), "--gpus", "cpu:2", "-q"]
-    # a session of its own, as a terminal gives a command; Ctrl-C as Python's default handles it, whatever the test's
-    # own process ignores
-    first = subprocess.Popen(command, cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
-                                                                                                 signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 60
-        # the others have started (the fork server is importing): a command line naming the fork server
-        while not any(b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
-                      for pid in session_children(first.pid) if Path(f"/proc/{pid}/cmdline").exists()):
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-            time.sleep(0.02)
-        time.sleep(0.3)  # into the imports
-        os.killpg(first.pid, signal.SIGINT)
-        out, err = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.communicate()
+    def importing(first) -> bool:
+        """The others have started (the fork server is importing: a command line names it), and are into the imports."""
+        if any(b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+               for pid in session_children(first.pid) if Path(f"/proc/{pid}/cmdline").exists()):
+            time.sleep(0.3)
+            return True
+        return False
+
+    first, err = ctrl_c_when(command, tmp_path, importing, within=60)
     assert first.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "interrupted; finished work is kept" in err
@@ -158,20 +169,8 @@ def test_ctrl_c_under_torchrun_is_told_once_by_rank_0(tiny_model, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                "pixart_lowvram.cli", "run", str(queue), "--model", tiny_model, "--out", str(run), "--device", "cpu",
                "--dtype", "float32", "-q"]
-    first = subprocess.Popen(command, cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
-                                                                                                 signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 120
-        while not list((run / "latents").glob("*.safetensors")):  # denoising, some images finished
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-            time.sleep(0.05)
-        os.killpg(first.pid, signal.SIGINT)
-        out, err = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.communicate()
+    # denoising, some images finished
+    first, err = ctrl_c_when(command, tmp_path, lambda _: list((run / "latents").glob("*.safetensors")), within=120)
     assert err.count("stopping after the current step is saved") == 1, err
     # torchrun passes the Ctrl-C on, a second one: rank 0 may stop at once, wherever it is
     assert "finished work is kept" in err and "run the same command again" in err.lower(), err
